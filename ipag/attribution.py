@@ -1,0 +1,100 @@
+"""Where a word's explanation is computed: one forward, one backward per target, every map from it.
+
+For caption tokens y₁..y_T and a target covering positions a..b, the target is
+Σ_{t=a..b} log p(y_t | image, y_<t) under teacher forcing (the logits at t−1 predict y_t). One forward of
+the captioner on the whole sequence serves every target (the decoder is causal, so later tokens do not
+change earlier predictions); each target then needs one `torch.autograd.grad` call, which yields at once
+the gradients for Grad-CAM (vision patch tokens), cross-attention Grad-CAM (attention probabilities) and
+saliency (pixels). Weights are frozen, so no parameter gradient is ever computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .captioners.base import Captioner, DecoderPass
+from .maps import TargetGradients
+
+
+@dataclass(frozen=True)
+class Target:
+    """The token positions (in `token_ids`) whose summed log-probability is explained."""
+
+    positions: tuple[int, ...]
+
+
+def target_gradients(
+    captioner: Captioner,
+    pixel_values: torch.Tensor,
+    token_ids: Sequence[int],
+    targets: Sequence[Target],
+    vision_layer: int,
+    attention_layer: int,
+    smoothgrad_samples: int = 0,
+    smoothgrad_noise: float = 0.15,
+    seed: int = 0,
+) -> list[tuple[float, TargetGradients]]:
+    """(log-probability, gradients) for each target, sharing one forward pass (two with SmoothGrad).
+
+    SmoothGrad's noisy copies go through the model as one batch; their pixel gradients are stacked after
+    the clean pass's, so the saliency map type sees all of them.
+    """
+    if not targets:
+        return []
+    token_ids = list(token_ids)
+    for target in targets:
+        if not target.positions or min(target.positions) < 1 or max(target.positions) >= len(token_ids):
+            raise ValueError(f"Target positions {target.positions} must lie in 1..{len(token_ids) - 1}.")
+    clean = captioner.forward_for_attribution(pixel_values, token_ids, vision_layer, attention_layer)
+    noisy = None
+    if smoothgrad_samples:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        spread = float(pixel_values.max() - pixel_values.min()) * smoothgrad_noise
+        noise = torch.randn((smoothgrad_samples, *pixel_values.shape[1:]), generator=generator) * spread
+        noisy_pixels = pixel_values + noise.to(pixel_values.device, pixel_values.dtype)
+        noisy = captioner.forward_for_attribution(noisy_pixels, token_ids, vision_layer, attention_layer)
+    results = []
+    for index, target in enumerate(targets):
+        keep = index < len(targets) - 1
+        value = _logprob(clean, token_ids, target)
+        pixel_grad, vision_grad, attention_grad = torch.autograd.grad(
+            value, [clean.pixel_values, clean.vision_tokens, clean.cross_attention], retain_graph=keep
+        )
+        pixels = pixel_grad
+        if noisy is not None:
+            (noisy_grad,) = torch.autograd.grad(_logprob(noisy, token_ids, target), [noisy.pixel_values],
+                                                retain_graph=keep)
+            pixels = torch.cat([pixel_grad, noisy_grad])
+        rows = [position - 1 for position in target.positions]
+        patches = clean.grid[0] * clean.grid[1]  # the last gh·gw tokens; the CLS token comes first
+        results.append((float(value.detach()), TargetGradients(
+            pixels=_numpy(pixels),
+            vision_activations=_grid(clean.vision_tokens, clean.grid),
+            vision_gradients=_grid(vision_grad, clean.grid),
+            attention=_numpy(clean.cross_attention[0][:, rows, -patches:]),
+            attention_gradients=_numpy(attention_grad[0][:, rows, -patches:]),
+            vision_layer=clean.vision_layer,
+            attention_layer=clean.attention_layer,
+        )))
+    return results
+
+
+def _logprob(decoded: DecoderPass, token_ids: list[int], target: Target) -> torch.Tensor:
+    """Σ_t log p(y_t | image, y_<t) over the target's positions, summed over the batch (noisy copies)."""
+    rows = torch.tensor([p - 1 for p in target.positions], device=decoded.logprobs.device)
+    ids = torch.tensor([token_ids[p] for p in target.positions], device=decoded.logprobs.device)
+    picked = decoded.logprobs[:, rows, ids]
+    return picked.sum()
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().float().cpu().numpy()
+
+
+def _grid(tokens: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+    """(1, 1+N, D) block output → its N patch tokens as (D, gh, gw), the layout grad-cam's weighting expects."""
+    return _numpy(tokens[0, -grid[0] * grid[1]:].T.reshape(-1, *grid))

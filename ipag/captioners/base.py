@@ -1,0 +1,184 @@
+"""What the explainer needs from any captioner, and the plumbing they all share.
+
+A captioner is an image encoder (a ViT whose patch tokens we can take Grad-CAM on) and a text decoder
+that cross-attends to those tokens. A new captioner subclasses `Captioner` and implements the handful of
+abstract methods below (model loading, preprocessing, generation, one teacher-forced forward, how its
+tokenizer marks word pieces); everything else — caption alignment, attribution, grounding — is shared.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar, Iterator, Literal
+
+import torch
+from PIL import Image
+from torch import nn
+
+PieceKind = Literal["start", "continue", "punct", "special"]
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How to generate a caption. `num_beams=1` is greedy decoding."""
+
+    num_beams: int = 1
+    max_new_tokens: int = 20
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_beams <= 16:
+            raise ValueError(f"num_beams must be between 1 and 16, got {self.num_beams}.")
+        if not 1 <= self.max_new_tokens <= 128:
+            raise ValueError(f"max_new_tokens must be between 1 and 128, got {self.max_new_tokens}.")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A token as the word aligner sees it: its printable text and whether it starts a word."""
+
+    text: str
+    kind: PieceKind
+
+
+@dataclass
+class DecoderPass:
+    """Everything one teacher-forced forward exposes to attribution, still attached to the autograd graph.
+
+    `vision_tokens` is the chosen vision block's output (B, 1+N, D) and `cross_attention` the chosen decoder
+    layer's cross-attention probabilities (B, heads, T, 1+N): both keep the CLS token, because gradients
+    exist only for tensors of the graph itself (a slice taken afterwards would get none).
+    """
+
+    vision_layer: str  #: qualified module name of the vision block
+    attention_layer: str
+    pixel_values: torch.Tensor
+    logprobs: torch.Tensor  #: (1, T, vocab) log-softmax of the decoder's logits
+    vision_tokens: torch.Tensor
+    cross_attention: torch.Tensor
+    grid: tuple[int, int]
+
+
+class Captioner(ABC):
+    """Base class: subclasses hold a frozen model and say how to run it; see the module docstring."""
+
+    name: ClassVar[str]
+    #: Neutral text a free query is appended to, so log p(query | image) is a caption-like continuation.
+    neutral_prompt: ClassVar[str] = "a picture of"
+
+    def __init__(self, model: nn.Module, device: torch.device, model_id: str) -> None:
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.device = device
+        self.model_id = model_id
+
+    # --- what each captioner implements -------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def vision_layers(self) -> list[nn.Module]:
+        """The vision encoder's transformer blocks, first to last (Grad-CAM can use any of them)."""
+
+    @property
+    @abstractmethod
+    def num_decoder_layers(self) -> int:
+        """How many decoder layers have cross-attention."""
+
+    @abstractmethod
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """The model's pixel input (1, 3, S, S) for an RGB image, through the model's own processor."""
+
+    @abstractmethod
+    def _generate(self, pixel_values: torch.Tensor, options: DecodeOptions) -> list[int]:
+        """Generated ids, starting with the decoder's start token and without the end token."""
+
+    @abstractmethod
+    def _forward(self, pixel_values: torch.Tensor, token_ids: torch.Tensor, cross_attention_layer: int) -> tuple:
+        """Teacher-forced forward: (logits (1, T, V), cross-attention probs (1, heads, T, 1+N) or (1, heads, T, N))."""
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` without special tokens."""
+
+    @abstractmethod
+    def start_ids(self) -> list[int]:
+        """The token(s) a caption starts with (e.g. BLIP's [DEC])."""
+
+    @abstractmethod
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        """The tokenizer's string for each id (for display)."""
+
+    @abstractmethod
+    def pieces(self, token_ids: list[int]) -> list[Piece]:
+        """How the aligner should treat each token (word start, continuation, punctuation, special)."""
+
+    # --- shared plumbing ------------------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.model_id})"
+
+    def module_name(self, module: nn.Module) -> str:
+        return next(name for name, candidate in self.model.named_modules() if candidate is module)
+
+    def resolve_layer(self, index: int, count: int, what: str) -> int:
+        """Accept Python-style negative indices; reject out-of-range ones with a clear message."""
+        if not -count <= index < count:
+            raise ValueError(f"{what} index {index} is out of range: this model has {count} ({-count}..{count - 1}).")
+        return index % count
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, options: DecodeOptions = DecodeOptions()) -> list[int]:
+        return self._generate(pixel_values, options)
+
+    @torch.no_grad()
+    def token_logprobs(self, pixel_values: torch.Tensor, token_ids: list[int]) -> list[float]:
+        """log p(y_t | image, y_<t) for every position t ≥ 1 of `token_ids` (teacher forcing)."""
+        ids = torch.tensor([token_ids], device=self.device)
+        logits, _ = self._forward(pixel_values, ids, self.num_decoder_layers - 1)
+        logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+        return logprobs.gather(1, ids[0, 1:, None])[:, 0].tolist()
+
+    def forward_for_attribution(
+        self, pixel_values: torch.Tensor, token_ids: list[int], vision_layer: int, cross_attention_layer: int
+    ) -> DecoderPass:
+        """One forward whose pixel input, vision patch tokens and cross-attention keep their gradients."""
+        block = self.vision_layers[self.resolve_layer(vision_layer, len(self.vision_layers), "Vision layer")]
+        layer = self.resolve_layer(cross_attention_layer, self.num_decoder_layers, "Cross-attention layer")
+        pixel_values = pixel_values.detach().clone().requires_grad_(True)
+        ids = torch.tensor([token_ids], device=self.device).expand(pixel_values.shape[0], -1)
+        with torch.enable_grad(), _capture_output(block) as captured:
+            logits, attention = self._forward(pixel_values, ids, layer)
+        tokens = captured[0]
+        side = int(round((tokens.shape[1] - 1) ** 0.5))
+        if side * side != tokens.shape[1] - 1:
+            raise ValueError(f"Vision tokens ({tokens.shape[1]}) are not a CLS token plus a square patch grid.")
+        return DecoderPass(
+            vision_layer=self.module_name(block),
+            attention_layer=f"decoder layer {layer} cross-attention",
+            pixel_values=pixel_values,
+            logprobs=torch.log_softmax(logits.float(), dim=-1),
+            vision_tokens=tokens,
+            cross_attention=attention,
+            grid=(side, side),
+        )
+
+
+@contextmanager
+def _capture_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Record `module`'s output tensor during the block; the hook is removed even if the forward fails."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor | tuple) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def is_punctuation(text: str) -> bool:
+    """True for tokens made only of punctuation characters (they are not words a user can click)."""
+    return bool(text) and all(unicodedata.category(char).startswith("P") for char in text)

@@ -1,0 +1,22 @@
+"""Decoder cross-attention Grad-CAM: where the decoder looked while predicting the word, weighted by how
+much that look raised the word's log-probability (LAVIS's formula, adapted to generation)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import MapType, TargetGradients
+
+
+class CrossAttentionMap(MapType):
+    """mean over heads of A ⊙ ReLU(∂target/∂A), summed over the query rows that predict the word's tokens."""
+
+    key = "cross_attention"
+    method = "cross-attention Grad-CAM"
+
+    def layer(self, gradients: TargetGradients) -> str:
+        return gradients.attention_layer
+
+    def _raw(self, gradients: TargetGradients) -> np.ndarray:
+        weighted = gradients.attention * np.maximum(gradients.attention_gradients, 0.0)
+        return weighted.mean(axis=0).sum(axis=0).reshape(gradients.grid)
