@@ -33,7 +33,7 @@ def load_image(image: ImageInput) -> Image.Image:
         try:
             with Image.open(image) as opened:
                 opened.load()
-                image = opened.copy() if opened.mode != "P" else opened.convert("RGBA")
+                image = opened.copy()
         except FileNotFoundError as err:
             raise ImageError(f"No such image file: {image}") from err
         except (OSError, SyntaxError, ValueError) as err:

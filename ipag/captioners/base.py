@@ -136,7 +136,7 @@ class Captioner(ABC):
         """log p(y_t | image, y_<t) for every position t ≥ 1 of `token_ids` (teacher forcing)."""
         ids = torch.tensor([token_ids], device=self.device)
         logits, _ = self._forward(pixel_values, ids, self.num_decoder_layers - 1)
-        logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+        logprobs = torch.log_softmax(_at_least_float32(logits[0, :-1]), dim=-1)
         return logprobs.gather(1, ids[0, 1:, None])[:, 0].tolist()
 
     def forward_for_attribution(
@@ -157,7 +157,7 @@ class Captioner(ABC):
             vision_layer=self.module_name(block),
             attention_layer=f"decoder layer {layer} cross-attention",
             pixel_values=pixel_values,
-            logprobs=torch.log_softmax(logits.float(), dim=-1),
+            logprobs=torch.log_softmax(_at_least_float32(logits), dim=-1),
             vision_tokens=tokens,
             cross_attention=attention,
             grid=(side, side),
@@ -177,6 +177,11 @@ def _capture_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
         yield captured
     finally:
         handle.remove()
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Log-softmax in float32 even for half-precision models (but keep float64 for exact checks)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 def is_punctuation(text: str) -> bool:

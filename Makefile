@@ -1,0 +1,27 @@
+# Two commands do all set-up on a fresh machine (see README):
+#   make play   — create/update .venv from requirements.txt and run the playground (ARGS="--tiny" etc.)
+#   make test   — create/update .venv with the test dependencies, install Chromium, run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: play test browser
+
+$(VENV)/.runtime: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	touch $@
+
+# Browser tests drive Debian's Chromium through Playwright (browsers cannot be downloaded by Playwright here).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
+
+play: $(VENV)/.runtime
+	$(PY) playground.py $(ARGS)
+
+test: $(VENV)/.dev browser
+	$(PY) -m pytest $(ARGS)

@@ -1,0 +1,28 @@
+"""Shared fixtures. Everything runs offline on tiny random models."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network; loading errors must be immediate
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ipag import Explainer
+
+
+@pytest.fixture(scope="session")
+def explainer() -> Explainer:
+    return Explainer.tiny(seed=0)
+
+
+@pytest.fixture(scope="session")
+def photo() -> Image.Image:
+    """A textured, odd-sized RGB image (47×61) so resizing bugs show up."""
+    rng = np.random.default_rng(0)
+    return Image.fromarray((rng.random((47, 61, 3)) * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def caption(explainer, photo):
+    return explainer.caption(photo)
