@@ -1,14 +1,20 @@
 """The public entry point: caption an image, then explain any caption word or free query.
 
-`Explainer` wires the pieces together and holds no model maths itself: captioners (`ipag.captioners`)
-run the models, `ipag.attribution` computes a target's gradients, `ipag.maps` turns them into heatmaps.
+`Explainer` wires the pieces together and holds no model maths itself: captioners (`ipag.captioners`) run
+the captioning models, `ipag.attribution` computes a target's gradients, `ipag.maps` turns them into
+heatmaps, `ipag.grounding` picks the region CLIP matches to the word among `ipag.segmenters`' proposals,
+and `ipag.verify` checks that region against the captioner.
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -18,9 +24,12 @@ from .captioners import Captioner, DecodeOptions, load_captioner
 from .captioners.blip import BlipCaptioner
 from .device import resolve_device
 from .errors import QueryError
+from .grounding import ClipModel, GroundedImage, Grounder
 from .images import ImageInput, load_image
 from .maps import CrossAttentionMap, GradCAMMap, MapType, SaliencyMap
-from .results import Caption, Explanation, Word
+from .results import Caption, Explanation, Heatmap, Word
+from .segmenters import Segmenter, load_segmenter
+from .verify import verify
 
 #: The longest free query we explain, in tokens (a caption is ~10; longer text is not a "word" any more).
 MAX_QUERY_TOKENS = 32
@@ -44,28 +53,67 @@ class MapSettings:
                 SaliencyMap(self.smoothgrad_samples, self.smoothgrad_noise)]
 
 
-class Explainer:
-    """Captions images and explains, per word, why the captioner said it."""
+@dataclass(frozen=True)
+class GroundingSettings:
+    """How the word is grounded. `segmenter=None` uses the explainer's default segmenter; `enabled=False`
+    skips grounding, verification and the CLIP map (attribution maps only)."""
 
-    def __init__(self, captioner: Captioner) -> None:
+    segmenter: str | None = None
+    template: str = "a photo of {}"
+    stage2: bool = False
+    fusion_weight: float = 0.0
+    top_k: int = 5
+    verify: bool = True
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A query's resolved target: the token sequence to teacher-force and the positions explained."""
+
+    query: Query
+    token_ids: tuple[int, ...]
+    target: Target
+    words: tuple[Word, ...]  #: the caption words explained; () for free text
+
+
+class Explainer:
+    """Captions images and explains, per word, why the captioner said it and where it is."""
+
+    def __init__(self, captioner: Captioner, clip: ClipModel | None = None, segmenter: str = "auto",
+                 segmenter_options: dict | None = None, cache_size: int = 8) -> None:
         self.captioner = captioner
+        self.clip = clip
+        self.default_segmenter = segmenter
+        self.segmenter_options = segmenter_options or {}
+        self.cache_size = cache_size
+        self._segmenters: dict[str, Segmenter] = {}
+        self._prepared: OrderedDict[tuple[str, str], GroundedImage] = OrderedDict()
+        self._lock = threading.RLock()  # guards the caches and CLIP's hooked relevance pass
 
     @classmethod
-    def from_pretrained(
-        cls,
-        captioner: str = "Salesforce/blip-image-captioning-base",
-        device: str = "auto",
-    ) -> "Explainer":
-        """Load real models by hub id or local folder (downloaded once, then cached by huggingface_hub).
+    def from_pretrained(cls, captioner: str = "Salesforce/blip-image-captioning-base",
+                        clip: str | None = "ViT-B-32/openai", segmenter: str = "auto",
+                        device: str = "auto") -> "Explainer":
+        """Load real models by hub id or local folder (downloaded once, then cached, with progress bars).
 
-        Raises `ModelUnavailableError` naming the model and the fix when it cannot be loaded.
+        `clip` is "architecture/pretrained-tag" (open_clip names) or "architecture/path/to/checkpoint";
+        None disables grounding. Raises `ModelUnavailableError` naming the model and the fix when a model
+        cannot be loaded. Segmenters load on first use.
         """
-        return cls(load_captioner(captioner, resolve_device(device)))
+        resolved = resolve_device(device)
+        clip_model = None
+        if clip:
+            architecture, _, pretrained = clip.partition("/")
+            clip_model = ClipModel.from_pretrained(architecture, pretrained or "openai", resolved)
+        return cls(load_captioner(captioner, resolved), clip_model, segmenter)
 
     @classmethod
     def tiny(cls, seed: int = 0, device: str = "cpu") -> "Explainer":
-        """The same pipeline on tiny random models built from configs: offline, in seconds (tests, demos)."""
-        return cls(BlipCaptioner.tiny(seed, resolve_device(device)))
+        """The whole pipeline on tiny random models built from configs (BLIP, CLIP) and scikit-image
+        superpixels: offline, in seconds. For tests, CI and `playground.py --tiny`."""
+        resolved = resolve_device(device)
+        return cls(BlipCaptioner.tiny(seed, resolved), ClipModel.tiny(seed, resolved), "superpixels")
 
     # --- captioning -----------------------------------------------------------------------------------------
 
@@ -87,12 +135,14 @@ class Explainer:
     # --- explaining -----------------------------------------------------------------------------------------
 
     def explain(self, image: ImageInput, query: Query, caption: Caption | None = None,
-                settings: MapSettings = MapSettings()) -> Explanation:
+                settings: MapSettings = MapSettings(),
+                grounding: GroundingSettings = GroundingSettings()) -> Explanation:
         """Explain one caption word (by index or text) or a free-text query; see `explain_many`."""
-        return self.explain_many(image, [query], caption, settings)[0]
+        return self.explain_many(image, [query], caption, settings, grounding)[0]
 
     def explain_many(self, image: ImageInput, queries: Sequence[Query], caption: Caption | None = None,
-                     settings: MapSettings = MapSettings()) -> list[Explanation]:
+                     settings: MapSettings = MapSettings(),
+                     grounding: GroundingSettings = GroundingSettings()) -> list[Explanation]:
         """Explain several queries; all caption words share one forward pass of the captioner.
 
         A query is a word index, a caption word or phrase (matched on tokens, first occurrence), or free
@@ -103,40 +153,26 @@ class Explainer:
         pixel_values = self.captioner.preprocess(rgb)
         if caption is None:
             caption = self.caption_from_ids(pixel_values, self.captioner.generate(pixel_values))
-        resolved = [self._resolve(query, caption) for query in queries]
-        in_caption = [(i, r) for i, r in enumerate(resolved) if isinstance(r, tuple)]
-        results: list[Explanation | None] = [None] * len(queries)
-        if in_caption:
-            targets = [Target(tuple(p for w in words for p in w.token_positions)) for _, words in in_caption]
-            computed = self._attribute(pixel_values, caption.token_ids, targets, settings, rgb.size)
-            for (i, words), target, (logprob, maps) in zip(in_caption, targets, computed):
-                results[i] = Explanation(
-                    query=str(queries[i]), in_caption=True, words=words,
-                    tokens=tuple(caption.tokens[p] for p in target.positions), token_positions=target.positions,
-                    context=self._context(caption.token_ids[: target.positions[0]]), word_logprob=logprob,
-                    maps=maps, image_size=rgb.size, caption=caption)
-        for i, query_ids in ((i, r) for i, r in enumerate(resolved) if isinstance(r, list)):
-            prefix = self.captioner.start_ids() + self.captioner.tokenize(self.captioner.neutral_prompt)
-            token_ids = prefix + query_ids
-            target = Target(tuple(range(len(prefix), len(token_ids))))
-            ((logprob, maps),) = self._attribute(pixel_values, token_ids, [target], settings, rgb.size)
-            results[i] = Explanation(
-                query=str(queries[i]), in_caption=False, words=(),
-                tokens=tuple(self.captioner.token_strings(query_ids)), token_positions=target.positions,
-                context=self.captioner.neutral_prompt, word_logprob=logprob, maps=maps, image_size=rgb.size,
-                caption=caption,
-                notes=[f"'{queries[i]}' is not in the caption: explained as log p(query | image) after the "
-                       f"neutral prompt '{self.captioner.neutral_prompt}'."])
-        return [result for result in results if result is not None]
+        prepared = [self._prepare_query(query, caption) for query in queries]
+        # One forward for every target on the caption itself, one per free query.
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, item in enumerate(prepared):
+            groups.setdefault(item.token_ids, []).append(index)
+        computed: dict[int, tuple[float, dict[str, Heatmap]]] = {}
+        for token_ids, members in groups.items():
+            results = self._attribute(pixel_values, token_ids, [prepared[i].target for i in members], settings,
+                                      rgb.size)
+            computed.update(zip(members, results))
+        return [self._finish(rgb, caption, item, *computed[i], grounding) for i, item in enumerate(prepared)]
 
-    def _resolve(self, query: Query, caption: Caption) -> tuple[Word, ...] | list[int]:
-        """Caption words (a tuple) for an index or a phrase found in the caption, else free-text token ids."""
+    def _prepare_query(self, query: Query, caption: Caption) -> _Prepared:
+        """Resolve a query to caption words (index, or a phrase found in the caption) or free-text tokens."""
         if isinstance(query, bool) or not isinstance(query, (int, str)):
             raise QueryError(f"A query is a word index or a text, got {type(query).__name__}.")
         if isinstance(query, int):
             if not 0 <= query < len(caption.words):
                 raise QueryError(f"Word index {query} is out of range: the caption has {len(caption.words)} words.")
-            return (caption.words[query],)
+            return self._in_caption(query, caption, (caption.words[query],))
         text = query.strip()
         if not text:
             raise QueryError("The query is empty: click a caption word or type a word to explain.")
@@ -146,10 +182,20 @@ class Explainer:
                              "tokens can be explained. Type a word or a short phrase.")
         if not any(piece.kind in ("start", "continue") for piece in self.captioner.pieces(query_ids)):
             raise QueryError(f"'{text[:40]}' contains no word the captioner's vocabulary knows.")
-        return find_phrase(caption.words, caption.token_ids, query_ids) or query_ids
+        words = find_phrase(caption.words, caption.token_ids, query_ids)
+        if words:
+            return self._in_caption(query, caption, words)
+        prefix = self.captioner.start_ids() + self.captioner.tokenize(self.captioner.neutral_prompt)
+        token_ids = tuple(prefix + query_ids)
+        return _Prepared(query, token_ids, Target(tuple(range(len(prefix), len(token_ids)))), ())
+
+    @staticmethod
+    def _in_caption(query: Query, caption: Caption, words: tuple[Word, ...]) -> _Prepared:
+        return _Prepared(query, caption.token_ids, Target(tuple(p for w in words for p in w.token_positions)),
+                         words)
 
     def _attribute(self, pixel_values: torch.Tensor, token_ids: Sequence[int], targets: list[Target],
-                   settings: MapSettings, image_size: tuple[int, int]) -> list[tuple[float, dict]]:
+                   settings: MapSettings, image_size: tuple[int, int]) -> list[tuple[float, dict[str, Heatmap]]]:
         layers = self.captioner.num_decoder_layers
         attention_layer = settings.cross_attention_layer
         if attention_layer is None:
@@ -160,7 +206,66 @@ class Explainer:
         return [(logprob, {m.key: m.attribute(gradients, image_size) for m in map_types})
                 for logprob, gradients in computed]
 
-    def _context(self, token_ids: Sequence[int]) -> str:
-        text, _ = align(self.captioner.pieces(list(token_ids)), list(token_ids), [0.0] * len(token_ids))
-        return text
+    def _finish(self, rgb: Image.Image, caption: Caption, item: _Prepared, logprob: float,
+                maps: dict[str, Heatmap], settings: GroundingSettings) -> Explanation:
+        """Assemble the explanation, with grounding, verification and the CLIP map where CLIP is loaded."""
+        tokens = tuple(self.captioner.token_strings([item.token_ids[p] for p in item.target.positions]))
+        text = " ".join(w.text for w in item.words) if item.words else str(item.query).strip()
+        context_ids = list(item.token_ids[: item.target.positions[0]])
+        context, _ = align(self.captioner.pieces(context_ids), context_ids, [0.0] * len(context_ids))
+        explanation = Explanation(
+            query=str(item.query), in_caption=bool(item.words), words=item.words, tokens=tokens,
+            token_positions=item.target.positions, context=context, word_logprob=logprob, maps=maps,
+            image_size=rgb.size, caption=caption)
+        if not item.words:
+            explanation.notes.append(f"'{text}' is not in the caption: explained as log p(query | image) after "
+                                     f"the neutral prompt '{self.captioner.neutral_prompt}'.")
+        if self.clip is None or not settings.enabled:
+            return explanation
+        grounder = Grounder(self.clip, template=settings.template, top_k=settings.top_k, stage2=settings.stage2,
+                            fusion_weight=settings.fusion_weight)
+        segmenter = settings.segmenter or self.default_segmenter
+        prepared = self._grounded_image(rgb, segmenter, grounder)
+        explanation.grounding = grounder.ground(prepared, text, cam=maps["gradcam"].values)
+        explanation.segmenter = prepared.segmenter
+        with self._lock:  # CLIP's relevance pass hooks its attention modules
+            relevance = self.clip.relevance_map(rgb, explanation.grounding.prompt)
+        maps["clip_relevance"] = Heatmap(relevance, relevance, "CLIP relevance (Chefer et al. 2021)",
+                                         f"{self.clip.name} vision transformer, all blocks")
+        if settings.verify:
+            explanation.verification = verify(self.captioner, rgb, explanation.grounding, item.token_ids,
+                                              item.target.positions, [w.text for w in item.words] or text.split(),
+                                              logprob, maps)
+        return explanation
 
+    # --- per-image caches -----------------------------------------------------------------------------------
+
+    def segmenter(self, name: str | None = None) -> Segmenter:
+        """The segmenter called `name` (default: the explainer's), loaded once and reused."""
+        name = name or self.default_segmenter
+        with self._lock:
+            if name not in self._segmenters:
+                device = str(self.captioner.device)
+                self._segmenters[name] = load_segmenter(name, device=device, **self.segmenter_options.get(name, {}))
+            return self._segmenters[name]
+
+    def _grounded_image(self, rgb: Image.Image, segmenter: str, grounder: Grounder) -> GroundedImage:
+        """Segments and composite embeddings of an image, computed once per image and segmenter (LRU)."""
+        key = (image_key(rgb), segmenter)
+        with self._lock:
+            if key in self._prepared:
+                self._prepared.move_to_end(key)
+                return self._prepared[key]
+        prepared = grounder.prepare(rgb, self.segmenter(segmenter).segment(rgb))
+        with self._lock:
+            self._prepared[key] = prepared
+            while len(self._prepared) > self.cache_size:
+                self._prepared.popitem(last=False)
+        return prepared
+
+
+def image_key(image: Image.Image) -> str:
+    """A content hash of an RGB image: equal pixels, equal key (so caches never mix two users' images)."""
+    digest = hashlib.blake2b(np.asarray(image).tobytes(), digest_size=16)
+    digest.update(repr(image.size).encode())
+    return digest.hexdigest()

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from .grounding.result import Grounding
+
 
 @dataclass(frozen=True)
 class Word:
@@ -81,6 +83,45 @@ class Heatmap:
         return {"method": self.method, "layer": self.layer, "raw_shape": list(self.raw.shape)}
 
 
+@dataclass(frozen=True)
+class Verification:
+    """How far to trust the grounding, from both models' point of view (an improved iXIC check).
+
+    - CLIP: is the region's composite closer to the query than the whole image?
+    - BLIP shown only the region (the rest greyed out): does its caption still contain the word, and how
+      likely is the word there (same context, teacher forcing)?
+    - Deletion: Δlog p(word) when the region is blurred out of the full image (negative = the word needed
+      the region).
+    - How much of each heatmap's mass falls inside the region (1.0 = all of it).
+    """
+
+    clip_region: float
+    clip_image: float
+    region_caption: str
+    region_says_word: bool
+    region_logprob: float
+    blurred_logprob: float
+    delta_logprob_blurred: float
+    mass_inside: dict[str, float]
+
+    @property
+    def clip_prefers_region(self) -> bool:
+        return self.clip_region > self.clip_image
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "clip_region": self.clip_region,
+            "clip_image": self.clip_image,
+            "clip_prefers_region": self.clip_prefers_region,
+            "region_caption": self.region_caption,
+            "region_says_word": self.region_says_word,
+            "region_logprob": self.region_logprob,
+            "blurred_logprob": self.blurred_logprob,
+            "delta_logprob_blurred": self.delta_logprob_blurred,
+            "mass_inside": dict(self.mass_inside),
+        }
+
+
 @dataclass
 class Explanation:
     """Why the captioner said a word (or would say a free query), for one image.
@@ -99,6 +140,9 @@ class Explanation:
     maps: dict[str, Heatmap]
     image_size: tuple[int, int]  #: (width, height) of the input image
     caption: Caption | None = None
+    grounding: Grounding | None = None  #: the region CLIP matches to the query (None without CLIP)
+    verification: Verification | None = None
+    segmenter: str = ""  #: which segmenter proposed the regions
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -132,5 +176,8 @@ class Explanation:
             "maps": {name: heatmap.describe() for name, heatmap in self.maps.items()},
             "image_size": list(self.image_size),
             "caption": self.caption.text if self.caption else None,
+            "grounding": self.grounding.to_dict() if self.grounding else None,
+            "verification": self.verification.to_dict() if self.verification else None,
+            "segmenter": self.segmenter,
             "notes": list(self.notes),
         }

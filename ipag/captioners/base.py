@@ -8,6 +8,7 @@ tokenizer marks word pieces); everything else — caption alignment, attribution
 
 from __future__ import annotations
 
+import threading
 import unicodedata
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -72,6 +73,9 @@ class Captioner(ABC):
         self.model = model.to(device).eval().requires_grad_(False)
         self.device = device
         self.model_id = model_id
+        # Hooked forwards capture whatever runs through the block: concurrent users must take turns, or one
+        # user's activations could end up in another's explanation.
+        self._hook_lock = threading.Lock()
 
     # --- what each captioner implements -------------------------------------------------------------------
 
@@ -147,7 +151,7 @@ class Captioner(ABC):
         layer = self.resolve_layer(cross_attention_layer, self.num_decoder_layers, "Cross-attention layer")
         pixel_values = pixel_values.detach().clone().requires_grad_(True)
         ids = torch.tensor([token_ids], device=self.device).expand(pixel_values.shape[0], -1)
-        with torch.enable_grad(), _capture_output(block) as captured:
+        with self._hook_lock, torch.enable_grad(), _capture_output(block) as captured:
             logits, attention = self._forward(pixel_values, ids, layer)
         tokens = captured[0]
         side = int(round((tokens.shape[1] - 1) ** 0.5))

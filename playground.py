@@ -1,0 +1,221 @@
+"""IPAG playground: upload a photo, click a caption word, see why the captioner said it.
+
+    python playground.py --tiny          # tiny random models, offline, for trying the UI
+    python playground.py                 # BLIP-base + CLIP ViT-B/32 (downloaded once, then cached)
+
+This file only lays out the page and wires components to the plain functions of `ipag.ui`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+from typing import Any, Callable
+
+import gradio as gr
+
+from ipag import Explainer, ModelUnavailableError
+from ipag import ui
+from ipag.maps import CAM_METHODS
+from ipag.render import COLORMAPS
+from ipag.segmenters import available_segmenters
+
+EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "examples").glob("*.jpg"))
+INTRO = """# IPAG playground — why did the captioner say that?
+Upload a photo (or use the webcam, paste one, or pick an example). BLIP captions it; **click any caption word**
+(or type one) to see the image region CLIP matches to it, the Grad-CAM and saliency of BLIP's own
+log-probability for that word, and numbers that say how far to trust them."""
+
+
+def friendly(fn: Callable) -> Callable:
+    """Turn the errors a user can act on into a message in the page; the app keeps running."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ui.UserError, ModelUnavailableError) as err:
+            raise gr.Error(str(err), print_exception=False) from err
+    return wrapper
+
+
+def build_app(explainer: Explainer) -> gr.Blocks:
+    """The page. Every handler is a thin adapter from components to `ipag.ui` and back."""
+    vision_layers = len(explainer.captioner.vision_layers)
+    decoder_layers = explainer.captioner.num_decoder_layers
+    default_cross = (2 * decoder_layers) // 3 if decoder_layers >= 3 else decoder_layers - 1
+
+    def outputs_for(session: ui.Session, rendered: ui.Rendered) -> tuple:
+        candidate = rendered.candidates[session.candidate] if rendered.candidates else None
+        return (session, rendered.region, *(rendered.maps[key] for key in ui.MAP_TITLES),
+                gr.update(choices=rendered.candidates, value=candidate), rendered.trust, rendered.status,
+                rendered.details)
+
+    with gr.Blocks(title="IPAG playground") as demo:
+        session = gr.State(ui.Session())
+        gr.Markdown(INTRO)
+        with gr.Row():
+            with gr.Column(scale=2):
+                image = gr.Image(type="pil", sources=["upload", "webcam", "clipboard"], label="Image",
+                                 height=380, elem_id="image")
+                with gr.Accordion("Decoding", open=False):
+                    beams = gr.Slider(1, 8, value=1, step=1, label="Beam size (1 = greedy)")
+                    max_tokens = gr.Slider(5, 60, value=20, step=1, label="Max new tokens")
+                caption_button = gr.Button("Caption again", variant="secondary")
+                gr.Examples(EXAMPLES, inputs=image, label="Examples (public domain / CC0, see examples/)")
+            with gr.Column(scale=3):
+                caption = gr.HighlightedText(label="Caption — click a word (colour: its probability)",
+                                             show_legend=False, show_inline_category=False, elem_id="caption")
+                with gr.Row():
+                    query = gr.Textbox(placeholder="…or type a word or phrase and press Enter", show_label=False,
+                                       max_lines=1, max_length=500, scale=4, elem_id="query")
+                    explain_button = gr.Button("Explain", variant="primary", scale=1, elem_id="explain")
+                status = gr.Markdown(ui.NO_WORD, elem_id="status")
+                with gr.Row():
+                    region = gr.Image(label="Region CLIP matches to the word", interactive=False,
+                                      elem_id="region")
+                    gradcam = gr.Image(label=ui.MAP_TITLES["gradcam"], interactive=False, elem_id="map-gradcam")
+                    saliency = gr.Image(label=ui.MAP_TITLES["saliency"], interactive=False, elem_id="map-saliency")
+                candidates = gr.Radio(label="Candidate regions (the chosen one first)", choices=[],
+                                      elem_id="candidates")
+                with gr.Accordion("More maps: decoder cross-attention and CLIP relevance", open=False):
+                    with gr.Row():
+                        cross = gr.Image(label=ui.MAP_TITLES["cross_attention"], interactive=False,
+                                         elem_id="map-cross_attention")
+                        relevance = gr.Image(label=ui.MAP_TITLES["clip_relevance"], interactive=False,
+                                             elem_id="map-clip_relevance")
+                trust = gr.Dataframe(headers=["Measure", "Value", "How to read it"], label="How far to trust this",
+                                     interactive=False, wrap=True, elem_id="trust")
+        with gr.Accordion("Settings", open=False):
+            with gr.Row():
+                cam_method = gr.Dropdown(list(CAM_METHODS), value="GradCAM", label="CAM method")
+                vision_layer = gr.Slider(-vision_layers, vision_layers - 1, value=-1, step=1,
+                                         label="Vision block for Grad-CAM (-1 = last)")
+                cross_layer = gr.Slider(0, decoder_layers - 1, value=default_cross, step=1,
+                                        label="Decoder layer for cross-attention")
+                saliency_method = gr.Radio(["gradient", "SmoothGrad"], value="gradient", label="Saliency")
+            with gr.Row():
+                segmenter = gr.Dropdown(available_segmenters(), value=explainer.default_segmenter,
+                                        label="Segmenter (region proposals)")
+                template = gr.Textbox("a photo of {}", label="CLIP prompt template ({} = the word)", max_lines=1)
+                stage2 = gr.Checkbox(False, label="Stage II: refine with superpixels")
+                fusion = gr.Slider(0, 20, value=0, step=0.5, label="Grad-CAM fusion weight (0 = CLIP alone)")
+            with gr.Row():
+                opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity")
+                colormap = gr.Dropdown(list(COLORMAPS), value="jet", label="Colour map")
+        with gr.Row():
+            export_button = gr.Button("Export this explanation (PNGs + JSON)", elem_id="export")
+            download = gr.File(label="Download", interactive=False, elem_id="download")
+        with gr.Accordion("Raw result (JSON)", open=False):
+            details = gr.JSON()
+
+        settings = [cam_method, vision_layer, cross_layer, saliency_method, segmenter, template, stage2, fusion,
+                    opacity, colormap]
+        explained = [session, region, gradcam, saliency, cross, relevance, candidates, trust, status, details]
+
+        @friendly
+        def on_image(picture, beam_size, tokens, state, progress=gr.Progress()):
+            progress(0.2, desc="Captioning…")
+            segments, state, message = ui.caption_image(explainer, picture, beam_size, tokens, state)
+            blank = ui.render(state, ui.View())
+            blank.status = message
+            return (segments, *outputs_for(state, blank))
+
+        @friendly
+        def on_select(state, *values, evt: gr.SelectData, progress=gr.Progress()):
+            progress(0.2, desc="Explaining the word…")
+            return outputs_for(*ui.select_word(explainer, state, evt.index, ui.View.of(*values)))
+
+        @friendly
+        def on_query(text, state, *values, progress=gr.Progress()):
+            progress(0.2, desc="Explaining the query…")
+            return outputs_for(*ui.explain(explainer, state, text, ui.View.of(*values)))
+
+        @friendly
+        def on_settings(state, *values, progress=gr.Progress()):
+            if state.explanation is None:
+                return outputs_for(state, ui.render(state, ui.View.of(*values)))
+            progress(0.2, desc="Recomputing with the new settings…")
+            return outputs_for(*ui.explain(explainer, state, state.query, ui.View.of(*values)))
+
+        @friendly
+        def on_redraw(state, *values):
+            return outputs_for(state, ui.render(state, ui.View.of(*values)))
+
+        @friendly
+        def on_candidate(label, state, *values):
+            return outputs_for(*ui.select_candidate(state, label, ui.View.of(*values)))
+
+        @friendly
+        def on_export(state, *values):
+            return ui.export(state, ui.View.of(*values))
+
+        gr.on([image.change, caption_button.click], on_image, [image, beams, max_tokens, session],
+              [caption, *explained], api_visibility="private")
+        caption.select(on_select, [session, *settings], explained, api_visibility="private")
+        gr.on([explain_button.click, query.submit], on_query, [query, session, *settings], explained,
+              api_visibility="private")
+        for control in (cam_method, vision_layer, cross_layer, saliency_method, segmenter, template, stage2, fusion):
+            control.input(on_settings, [session, *settings], explained, api_visibility="private")
+        for control in (opacity, colormap):
+            control.input(on_redraw, [session, *settings], explained, api_visibility="private",
+                          show_progress="hidden")
+        candidates.input(on_candidate, [candidates, session, *settings], explained, api_visibility="private")
+        export_button.click(on_export, [session, *settings], download, api_visibility="private")
+
+        # Stateless API endpoints for gradio_client (see README): /caption and /explain.
+        with gr.Column(visible=False):
+            api_image = gr.Image(type="pil")
+            api_query = gr.Textbox()
+            api_json = gr.JSON()
+            api_maps = [gr.Image(type="pil") for _ in range(1 + len(ui.MAP_TITLES))]
+        gr.Button(visible=False).click(
+            friendly(functools.partial(ui.api_caption, explainer)), [api_image, beams, max_tokens], api_json,
+            api_name="caption")
+        gr.Button(visible=False).click(
+            friendly(functools.partial(ui.api_explain, explainer)), [api_image, api_query, *settings],
+            [api_json, *api_maps], api_name="explain")
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny random models: offline, for trying the UI")
+    parser.add_argument("--captioner", default="Salesforce/blip-image-captioning-base",
+                        help="hub id or local folder of a BLIP captioner (blip-base, blip-large also work)")
+    parser.add_argument("--clip", default="ViT-B-32/openai",
+                        help="open_clip 'architecture/pretrained' (tag or checkpoint path); 'none' disables grounding")
+    parser.add_argument("--segmenter", default="auto", help="auto, detectron2, detectron2-maskrcnn, torchvision, "
+                        "superpixels")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for your network)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
+    parser.add_argument("--auth", metavar="USER:PASS", help="require this login for the page and the API")
+    parser.add_argument("--concurrency", type=int, default=2, help="explanations computed at the same time")
+    args = parser.parse_args(argv)
+    if args.auth and ":" not in args.auth:
+        parser.error("--auth takes USER:PASS")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        if args.tiny:
+            explainer = Explainer.tiny(device="cpu" if args.device == "auto" else args.device)
+        else:
+            print(f"Loading {args.captioner} and CLIP {args.clip} (first run downloads them)…", flush=True)
+            explainer = Explainer.from_pretrained(args.captioner, None if args.clip == "none" else args.clip,
+                                                  args.segmenter, args.device)
+    except ModelUnavailableError as err:
+        raise SystemExit(f"error: {err}") from err
+    demo = build_app(explainer)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                max_file_size="25mb", theme=gr.themes.Soft())
+
+
+if __name__ == "__main__":
+    main()
