@@ -28,6 +28,11 @@ Upload a photo (or use the webcam, paste one, or pick an example). BLIP captions
 log-probability for that word, and numbers that say how far to trust them."""
 
 
+#: Local system fonts only: the page must not fetch anything from the internet (offline use, privacy).
+THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                       font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
+
+
 def friendly(fn: Callable) -> Callable:
     """Turn the errors a user can act on into a message in the page; the app keeps running."""
     @functools.wraps(fn)
@@ -45,6 +50,8 @@ def build_app(explainer: Explainer) -> gr.Blocks:
     decoder_layers = explainer.captioner.num_decoder_layers
     default_cross = (2 * decoder_layers) // 3 if decoder_layers >= 3 else decoder_layers - 1
 
+    # Gradio finds its special arguments (event data, progress) only among the positional parameters,
+    # so they come before the *values of the settings components.
     def outputs_for(session: ui.Session, rendered: ui.Rendered) -> tuple:
         candidate = rendered.candidates[session.candidate] if rendered.candidates else None
         return (session, rendered.region, *(rendered.maps[key] for key in ui.MAP_TITLES),
@@ -85,13 +92,14 @@ def build_app(explainer: Explainer) -> gr.Blocks:
                         relevance = gr.Image(label=ui.MAP_TITLES["clip_relevance"], interactive=False,
                                              elem_id="map-clip_relevance")
                 trust = gr.Dataframe(headers=["Measure", "Value", "How to read it"], label="How far to trust this",
-                                     interactive=False, wrap=True, elem_id="trust")
+                                     interactive=False, wrap=True, column_widths=["32%", "18%", "50%"],
+                                     elem_id="trust")
         with gr.Accordion("Settings", open=False):
             with gr.Row():
                 cam_method = gr.Dropdown(list(CAM_METHODS), value="GradCAM", label="CAM method")
                 vision_layer = gr.Slider(-vision_layers, vision_layers - 1, value=-1, step=1,
                                          label="Vision block for Grad-CAM (-1 = last)")
-                cross_layer = gr.Slider(0, decoder_layers - 1, value=default_cross, step=1,
+                cross_layer = gr.Slider(-decoder_layers, decoder_layers - 1, value=default_cross, step=1,
                                         label="Decoder layer for cross-attention")
                 saliency_method = gr.Radio(["gradient", "SmoothGrad"], value="gradient", label="Saliency")
             with gr.Row():
@@ -105,7 +113,7 @@ def build_app(explainer: Explainer) -> gr.Blocks:
                 colormap = gr.Dropdown(list(COLORMAPS), value="jet", label="Colour map")
         with gr.Row():
             export_button = gr.Button("Export this explanation (PNGs + JSON)", elem_id="export")
-            download = gr.File(label="Download", interactive=False, elem_id="download")
+            download = gr.File(label="Download", interactive=False, height=80, elem_id="download")
         with gr.Accordion("Raw result (JSON)", open=False):
             details = gr.JSON()
 
@@ -122,17 +130,17 @@ def build_app(explainer: Explainer) -> gr.Blocks:
             return (segments, *outputs_for(state, blank))
 
         @friendly
-        def on_select(state, *values, evt: gr.SelectData, progress=gr.Progress()):
+        def on_select(state, evt: gr.SelectData, progress=gr.Progress(), *values):
             progress(0.2, desc="Explaining the word…")
             return outputs_for(*ui.select_word(explainer, state, evt.index, ui.View.of(*values)))
 
         @friendly
-        def on_query(text, state, *values, progress=gr.Progress()):
+        def on_query(text, state, progress=gr.Progress(), *values):
             progress(0.2, desc="Explaining the query…")
             return outputs_for(*ui.explain(explainer, state, text, ui.View.of(*values)))
 
         @friendly
-        def on_settings(state, *values, progress=gr.Progress()):
+        def on_settings(state, progress=gr.Progress(), *values):
             if state.explanation is None:
                 return outputs_for(state, ui.render(state, ui.View.of(*values)))
             progress(0.2, desc="Recomputing with the new settings…")
@@ -165,16 +173,21 @@ def build_app(explainer: Explainer) -> gr.Blocks:
 
         # Stateless API endpoints for gradio_client (see README): /caption and /explain.
         with gr.Column(visible=False):
-            api_image = gr.Image(type="pil")
-            api_query = gr.Textbox()
-            api_json = gr.JSON()
-            api_maps = [gr.Image(type="pil") for _ in range(1 + len(ui.MAP_TITLES))]
+            api_image = gr.Image(type="pil", label="image")
+            api_query = gr.Textbox(label="query")
+            api_beams = gr.Number(1, label="num_beams", precision=0)
+            api_tokens = gr.Number(20, label="max_tokens", precision=0)
+            api_cam = gr.Dropdown(list(CAM_METHODS), value="GradCAM", label="cam_method")
+            api_saliency = gr.Dropdown(["gradient", "SmoothGrad"], value="gradient", label="saliency")
+            api_template = gr.Textbox("a photo of {}", label="template")
+            api_json = gr.JSON(label="result")
+            api_maps = [gr.Image(type="pil", label=name) for name in ("region", *ui.MAP_TITLES)]
         gr.Button(visible=False).click(
-            friendly(functools.partial(ui.api_caption, explainer)), [api_image, beams, max_tokens], api_json,
+            friendly(functools.partial(ui.api_caption, explainer)), [api_image, api_beams, api_tokens], api_json,
             api_name="caption")
         gr.Button(visible=False).click(
-            friendly(functools.partial(ui.api_explain, explainer)), [api_image, api_query, *settings],
-            [api_json, *api_maps], api_name="explain")
+            friendly(functools.partial(ui.api_explain, explainer)),
+            [api_image, api_query, api_cam, api_saliency, api_template], [api_json, *api_maps], api_name="explain")
     return demo
 
 
@@ -214,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                max_file_size="25mb", theme=gr.themes.Soft())
+                max_file_size="25mb", theme=THEME)
 
 
 if __name__ == "__main__":

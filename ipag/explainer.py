@@ -113,7 +113,8 @@ class Explainer:
         """The whole pipeline on tiny random models built from configs (BLIP, CLIP) and scikit-image
         superpixels: offline, in seconds. For tests, CI and `playground.py --tiny`."""
         resolved = resolve_device(device)
-        return cls(BlipCaptioner.tiny(seed, resolved), ClipModel.tiny(seed, resolved), "superpixels")
+        return cls(BlipCaptioner.tiny(seed, resolved), ClipModel.tiny(seed, resolved), "superpixels",
+                   segmenter_options={"torchvision": {"pretrained": False}})  # random Mask R-CNN: no download
 
     # --- captioning -----------------------------------------------------------------------------------------
 

@@ -56,9 +56,9 @@ class View:
 
     cam_method: str = "GradCAM"
     vision_layer: int = -1
-    cross_attention_layer: int = -1
+    cross_attention_layer: int | None = None  #: None: the explainer's default layer
     saliency: str = "gradient"  #: "gradient" or "SmoothGrad"
-    segmenter: str = "auto"
+    segmenter: str | None = None  #: None: the explainer's default
     template: str = "a photo of {}"
     stage2: bool = False
     fusion_weight: float = 0.0
@@ -71,8 +71,8 @@ class View:
         return cls(*values)
 
     def map_settings(self) -> MapSettings:
-        return MapSettings(cam_method=self.cam_method, vision_layer=int(self.vision_layer),
-                           cross_attention_layer=int(self.cross_attention_layer),
+        cross = None if self.cross_attention_layer is None else int(self.cross_attention_layer)
+        return MapSettings(cam_method=self.cam_method, vision_layer=int(self.vision_layer), cross_attention_layer=cross,
                            smoothgrad_samples=8 if self.saliency == "SmoothGrad" else 0)
 
     def grounding_settings(self) -> GroundingSettings:
@@ -238,9 +238,10 @@ def api_caption(explainer: Explainer, image: ImageInput | None, num_beams: int =
     return session.caption.to_dict()
 
 
-def api_explain(explainer: Explainer, image: ImageInput | None, query: str, *values: Any) -> tuple:
+def api_explain(explainer: Explainer, image: ImageInput | None, query: str, cam_method: str = "GradCAM",
+                saliency: str = "gradient", template: str = "a photo of {}") -> tuple:
     """/explain: the explanation as JSON, then the region, Grad-CAM, saliency, cross-attention and CLIP images."""
-    view = View.of(*values)
+    view = View(cam_method=cam_method, saliency=saliency, template=template)
     _, session, _ = caption_image(explainer, image, 1, 20, Session())
     session, rendered = explain(explainer, session, query, view)
     return (rendered.details, rendered.region, *(rendered.maps[key] for key in MAP_TITLES))

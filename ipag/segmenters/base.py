@@ -17,10 +17,6 @@ import numpy as np
 from ipag.images import ImageInput, load_image
 
 
-class ModelUnavailableError(RuntimeError):
-    """A segmenter cannot run here (package not installed, weights not downloadable); the message names the fix."""
-
-
 @dataclass(frozen=True, eq=False)
 class Segment:
     """One proposed region. Compared by identity (`eq=False`): element-wise array equality has no truth value.
