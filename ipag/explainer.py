@@ -8,10 +8,9 @@ and `ipag.verify` checks that region against the captioner.
 
 from __future__ import annotations
 
-import hashlib
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,14 +20,15 @@ from PIL import Image
 from .align import align, find_phrase
 from .attribution import Target, target_gradients
 from .captioners import Captioner, DecodeOptions, load_captioner
+from .cache import ImageCache, image_key
 from .captioners.blip import BlipCaptioner
 from .device import resolve_device
 from .errors import QueryError
-from .grounding import ClipModel, GroundedImage, Grounder
+from .grounding import ClipModel, Grounder, composite
 from .images import ImageInput, load_image
 from .maps import CrossAttentionMap, GradCAMMap, MapType, SaliencyMap
 from .results import Caption, Explanation, Heatmap, Word
-from .segmenters import Segmenter, load_segmenter
+from .segmenters import Segmenter, load_segmenter, resolve_name
 from .verify import verify
 
 #: The longest free query we explain, in tokens (a caption is ~10; longer text is not a "word" any more).
@@ -86,10 +86,10 @@ class Explainer:
         self.clip = clip
         self.default_segmenter = segmenter
         self.segmenter_options = segmenter_options or {}
-        self.cache_size = cache_size
+        self.cache = ImageCache(cache_size)
         self._segmenters: dict[str, Segmenter] = {}
-        self._prepared: OrderedDict[tuple[str, str], GroundedImage] = OrderedDict()
-        self._lock = threading.RLock()  # guards the caches and CLIP's hooked relevance pass
+        self._lock = threading.RLock()  # guards segmenter loading and CLIP's hooked relevance pass
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipag-precompute")
 
     @classmethod
     def from_pretrained(cls, captioner: str = "Salesforce/blip-image-captioning-base",
@@ -102,11 +102,12 @@ class Explainer:
         cannot be loaded. Segmenters load on first use.
         """
         resolved = resolve_device(device)
+        captioner_model = load_captioner(captioner, resolved)
         clip_model = None
         if clip:
             architecture, _, pretrained = clip.partition("/")
             clip_model = ClipModel.from_pretrained(architecture, pretrained or "openai", resolved)
-        return cls(load_captioner(captioner, resolved), clip_model, segmenter)
+        return cls(captioner_model, clip_model, segmenter)
 
     @classmethod
     def tiny(cls, seed: int = 0, device: str = "cpu") -> "Explainer":
@@ -119,10 +120,15 @@ class Explainer:
     # --- captioning -----------------------------------------------------------------------------------------
 
     def caption(self, image: ImageInput, num_beams: int = 1, max_new_tokens: int = 20) -> Caption:
-        """Generate a caption and align it to clickable words with their log-probabilities."""
-        pixel_values = self.captioner.preprocess(load_image(image))
-        token_ids = self.captioner.generate(pixel_values, DecodeOptions(num_beams, max_new_tokens))
-        return self.caption_from_ids(pixel_values, token_ids)
+        """Generate a caption and align it to clickable words with their log-probabilities (cached)."""
+        rgb = load_image(image)
+        options = DecodeOptions(num_beams, max_new_tokens)
+
+        return self.cache.get_or_compute(image_key(rgb), ("caption", options),
+                                         lambda: self._caption_pixels(self.captioner.preprocess(rgb), options))
+
+    def _caption_pixels(self, pixel_values: torch.Tensor, options: DecodeOptions = DecodeOptions()) -> Caption:
+        return self.caption_from_ids(pixel_values, self.captioner.generate(pixel_values, options))
 
     def caption_from_ids(self, pixel_values: torch.Tensor, token_ids: Sequence[int]) -> Caption:
         """Align a given token sequence (starting with the start token) and score it under teacher forcing."""
@@ -151,20 +157,39 @@ class Explainer:
         `captioner.neutral_prompt`, and the result says so. `caption` defaults to a fresh greedy caption.
         """
         rgb = load_image(image)
-        pixel_values = self.captioner.preprocess(rgb)
-        if caption is None:
-            caption = self.caption_from_ids(pixel_values, self.captioner.generate(pixel_values))
+        key = image_key(rgb)
+        caption = caption or self.caption(rgb)
         prepared = [self._prepare_query(query, caption) for query in queries]
+        found = {i: self.cache.get(key, self._result_key(item, settings, grounding)) for i, item in enumerate(prepared)}
+        missing = [i for i, hit in found.items() if hit is None]
         # One forward for every target on the caption itself, one per free query.
         groups: dict[tuple[int, ...], list[int]] = {}
-        for index, item in enumerate(prepared):
-            groups.setdefault(item.token_ids, []).append(index)
-        computed: dict[int, tuple[float, dict[str, Heatmap]]] = {}
+        for index in missing:
+            groups.setdefault(prepared[index].token_ids, []).append(index)
+        pixel_values = self.captioner.preprocess(rgb) if missing else None
         for token_ids, members in groups.items():
             results = self._attribute(pixel_values, token_ids, [prepared[i].target for i in members], settings,
                                       rgb.size)
-            computed.update(zip(members, results))
-        return [self._finish(rgb, caption, item, *computed[i], grounding) for i, item in enumerate(prepared)]
+            for index, (logprob, maps) in zip(members, results):
+                found[index] = self._finish(rgb, key, caption, prepared[index], logprob, maps, grounding)
+                self.cache.put(key, self._result_key(prepared[index], settings, grounding), found[index])
+        return [found[i] for i in range(len(prepared))]
+
+    def precompute(self, image: ImageInput, caption: Caption, settings: MapSettings = MapSettings(),
+                   grounding: GroundingSettings = GroundingSettings()) -> list[Explanation]:
+        """Explain every caption word (one shared forward) so that later clicks are served from the cache."""
+        return self.explain_many(image, list(range(len(caption.words))), caption, settings, grounding)
+
+    def precompute_async(self, image: ImageInput, caption: Caption, settings: MapSettings = MapSettings(),
+                         grounding: GroundingSettings = GroundingSettings()) -> Future:
+        """`precompute` on a background thread. A click meanwhile is not queued behind it: `explain`
+        computes a word that is not cached yet at once (the model's hooked forward is shared in turn)."""
+        return self._background.submit(self.precompute, load_image(image), caption, settings, grounding)
+
+    @staticmethod
+    def _result_key(item: _Prepared, settings: MapSettings, grounding: GroundingSettings) -> tuple:
+        """What an explanation depends on besides the image: the sequence, the target and the settings."""
+        return ("explanation", item.token_ids, item.target.positions, settings, grounding)
 
     def _prepare_query(self, query: Query, caption: Caption) -> _Prepared:
         """Resolve a query to caption words (index, or a phrase found in the caption) or free-text tokens."""
@@ -207,7 +232,7 @@ class Explainer:
         return [(logprob, {m.key: m.attribute(gradients, image_size) for m in map_types})
                 for logprob, gradients in computed]
 
-    def _finish(self, rgb: Image.Image, caption: Caption, item: _Prepared, logprob: float,
+    def _finish(self, rgb: Image.Image, key: str, caption: Caption, item: _Prepared, logprob: float,
                 maps: dict[str, Heatmap], settings: GroundingSettings) -> Explanation:
         """Assemble the explanation, with grounding, verification and the CLIP map where CLIP is loaded."""
         tokens = tuple(self.captioner.token_strings([item.token_ids[p] for p in item.target.positions]))
@@ -225,8 +250,9 @@ class Explainer:
             return explanation
         grounder = Grounder(self.clip, template=settings.template, top_k=settings.top_k, stage2=settings.stage2,
                             fusion_weight=settings.fusion_weight)
-        segmenter = settings.segmenter or self.default_segmenter
-        prepared = self._grounded_image(rgb, segmenter, grounder)
+        segmenter = resolve_name(settings.segmenter or self.default_segmenter)
+        prepared = self.cache.get_or_compute(
+            key, ("grounded", segmenter), lambda: grounder.prepare(rgb, self.segmenter(segmenter).segment(rgb)))
         explanation.grounding = grounder.ground(prepared, text, cam=maps["gradcam"].values)
         explanation.segmenter = prepared.segmenter
         with self._lock:  # CLIP's relevance pass hooks its attention modules
@@ -234,39 +260,22 @@ class Explainer:
         maps["clip_relevance"] = Heatmap(relevance, relevance, "CLIP relevance (Chefer et al. 2021)",
                                          f"{self.clip.name} vision transformer, all blocks")
         if settings.verify:
-            explanation.verification = verify(self.captioner, rgb, explanation.grounding, item.token_ids,
-                                              item.target.positions, [w.text for w in item.words] or text.split(),
-                                              logprob, maps)
+            mask = explanation.grounding.mask
+            region_caption = self.cache.get_or_compute(  # several words often share one region
+                key, ("region caption", image_key(Image.fromarray(mask))),
+                lambda: self._caption_pixels(self.captioner.preprocess(composite(rgb, mask, mode="grey"))))
+            explanation.verification = verify(self.captioner, rgb, explanation.grounding, region_caption,
+                                              item.token_ids, item.target.positions,
+                                              [w.text for w in item.words] or text.split(), logprob, maps)
         return explanation
 
     # --- per-image caches -----------------------------------------------------------------------------------
 
     def segmenter(self, name: str | None = None) -> Segmenter:
         """The segmenter called `name` (default: the explainer's), loaded once and reused."""
-        name = name or self.default_segmenter
+        name = resolve_name(name or self.default_segmenter)
         with self._lock:
             if name not in self._segmenters:
                 device = str(self.captioner.device)
                 self._segmenters[name] = load_segmenter(name, device=device, **self.segmenter_options.get(name, {}))
             return self._segmenters[name]
-
-    def _grounded_image(self, rgb: Image.Image, segmenter: str, grounder: Grounder) -> GroundedImage:
-        """Segments and composite embeddings of an image, computed once per image and segmenter (LRU)."""
-        key = (image_key(rgb), segmenter)
-        with self._lock:
-            if key in self._prepared:
-                self._prepared.move_to_end(key)
-                return self._prepared[key]
-        prepared = grounder.prepare(rgb, self.segmenter(segmenter).segment(rgb))
-        with self._lock:
-            self._prepared[key] = prepared
-            while len(self._prepared) > self.cache_size:
-                self._prepared.popitem(last=False)
-        return prepared
-
-
-def image_key(image: Image.Image) -> str:
-    """A content hash of an RGB image: equal pixels, equal key (so caches never mix two users' images)."""
-    digest = hashlib.blake2b(np.asarray(image).tobytes(), digest_size=16)
-    digest.update(repr(image.size).encode())
-    return digest.hexdigest()

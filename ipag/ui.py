@@ -130,6 +130,9 @@ def caption_image(explainer: Explainer, image: ImageInput | None, num_beams: int
     except (ImageError, ValueError) as err:
         raise UserError(str(err)) from err
     session = Session(image=rgb, caption=caption)
+    # Explain every word in the background with the default settings, so that clicks only render.
+    view = View()
+    explainer.precompute_async(rgb, caption, view.map_settings(), view.grounding_settings())
     if not caption.words:
         return caption_segments(caption), session, "The caption has no words to explain; type a query instead."
     return caption_segments(caption), session, f"{len(caption.words)} words. {NO_WORD}"

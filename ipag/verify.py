@@ -12,10 +12,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from .align import align
-from .captioners import Captioner, DecodeOptions
+from .captioners import Captioner
 from .grounding import Grounding, composite
-from .results import Heatmap, Verification
+from .results import Caption, Heatmap, Verification
 
 
 def mass_inside(values: np.ndarray, mask: np.ndarray) -> float:
@@ -24,20 +23,22 @@ def mass_inside(values: np.ndarray, mask: np.ndarray) -> float:
     return float(values[mask].sum()) / total if total > 0 else 0.0
 
 
-def verify(captioner: Captioner, image: Image.Image, grounding: Grounding, token_ids: Sequence[int],
-           positions: Sequence[int], words: Sequence[str], word_logprob: float,
+def verify(captioner: Captioner, image: Image.Image, grounding: Grounding, region_caption: Caption,
+           token_ids: Sequence[int], positions: Sequence[int], words: Sequence[str], word_logprob: float,
            maps: Mapping[str, Heatmap]) -> Verification:
-    """Check `grounding` for the target at `positions` of `token_ids` (the explained word's tokens)."""
+    """Check `grounding` for the target at `positions` of `token_ids` (the explained word's tokens).
+
+    `region_caption` is the captioner's caption of the region alone (the rest greyed out); the caller
+    caches it, since the words of one caption often share a region.
+    """
     region_only = captioner.preprocess(composite(image, grounding.mask, mode="grey"))
     blurred = captioner.preprocess(composite(image, ~grounding.mask, mode="blur"))
-    region_ids = captioner.generate(region_only, DecodeOptions(max_new_tokens=20))
-    region_caption, region_words = align(captioner.pieces(region_ids), region_ids, [0.0] * len(region_ids))
-    said = {word.text.lower() for word in region_words}
+    said = {word.text.lower() for word in region_caption.words}
     blurred_logprob = _target_logprob(captioner, blurred, token_ids, positions)
     return Verification(
         clip_region=grounding.similarity,
         clip_image=grounding.image_similarity,
-        region_caption=region_caption,
+        region_caption=region_caption.text,
         region_says_word=all(word.lower() in said for word in words),
         region_logprob=_target_logprob(captioner, region_only, token_ids, positions),
         blurred_logprob=blurred_logprob,

@@ -152,7 +152,9 @@ def test_word_logprob_matches_the_caption(explainer, photo, caption):
 def test_smoothgrad_differs_from_plain_saliency_and_is_reproducible(explainer, photo, caption):
     smooth = MapSettings(smoothgrad_samples=4)
     first = explainer.explain(photo, 0, caption=caption, settings=smooth)
-    second = explainer.explain(photo, 0, caption=caption, settings=smooth)
+    uncached = Explainer(explainer.captioner, explainer.clip, "superpixels")
+    second = uncached.explain(photo, 0, caption=caption, settings=smooth)
+    assert second is not first
     plain = explainer.explain(photo, 0, caption=caption)
     assert first.maps["saliency"].method.startswith("SmoothGrad")
     np.testing.assert_array_equal(first.saliency, second.saliency)
@@ -202,7 +204,7 @@ def test_no_weight_gradients_and_no_hooks_left(explainer, photo, caption, monkey
 
     monkeypatch.setattr(explainer.captioner, "_forward", broken_forward)
     with pytest.raises(RuntimeError, match="simulated"):  # a failing pass must not leave hooks behind either
-        explainer.explain(photo, 0, caption=caption)
+        Explainer(explainer.captioner).explain(photo, 0, caption=caption)  # fresh cache: really runs
     assert hooks() == before
 
 
@@ -228,7 +230,7 @@ def test_decoding_options(explainer, photo):
 
 def test_tiny_model_saved_with_save_pretrained_loads_back(tmp_path, photo, caption):
     BlipCaptioner.tiny(seed=0).save_pretrained(tmp_path)
-    loaded = Explainer.from_pretrained(str(tmp_path), device="cpu")
+    loaded = Explainer.from_pretrained(str(tmp_path), clip=None, device="cpu")
     again = loaded.caption(photo)
     assert again.text == caption.text
     assert again.token_logprobs == pytest.approx(caption.token_logprobs, abs=1e-5)
@@ -236,9 +238,16 @@ def test_tiny_model_saved_with_save_pretrained_loads_back(tmp_path, photo, capti
 
 def test_unknown_model_offline_gives_a_clear_error():
     with pytest.raises(ModelUnavailableError) as info:
-        Explainer.from_pretrained("no-such-org/no-such-captioner", device="cpu")
+        Explainer.from_pretrained("no-such-org/no-such-captioner", clip=None, device="cpu")
     message = str(info.value)
     assert "no-such-org/no-such-captioner" in message and "Fix:" in message and "--tiny" in message
+
+
+def test_unavailable_clip_weights_give_a_clear_error(tmp_path):
+    BlipCaptioner.tiny(seed=0).save_pretrained(tmp_path)
+    with pytest.raises(ModelUnavailableError) as info:
+        Explainer.from_pretrained(str(tmp_path), clip="ViT-B-32/openai", device="cpu")
+    assert "ViT-B-32" in str(info.value) and "Fix:" in str(info.value)
 
 
 def test_cuda_requested_without_gpu_is_a_clear_error():
@@ -254,7 +263,8 @@ def test_results_serialise_to_json(explainer, photo, caption):
     explanation = explainer.explain(photo, 0, caption=caption)
     data = json.loads(json.dumps(explanation.to_dict()))
     assert data["words"] == [caption.words[0].text]
-    assert set(data["maps"]) == {"gradcam", "cross_attention", "saliency"}
+    assert set(data["maps"]) == {"gradcam", "cross_attention", "saliency", "clip_relevance"}
+    assert data["grounding"]["candidates"] and data["verification"]["mass_inside"]["gradcam"] >= 0
     assert json.loads(json.dumps(caption.to_dict()))["text"] == caption.text
 
 

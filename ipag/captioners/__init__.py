@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from transformers import AutoConfig
 
 from ..errors import ModelUnavailableError
 from .base import Captioner, DecodeOptions, DecoderPass, Piece
 from .blip import BlipCaptioner
+from .vit_gpt2 import VitGpt2Captioner
 
 #: Friendly names for the captioners the playground offers; any hub id or local folder works too.
 KNOWN_CAPTIONERS = {
     "blip-base": "Salesforce/blip-image-captioning-base",
     "blip-large": "Salesforce/blip-image-captioning-large",
+    "vit-gpt2": "nlpconnect/vit-gpt2-image-captioning",
+}
+
+#: Which class runs a model, by the `model_type` of its config (so a local folder needs no naming convention).
+CAPTIONER_CLASSES: dict[str, type[Captioner]] = {
+    "blip": BlipCaptioner,
+    "vision-encoder-decoder": VitGpt2Captioner,
+}
+
+#: Tiny random stand-ins for each friendly name (same class, same code paths), for `--tiny`, tests and CI.
+TINY_CAPTIONERS: dict[str, Callable[[int, torch.device], Captioner]] = {
+    "blip-base": BlipCaptioner.tiny,
+    "blip-large": BlipCaptioner.tiny,
+    "vit-gpt2": VitGpt2Captioner.tiny,
 }
 
 
@@ -19,16 +37,35 @@ def load_captioner(model: str, device: torch.device) -> Captioner:
     """Load a captioner by friendly name, hub id or local folder, with a clear error when that fails."""
     model_id = KNOWN_CAPTIONERS.get(model, model)
     try:
-        return BlipCaptioner.load(model_id, device)
+        model_type = AutoConfig.from_pretrained(model_id).model_type
     except (OSError, ValueError) as err:
+        raise _unavailable(model_id, err) from err
+    if model_type not in CAPTIONER_CLASSES:
         raise ModelUnavailableError(
-            f"Could not load the captioner '{model_id}': it is not a local model folder, not in the Hugging "
-            f"Face cache, and could not be downloaded ({type(err).__name__}: {str(err).splitlines()[0]}). "
-            "Fix: connect to the internet once so it is cached (~/.cache/huggingface), or download it on "
-            "another machine (`huggingface-cli download "
-            f"{model_id}`) and pass the folder path; or run with --tiny to try the app on tiny random models."
-        ) from err
+            f"'{model_id}' is a '{model_type}' model, which the playground cannot explain. Supported model types: "
+            f"{', '.join(CAPTIONER_CLASSES)} (friendly names: {', '.join(KNOWN_CAPTIONERS)}).")
+    try:
+        return CAPTIONER_CLASSES[model_type].load(model_id, device)
+    except (OSError, ValueError) as err:
+        raise _unavailable(model_id, err) from err
 
 
-__all__ = ["BlipCaptioner", "Captioner", "DecodeOptions", "DecoderPass", "KNOWN_CAPTIONERS", "Piece",
-           "load_captioner"]
+def tiny_captioner(name: str, seed: int = 0, device: torch.device = torch.device("cpu")) -> Captioner:
+    """The tiny random version of a friendly-named captioner (offline, in about a second)."""
+    if name not in TINY_CAPTIONERS:
+        raise ValueError(f"Unknown captioner '{name}'. Choose one of: {', '.join(TINY_CAPTIONERS)}.")
+    return TINY_CAPTIONERS[name](seed, device)
+
+
+def _unavailable(model_id: str, err: Exception) -> ModelUnavailableError:
+    return ModelUnavailableError(
+        f"Could not load the captioner '{model_id}': it is not a local model folder, not in the Hugging "
+        f"Face cache, and could not be downloaded ({type(err).__name__}: {str(err).splitlines()[0]}). "
+        "Fix: connect to the internet once so it is cached (~/.cache/huggingface), or download it on "
+        "another machine (`huggingface-cli download "
+        f"{model_id}`) and pass the folder path; or run with --tiny to try the app on tiny random models."
+    )
+
+
+__all__ = ["BlipCaptioner", "CAPTIONER_CLASSES", "Captioner", "DecodeOptions", "DecoderPass", "KNOWN_CAPTIONERS",
+           "Piece", "TINY_CAPTIONERS", "VitGpt2Captioner", "load_captioner", "tiny_captioner"]

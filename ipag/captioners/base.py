@@ -79,6 +79,11 @@ class Captioner(ABC):
 
     # --- what each captioner implements -------------------------------------------------------------------
 
+    @classmethod
+    @abstractmethod
+    def load(cls, model_id: str, device: torch.device) -> "Captioner":
+        """Load from a hub id or a local folder (`load_captioner` picks the class from the model's config)."""
+
     @property
     @abstractmethod
     def vision_layers(self) -> list[nn.Module]:
@@ -99,7 +104,8 @@ class Captioner(ABC):
 
     @abstractmethod
     def _forward(self, pixel_values: torch.Tensor, token_ids: torch.Tensor, cross_attention_layer: int) -> tuple:
-        """Teacher-forced forward: (logits (1, T, V), cross-attention probs (1, heads, T, 1+N) or (1, heads, T, N))."""
+        """Teacher-forced forward of a batch of images on one sequence (`token_ids` is (B, T)):
+        (logits (B, T, V), cross-attention probs (B, heads, T, 1+N) or (B, heads, T, N))."""
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:
@@ -138,10 +144,19 @@ class Captioner(ABC):
     @torch.no_grad()
     def token_logprobs(self, pixel_values: torch.Tensor, token_ids: list[int]) -> list[float]:
         """log p(y_t | image, y_<t) for every position t ≥ 1 of `token_ids` (teacher forcing)."""
-        ids = torch.tensor([token_ids], device=self.device)
+        return self.batch_token_logprobs(pixel_values, token_ids)[0].tolist()
+
+    @torch.no_grad()
+    def batch_token_logprobs(self, pixel_values: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+        """`token_logprobs` for each image of a batch (B, 3, S, S) at once: (B, T−1) float32 or float64.
+
+        Perturbation methods score one caption on many altered images; one batched forward costs far less
+        than as many single ones.
+        """
+        ids = torch.tensor([token_ids], device=self.device).expand(pixel_values.shape[0], -1)
         logits, _ = self._forward(pixel_values, ids, self.num_decoder_layers - 1)
-        logprobs = torch.log_softmax(_at_least_float32(logits[0, :-1]), dim=-1)
-        return logprobs.gather(1, ids[0, 1:, None])[:, 0].tolist()
+        logprobs = torch.log_softmax(_at_least_float32(logits[:, :-1]), dim=-1)
+        return logprobs.gather(2, ids[:, 1:, None])[..., 0]
 
     def forward_for_attribution(
         self, pixel_values: torch.Tensor, token_ids: list[int], vision_layer: int, cross_attention_layer: int

@@ -26,6 +26,7 @@ __all__ = [
     "TorchvisionMaskRCNN",
     "available_segmenters",
     "load_segmenter",
+    "resolve_name",
 ]
 
 SEGMENTER_NAMES = ("auto", "detectron2", "detectron2-maskrcnn", "torchvision", "superpixels")
@@ -37,9 +38,7 @@ def load_segmenter(name: str = "auto", device: str = "cpu", **options: Any) -> S
     Raises `ValueError` for an unknown name and `ModelUnavailableError` (with the fix in its message) when
     Detectron2 is asked for but not installed, or weights cannot be downloaded.
     """
-    key = name.strip().lower()
-    if key == "auto":
-        key = "detectron2" if _detectron2_installed() else "torchvision"
+    key = resolve_name(name)
     if key == "detectron2":
         return Detectron2Segmenter(model="panoptic", device=device, **options)
     if key == "detectron2-maskrcnn":
@@ -49,6 +48,14 @@ def load_segmenter(name: str = "auto", device: str = "cpu", **options: Any) -> S
     if key == "superpixels":
         return Superpixels(**options)  # CPU-only scikit-image: no device to place
     raise ValueError(f"Unknown segmenter {name!r}; choose one of {', '.join(SEGMENTER_NAMES)}.")
+
+
+def resolve_name(name: str) -> str:
+    """The concrete segmenter "auto" stands for here (Detectron2 when installed, else torchvision)."""
+    key = name.strip().lower()
+    if key == "auto":
+        return "detectron2" if _detectron2_installed() else "torchvision"
+    return key
 
 
 def available_segmenters() -> list[str]:

@@ -1,0 +1,145 @@
+"""The regions CLIP chooses among: the segments, a bounded number of their unions, and the whole image.
+
+A word often names more than one segment ("people", "a man and his dog"), so unions are proposed too, but
+never all 2ⁿ − 2 of them as the seed system did: only the union of each class's segments, then pairs of
+the most confident segments, at most `max_unions` in all. Stage II's superpixel parts are cut here too.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+import numpy as np
+from PIL import Image
+
+from ..segmenters import Segment, Segmenter
+from .composite import check_mask
+
+#: Label and source of the whole-image baseline proposal.
+WHOLE_IMAGE = "whole image"
+
+#: Superpixel parts smaller than this fraction of the region they split are dropped: CLIP cannot judge them.
+MIN_PART_FRACTION = 0.02
+
+
+@dataclass(frozen=True, eq=False)
+class Proposal:
+    """One region CLIP is asked about. `mask` is at the working size the composites are made at."""
+
+    label: str
+    source: str  #: the segmenter(s) its segments came from, or `WHOLE_IMAGE`
+    members: tuple[int, ...]  #: indices of the segments it is made of; () for the whole image
+    detector_score: float | None  #: the weakest member's score (a union is as sure as its least sure part)
+    mask: np.ndarray
+    part_of: int | None = None  #: stage II: index of the proposal this is a superpixel part of
+
+
+def working_size(size: tuple[int, int], longest: int) -> tuple[int, int]:
+    """(width, height) scaled down so that the longer side is at most `longest` (never scaled up)."""
+    width, height = size
+    scale = min(1.0, longest / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def shrink_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`mask` at `size` = (width, height): a pixel is in if any part of the area it covers is (thin objects
+    such as poles and kites must not vanish at the working size)."""
+    if mask.shape == (size[1], size[0]):
+        return mask
+    coverage = Image.fromarray(mask.astype(np.float32)).resize(size, Image.BOX)
+    return np.asarray(coverage) > 0
+
+
+def grow_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`mask` at `size` = (width, height) by nearest-neighbour upsampling."""
+    if mask.shape == (size[1], size[0]):
+        return mask
+    return np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST), dtype=bool)
+
+
+def segment_proposals(segments: Sequence[Segment], image_size: tuple[int, int], size: tuple[int, int],
+                      max_unions: int) -> list[Proposal]:
+    """The whole image first, then each segment, then at most `max_unions` unions; masks at `size`.
+
+    So there are at most 1 + len(segments) + max_unions proposals. Empty masks and duplicates (including
+    segments that cover the whole image) are dropped, so that no two proposals split one region's score.
+    """
+    for index, segment in enumerate(segments):
+        check_mask(segment.mask, image_size, what=f"Segment {index}'s mask")
+    masks = [shrink_mask(segment.mask, size) for segment in segments]
+    whole = np.ones((size[1], size[0]), dtype=bool)
+    proposals = [Proposal(WHOLE_IMAGE, WHOLE_IMAGE, (), None, whole)]
+    seen = {_key(whole)}
+    groups = itertools.chain(((i,) for i in range(len(segments))),
+                             itertools.islice(_union_groups(segments), max_unions))
+    for members in groups:
+        mask = np.logical_or.reduce([masks[i] for i in members])
+        key = _key(mask)
+        if key in seen or not mask.any():
+            continue
+        seen.add(key)
+        proposals.append(Proposal(_union_label(segments, members), _union_source(segments, members), members,
+                                  _union_score(segments, members), mask))
+    return proposals
+
+
+def superpixel_parts(pixels: np.ndarray, mask: np.ndarray, splitter: Segmenter) -> list[np.ndarray]:
+    """Split the region `mask` of the H×W×3 uint8 `pixels` into parts (H×W bool masks) with `splitter`.
+
+    The splitter (superpixels, normally) runs on the region's bounding box only, so its parts follow the
+    region rather than the whole image; each part is then cut to the region. Parts below
+    `MIN_PART_FRACTION` of the region, and a "part" that is the whole region, are left out.
+    """
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return []
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    area = int(mask.sum())
+    parts = []
+    for segment in splitter.segment(pixels[box]):
+        part = np.zeros_like(mask)
+        part[box] = segment.mask & mask[box]
+        if MIN_PART_FRACTION * area <= part.sum() < area:
+            parts.append(part)
+    return parts
+
+
+def _union_groups(segments: Sequence[Segment]) -> Iterator[tuple[int, ...]]:
+    """Candidate unions, most plausible first: each class's segments together (what a plural word names),
+    then pairs among the top-ranked segments, (0,1), (0,2), (1,2), (0,3)… so any prefix is all pairs of
+    the top k. The caller takes a bounded prefix; pairs are generated lazily, never all at once."""
+    by_label: dict[str, list[int]] = {}
+    for index, segment in enumerate(segments):
+        if segment.label:
+            by_label.setdefault(segment.label, []).append(index)
+    classes = [tuple(members) for members in by_label.values() if len(members) > 1]
+    yield from classes
+    # Confident detections first (segments without a score, e.g. "stuff", after them), then larger ones.
+    ranked = sorted(range(len(segments)), key=lambda i: (segments[i].score is None, -(segments[i].score or 0.0),
+                                                         -segments[i].area))
+    for j in range(1, len(ranked)):
+        for i in range(j):
+            pair = tuple(sorted((ranked[i], ranked[j])))
+            if pair not in classes:  # a class of exactly two was proposed already
+                yield pair
+
+
+def _union_label(segments: Sequence[Segment], members: tuple[int, ...]) -> str:
+    """'dog', 'person ×3', 'man + dog'; unlabelled segments are 'region k' (1-based)."""
+    counts = Counter(segments[i].label or f"region {i + 1}" for i in members)
+    return " + ".join(label if count == 1 else f"{label} ×{count}" for label, count in counts.items())
+
+
+def _union_source(segments: Sequence[Segment], members: tuple[int, ...]) -> str:
+    return "+".join(dict.fromkeys(segments[i].source for i in members))
+
+
+def _union_score(segments: Sequence[Segment], members: tuple[int, ...]) -> float | None:
+    scores = [segments[i].score for i in members]
+    return None if any(score is None for score in scores) else float(min(scores))
+
+
+def _key(mask: np.ndarray) -> bytes:
+    return np.packbits(mask).tobytes()

@@ -1,0 +1,94 @@
+"""What grounding a query returns: plain frozen dataclasses with numpy masks, no tensors, no model references.
+
+Compared by identity (`eq=False`), like `Segment`: element-wise array equality has no truth value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class Candidate:
+    """One region that was compared, with its share of the softmax. Masks are H×W bool at the input size."""
+
+    mask: np.ndarray
+    label: str
+    probability: float  #: softmax over all regions compared (baseline included) of their (fused) logits
+    similarity: float  #: CLIP cosine between this region's composite and the prompt
+    detector_score: float | None
+    source: str  #: segmenter(s) it came from; "whole image" for the baseline
+    members: tuple[int, ...]  #: indices of the segments it is made of; () for the whole image
+    refined: bool = False  #: a stage II superpixel part of a proposal
+    cam_mass: float | None = None  #: fraction of the Grad-CAM mass inside it; None when no CAM was given
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "probability": self.probability,
+            "similarity": self.similarity,
+            "detector_score": self.detector_score,
+            "source": self.source,
+            "members": list(self.members),
+            "refined": self.refined,
+            "cam_mass": self.cam_mass,
+            "mask": mask_summary(self.mask),
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class Grounding:
+    """The region CLIP matches to a query, why, and how sure it is.
+
+    `similarity` vs `image_similarity` is the CLIP half of the verification numbers: does CLIP prefer the
+    region's composite over the whole image for this prompt? When the whole image wins (`baseline_won`) no
+    region was better, and the mask is the whole image.
+    """
+
+    query: str
+    prompt: str  #: the text CLIP compared against, e.g. "a photo of a dog"
+    mask: np.ndarray  #: H×W bool at the input size
+    label: str
+    score: float  #: the chosen region's probability
+    similarity: float  #: CLIP cosine(composite of the chosen region, prompt)
+    image_similarity: float  #: CLIP cosine(whole image, prompt)
+    baseline_won: bool
+    refined: bool  #: stage II replaced the winning proposal by one of its superpixel parts
+    source: str  #: where the chosen region came from (its segmenter, or "whole image")
+    segmenter: str  #: the segmenter(s) whose segments were proposed, for display
+    candidates: tuple[Candidate, ...]  #: the top-k regions by probability, the chosen one first
+    fusion_weight: float  #: weight of the Grad-CAM term in the logits (0: CLIP alone)
+
+    @property
+    def clip_prefers_region(self) -> bool:
+        """True when CLIP finds the region's composite closer to the prompt than the whole image."""
+        return self.similarity > self.image_similarity
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (masks summarised as area fraction and bounding box, not inlined)."""
+        return {
+            "query": self.query,
+            "prompt": self.prompt,
+            "label": self.label,
+            "score": self.score,
+            "similarity": self.similarity,
+            "image_similarity": self.image_similarity,
+            "clip_prefers_region": self.clip_prefers_region,
+            "baseline_won": self.baseline_won,
+            "refined": self.refined,
+            "source": self.source,
+            "segmenter": self.segmenter,
+            "fusion_weight": self.fusion_weight,
+            "mask": mask_summary(self.mask),
+            "candidates": [candidate.to_dict() for candidate in self.candidates],
+        }
+
+
+def mask_summary(mask: np.ndarray) -> dict[str, Any]:
+    """Area fraction and bounding box [x0, y0, x1, y1) in pixels (None for an empty mask)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    bbox = [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1] if rows.size else None
+    return {"area": float(mask.mean()) if mask.size else 0.0, "bbox": bbox}

@@ -1,0 +1,93 @@
+"""The cached path: same answers as a fresh computation, bounded memory, never another image's maps."""
+
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ipag import Explainer
+from ipag.cache import ImageCache, image_key
+
+
+def picture(seed: int, size=(40, 30)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
+
+
+def fresh(explainer: Explainer, cache_size: int = 8) -> Explainer:
+    """A new explainer (empty caches) over the same models."""
+    return Explainer(explainer.captioner, explainer.clip, "superpixels", cache_size=cache_size)
+
+
+def assert_same(a, b):
+    assert a.word_logprob == pytest.approx(b.word_logprob, abs=1e-6)
+    assert set(a.maps) == set(b.maps)
+    for key in a.maps:
+        np.testing.assert_allclose(a.maps[key].values, b.maps[key].values, atol=1e-6, err_msg=key)
+    np.testing.assert_array_equal(a.grounding.mask, b.grounding.mask)
+
+
+def test_precomputed_maps_equal_fresh_ones_and_clicks_hit_the_cache(explainer):
+    image = picture(1)
+    cached = fresh(explainer)
+    caption = cached.caption(image)
+    precomputed = cached.precompute(image, caption)
+    assert len(precomputed) == len(caption.words)
+    for index in range(len(caption.words)):
+        click = cached.explain(image, index, caption=caption)
+        assert click is precomputed[index]  # served from the cache, not recomputed
+        assert_same(click, fresh(explainer).explain(image, index, caption=caption))
+
+
+def test_settings_are_part_of_the_key(explainer):
+    from ipag import MapSettings
+
+    image = picture(2)
+    cached = fresh(explainer)
+    first = cached.explain(image, 0)
+    other = cached.explain(image, 0, settings=MapSettings(cam_method="HiResCAM"))
+    assert other is not first and other.maps["gradcam"].method == "HiResCAM"
+
+
+def test_the_cache_evicts_least_recently_used_images():
+    cache = ImageCache(capacity=2)
+    cache.put("a", "k", 1)
+    cache.put("b", "k", 2)
+    assert cache.get("a", "k") == 1  # touch a: b is now the oldest
+    cache.put("c", "k", 3)
+    assert cache.images() == ["a", "c"]
+    assert cache.get("b", "k") is None
+    with pytest.raises(ValueError):
+        ImageCache(capacity=0)
+
+
+def test_explainer_memory_is_bounded_by_images(explainer):
+    bounded = fresh(explainer, cache_size=2)
+    images = [picture(seed) for seed in (3, 4, 5)]
+    for image in images:
+        bounded.explain(image, 0)
+    assert bounded.cache.images() == [image_key(images[1]), image_key(images[2])]
+
+
+def test_background_precompute_never_serves_another_images_maps(explainer):
+    shared = fresh(explainer)
+    a, b = picture(6), picture(7)
+    caption_a, caption_b = shared.caption(a), shared.caption(b)
+    future = shared.precompute_async(a, caption_a)
+    results_b = []
+    clicker = threading.Thread(target=lambda: results_b.extend(
+        shared.explain(b, i, caption=caption_b) for i in range(min(3, len(caption_b.words)))))
+    clicker.start()
+    results_a = future.result(timeout=300)
+    clicker.join(timeout=300)
+    for index, result in enumerate(results_b):
+        assert result.caption is caption_b
+        assert_same(result, fresh(explainer).explain(b, index, caption=caption_b))
+    assert_same(results_a[0], fresh(explainer).explain(a, 0, caption=caption_a))
+
+
+def test_equal_pixels_share_a_key_and_different_pixels_do_not():
+    assert image_key(picture(8)) == image_key(picture(8))
+    assert image_key(picture(8)) != image_key(picture(9))
+    assert image_key(picture(8, (40, 30))) != image_key(picture(8, (30, 40)))
