@@ -63,7 +63,8 @@ def build_app(explainer: Explainer) -> gr.Blocks:
         gr.Markdown(INTRO)
         with gr.Row():
             with gr.Column(scale=2):
-                image = gr.Image(type="pil", sources=["upload", "webcam", "clipboard"], label="Image",
+                # type="filepath": our loader decodes the upload, with its size checks (decompression bombs).
+                image = gr.Image(type="filepath", sources=["upload", "webcam", "clipboard"], label="Image",
                                  height=380, elem_id="image")
                 with gr.Accordion("Decoding", open=False):
                     beams = gr.Slider(1, 8, value=1, step=1, label="Beam size (1 = greedy)")
@@ -173,7 +174,7 @@ def build_app(explainer: Explainer) -> gr.Blocks:
 
         # Stateless API endpoints for gradio_client (see README): /caption and /explain.
         with gr.Column(visible=False):
-            api_image = gr.Image(type="pil", label="image")
+            api_image = gr.File(file_types=["image"], label="image")  # decoded by our loader, with its checks
             api_query = gr.Textbox(label="query")
             api_beams = gr.Number(1, label="num_beams", precision=0)
             api_tokens = gr.Number(20, label="max_tokens", precision=0)

@@ -8,6 +8,7 @@ and `ipag.verify` checks that region against the captioner.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,8 +32,12 @@ from .results import Caption, Explanation, Heatmap, Word
 from .segmenters import Segmenter, load_segmenter, resolve_name
 from .verify import verify
 
+logger = logging.getLogger(__name__)
+
 #: The longest free query we explain, in tokens (a caption is ~10; longer text is not a "word" any more).
 MAX_QUERY_TOKENS = 32
+#: Checked before tokenizing, so a pasted novel costs nothing.
+MAX_QUERY_CHARS = 200
 
 Query = int | str
 
@@ -88,7 +93,7 @@ class Explainer:
         self.segmenter_options = segmenter_options or {}
         self.cache = ImageCache(cache_size)
         self._segmenters: dict[str, Segmenter] = {}
-        self._lock = threading.RLock()  # guards segmenter loading and CLIP's hooked relevance pass
+        self._lock = threading.Lock()  # segmenters load once, even when two users ask at the same time
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipag-precompute")
 
     @classmethod
@@ -170,8 +175,8 @@ class Explainer:
         for token_ids, members in groups.items():
             results = self._attribute(pixel_values, token_ids, [prepared[i].target for i in members], settings,
                                       rgb.size)
-            for index, (logprob, maps) in zip(members, results):
-                found[index] = self._finish(rgb, key, caption, prepared[index], logprob, maps, grounding)
+            for index, (logprob, maps, notes) in zip(members, results):
+                found[index] = self._finish(rgb, key, caption, prepared[index], logprob, maps, notes, grounding)
                 self.cache.put(key, self._result_key(prepared[index], settings, grounding), found[index])
         return [found[i] for i in range(len(prepared))]
 
@@ -202,6 +207,9 @@ class Explainer:
         text = query.strip()
         if not text:
             raise QueryError("The query is empty: click a caption word or type a word to explain.")
+        if len(text) > MAX_QUERY_CHARS:
+            raise QueryError(f"The query is too long ({len(text)} characters; at most {MAX_QUERY_CHARS}). "
+                             "Type a word or a short phrase.")
         query_ids = self.captioner.tokenize(text)
         if len(query_ids) > MAX_QUERY_TOKENS:
             raise QueryError(f"The query is too long ({len(query_ids)} tokens); at most {MAX_QUERY_TOKENS} "
@@ -221,7 +229,9 @@ class Explainer:
                          words)
 
     def _attribute(self, pixel_values: torch.Tensor, token_ids: Sequence[int], targets: list[Target],
-                   settings: MapSettings, image_size: tuple[int, int]) -> list[tuple[float, dict[str, Heatmap]]]:
+                   settings: MapSettings, image_size: tuple[int, int]) -> list[tuple[float, dict[str, Heatmap], list[str]]]:
+        """(log-probability, maps, notes) per target. A map type that fails leaves a note, not a failure:
+        the user still gets the other maps."""
         layers = self.captioner.num_decoder_layers
         attention_layer = settings.cross_attention_layer
         if attention_layer is None:
@@ -229,11 +239,21 @@ class Explainer:
         map_types = settings.map_types()
         computed = target_gradients(self.captioner, pixel_values, token_ids, targets, settings.vision_layer,
                                     attention_layer, settings.smoothgrad_samples, settings.smoothgrad_noise)
-        return [(logprob, {m.key: m.attribute(gradients, image_size) for m in map_types})
-                for logprob, gradients in computed]
+        results = []
+        for logprob, gradients in computed:
+            maps: dict[str, Heatmap] = {}
+            notes: list[str] = []
+            for map_type in map_types:
+                try:
+                    maps[map_type.key] = map_type.attribute(gradients, image_size)
+                except Exception as err:  # noqa: BLE001 — any failure of one map must not cost the others
+                    logger.exception("map %s failed", map_type.key)
+                    notes.append(f"The {map_type.key} map could not be computed ({type(err).__name__}: {err}).")
+            results.append((logprob, maps, notes))
+        return results
 
     def _finish(self, rgb: Image.Image, key: str, caption: Caption, item: _Prepared, logprob: float,
-                maps: dict[str, Heatmap], settings: GroundingSettings) -> Explanation:
+                maps: dict[str, Heatmap], notes: list[str], settings: GroundingSettings) -> Explanation:
         """Assemble the explanation, with grounding, verification and the CLIP map where CLIP is loaded."""
         tokens = tuple(self.captioner.token_strings([item.token_ids[p] for p in item.target.positions]))
         text = " ".join(w.text for w in item.words) if item.words else str(item.query).strip()
@@ -242,21 +262,31 @@ class Explainer:
         explanation = Explanation(
             query=str(item.query), in_caption=bool(item.words), words=item.words, tokens=tokens,
             token_positions=item.target.positions, context=context, word_logprob=logprob, maps=maps,
-            image_size=rgb.size, caption=caption)
+            image_size=rgb.size, caption=caption, notes=notes)
         if not item.words:
             explanation.notes.append(f"'{text}' is not in the caption: explained as log p(query | image) after "
                                      f"the neutral prompt '{self.captioner.neutral_prompt}'.")
-        if self.clip is None or not settings.enabled:
-            return explanation
+        if self.clip is not None and settings.enabled:
+            try:
+                self._ground(explanation, rgb, key, item, text, settings)
+            except Exception as err:  # noqa: BLE001 — the maps are still worth showing without a region
+                logger.exception("grounding failed")
+                explanation.notes.append(f"No region: grounding failed ({err})")
+        return explanation
+
+    def _ground(self, explanation: Explanation, rgb: Image.Image, key: str, item: _Prepared, text: str,
+                settings: GroundingSettings) -> None:
+        """Add the region, the CLIP relevance map and the verification numbers to `explanation`."""
+        maps = explanation.maps
         grounder = Grounder(self.clip, template=settings.template, top_k=settings.top_k, stage2=settings.stage2,
                             fusion_weight=settings.fusion_weight)
         segmenter = resolve_name(settings.segmenter or self.default_segmenter)
         prepared = self.cache.get_or_compute(
             key, ("grounded", segmenter), lambda: grounder.prepare(rgb, self.segmenter(segmenter).segment(rgb)))
-        explanation.grounding = grounder.ground(prepared, text, cam=maps["gradcam"].values)
+        cam = maps["gradcam"].values if "gradcam" in maps else None
+        explanation.grounding = grounder.ground(prepared, text, cam=cam)
         explanation.segmenter = prepared.segmenter
-        with self._lock:  # CLIP's relevance pass hooks its attention modules
-            relevance = self.clip.relevance_map(rgb, explanation.grounding.prompt)
+        relevance = self.clip.relevance_map(rgb, explanation.grounding.prompt)  # its hooks are per thread
         maps["clip_relevance"] = Heatmap(relevance, relevance, "CLIP relevance (Chefer et al. 2021)",
                                          f"{self.clip.name} vision transformer, all blocks")
         if settings.verify:
@@ -266,8 +296,8 @@ class Explainer:
                 lambda: self._caption_pixels(self.captioner.preprocess(composite(rgb, mask, mode="grey"))))
             explanation.verification = verify(self.captioner, rgb, explanation.grounding, region_caption,
                                               item.token_ids, item.target.positions,
-                                              [w.text for w in item.words] or text.split(), logprob, maps)
-        return explanation
+                                              [w.text for w in item.words] or text.split(),
+                                              explanation.word_logprob, maps)
 
     # --- per-image caches -----------------------------------------------------------------------------------
 

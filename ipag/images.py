@@ -7,6 +7,7 @@ colour bugs of the system we replace (BGR/RGB mix-ups, uint8 wrap-around) cannot
 
 from __future__ import annotations
 
+import os
 from os import PathLike
 from typing import Union
 
@@ -18,6 +19,14 @@ ImageInput = Union[Image.Image, np.ndarray, str, PathLike]
 
 #: Neutral grey that transparent pixels are composited onto (not black: black changes what a captioner says).
 BACKGROUND = (128, 128, 128)
+#: Larger files are refused before decoding (a few-KB PNG can declare 100 megapixels: a decompression bomb).
+MAX_PIXELS = 50_000_000
+#: Images are downscaled so that their longer side is at most this; the models see 224–384 px anyway, and
+#: full-size maps of a 12-megapixel photo would take ~50 MB each.
+MAX_SIDE = 2048
+# Pillow's own guard (used wherever an image is decoded, e.g. by Gradio's upload widget) refuses images over
+# twice this many pixels: set it so that it refuses exactly what we refuse.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2
 
 
 class ImageError(ValueError):
@@ -28,23 +37,52 @@ def load_image(image: ImageInput) -> Image.Image:
     """Return `image` as an RGB `PIL.Image`, EXIF rotation applied, whatever its source or mode.
 
     Accepts a PIL image, a path, or an array (H×W grey, H×W×3 RGB, H×W×4 RGBA; uint8, or float in [0, 1]).
+    Images over `MAX_PIXELS` are refused before decoding; larger than `MAX_SIDE` are downscaled. Animated
+    images give their first frame.
     """
     if isinstance(image, (str, PathLike)):
-        try:
-            with Image.open(image) as opened:
-                opened.load()
-                image = opened.copy()
-        except FileNotFoundError as err:
-            raise ImageError(f"No such image file: {image}") from err
-        except (OSError, SyntaxError, ValueError) as err:
-            raise ImageError(f"Cannot read {image} as an image ({err}).") from err
+        image = _open(image)
+    elif isinstance(image, Image.Image):
+        _check_pixels(image.width, image.height)
     elif isinstance(image, np.ndarray):
         image = _from_array(image)
     elif not isinstance(image, Image.Image):
         raise ImageError(f"Expected a PIL image, an array or a path, got {type(image).__name__}.")
     if image.width < 1 or image.height < 1:
         raise ImageError("The image is empty (0 pixels wide or high).")
-    return to_rgb(ImageOps.exif_transpose(image))
+    rgb = to_rgb(ImageOps.exif_transpose(image))
+    if max(rgb.size) > MAX_SIDE:
+        scale = MAX_SIDE / max(rgb.size)
+        rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.LANCZOS)
+    return rgb
+
+
+def _open(path: str | PathLike) -> Image.Image:
+    """Decode an image file safely: size checked from the header first, JPEGs decoded at reduced size."""
+    try:
+        with Image.open(path) as opened:
+            _check_pixels(opened.width, opened.height)
+            if opened.format == "JPEG":
+                opened.draft("RGB", (MAX_SIDE, MAX_SIDE))  # decode at 1/2, 1/4 or 1/8 scale when possible
+            opened.seek(0)  # animated GIF/WebP/APNG: the first frame
+            opened.load()
+            return opened.copy()
+    except ImageError:
+        raise
+    except FileNotFoundError as err:
+        raise ImageError(f"No such image file: {path}") from err
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"The image is larger than {MAX_PIXELS / 1e6:.0f} megapixels, the most accepted (a "
+                         "guard against decompression bombs). Downscale it first.") from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageError(f"Cannot read {os.path.basename(path)} as an image: the file is not an image, or it is "
+                         f"truncated or corrupt ({err}).") from err
+
+
+def _check_pixels(width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"The image is {width}×{height} = {width * height / 1e6:.0f} megapixels; at most "
+                         f"{MAX_PIXELS / 1e6:.0f} megapixels are accepted. Downscale it first.")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

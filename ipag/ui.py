@@ -201,11 +201,12 @@ def status_line(explanation: Explanation) -> str:
     where = "in the caption" if explanation.in_caption else f"after the prompt “{explanation.context}”"
     line = (f"Explained **{html.escape(what)}** {where}: p = {explanation.word_probability:.3f} "
             f"(log p = {explanation.word_logprob:.2f}).")
+    notes = [note for note in explanation.notes if "not in the caption" not in note]
     grounding = explanation.grounding
     if grounding is not None:
         line += (f" Region: **{html.escape(grounding.label)}** (p = {grounding.score:.2f}"
                  f"{', the whole image won' if grounding.baseline_won else ''}).")
-    return line
+    return line + "".join(f"\n\n⚠ {html.escape(note)}" for note in notes)
 
 
 def trust_rows(explanation: Explanation) -> list[list[Any]]:

@@ -97,3 +97,104 @@ def test_click_a_word_in_a_real_browser(app_url, browser):
     page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
     assert errors == [], errors
     page.close()
+
+
+# --- robustness and security of the running app (issue 6) ------------------------------------------------
+
+def test_api_bad_input_battery(app_url, tmp_path):
+    client = Client(app_url, verbose=False)
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not an image")
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (10_000, 10_000)).save(bomb)
+    for path, message in ((not_image, "Cannot read"), (bomb, "megapixels")):
+        with pytest.raises(Exception, match=message):
+            client.predict(handle_file(str(path)), 1, 20, api_name="/caption")
+    for query, message in (("", "empty"), ("x" * 10_000, "too long"), ("🙂", "no word")):
+        with pytest.raises(Exception, match=message):
+            client.predict(handle_file(str(EXAMPLES / "coffee.jpg")), query, api_name="/explain")
+    # and the app still works afterwards
+    assert client.predict(handle_file(str(EXAMPLES / "rocket.jpg")), 1, 8, api_name="/caption")["words"]
+
+
+def test_api_cannot_read_files_from_the_server(app_url, tmp_path_factory):
+    """A client naming a server path instead of uploading gets an error, not that file's content."""
+    import httpx
+
+    secret = Path.home() / "ipag-secret-test.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(secret)
+    try:
+        payload = {"data": [{"path": str(secret), "meta": {"_type": "gradio.FileData"}}, 1, 20]}
+        posted = httpx.post(f"{app_url}gradio_api/call/caption", json=payload, timeout=30)
+        if posted.status_code == 200:
+            event = posted.json()["event_id"]
+            stream = httpx.get(f"{app_url}gradio_api/call/caption/{event}", timeout=60).text
+            assert "event: error" in stream and "complete" not in stream.split("event: error")[0]
+        else:
+            assert posted.status_code in (400, 403, 422)
+    finally:
+        secret.unlink()
+
+
+def test_concurrent_clients_each_get_their_own_image(app_url, tmp_path):
+    """Bounded, loopback-only: 6 clients at once on different images (20 in scripts/stress.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    local = Explainer.tiny(seed=0)
+    paths = []
+    for index in range(6):
+        rng = __import__("numpy").random.default_rng(index)
+        size = (40 + 7 * index, 30 + 5 * index)
+        path = tmp_path / f"client{index}.png"
+        Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8")).save(path)
+        paths.append(path)
+
+    def one_client(path):
+        client = Client(app_url, verbose=False)
+        caption = client.predict(handle_file(str(path)), 1, 6, api_name="/caption")
+        result, region, gradcam, *_ = client.predict(handle_file(str(path)), caption["words"][0]["text"],
+                                                     api_name="/explain")
+        return path, caption, result, Image.open(gradcam).size
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        outcomes = list(pool.map(one_client, paths))
+    for path, caption, result, size in outcomes:
+        expected = local.caption(Image.open(path), max_new_tokens=6)
+        assert caption["text"] == expected.text
+        assert size == Image.open(path).size and result["image_size"] == list(Image.open(path).size)
+
+
+def test_auth_protects_page_and_api():
+    import httpx
+
+    demo = playground.build_app(Explainer.tiny(seed=0))
+    demo.queue()
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                            auth=("ann", "secret"))
+    try:
+        assert httpx.get(f"{url}config", timeout=10).status_code == 401
+        with pytest.raises(Exception):
+            Client(url, verbose=False).predict(handle_file(str(EXAMPLES / "coffee.jpg")), 1, 5, api_name="/caption")
+        client = Client(url, auth=("ann", "secret"), verbose=False)
+        assert client.predict(handle_file(str(EXAMPLES / "coffee.jpg")), 1, 5, api_name="/caption")["words"]
+    finally:
+        demo.close()
+
+
+def test_typed_script_never_runs_in_the_page(app_url, browser):
+    page = browser.new_page()
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.goto(app_url)
+    page.locator("#image input[type=file]").set_input_files(str(EXAMPLES / "coffee.jpg"))
+    page.locator("#caption .token.highlighted").first.wait_for(timeout=60_000)
+    attack = "<img src=x onerror=alert(1)><script>alert(2)</script> dog"
+    box = page.locator("#query textarea, #query input").first
+    box.fill(attack)
+    box.press("Enter")
+    page.locator("#status").get_by_text("Explained").wait_for(timeout=60_000)
+    page.wait_for_timeout(500)
+    assert dialogs == []
+    assert "<script>" in page.locator("#status").inner_text()  # shown as text, not run
+    assert page.locator("#status img").count() == 0
+    page.close()

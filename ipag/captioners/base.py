@@ -73,9 +73,6 @@ class Captioner(ABC):
         self.model = model.to(device).eval().requires_grad_(False)
         self.device = device
         self.model_id = model_id
-        # Hooked forwards capture whatever runs through the block: concurrent users must take turns, or one
-        # user's activations could end up in another's explanation.
-        self._hook_lock = threading.Lock()
 
     # --- what each captioner implements -------------------------------------------------------------------
 
@@ -166,7 +163,7 @@ class Captioner(ABC):
         layer = self.resolve_layer(cross_attention_layer, self.num_decoder_layers, "Cross-attention layer")
         pixel_values = pixel_values.detach().clone().requires_grad_(True)
         ids = torch.tensor([token_ids], device=self.device).expand(pixel_values.shape[0], -1)
-        with self._hook_lock, torch.enable_grad(), _capture_output(block) as captured:
+        with torch.enable_grad(), _capture_output(block) as captured:
             logits, attention = self._forward(pixel_values, ids, layer)
         tokens = captured[0]
         side = int(round((tokens.shape[1] - 1) ** 0.5))
@@ -185,11 +182,17 @@ class Captioner(ABC):
 
 @contextmanager
 def _capture_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Record `module`'s output tensor during the block; the hook is removed even if the forward fails."""
+    """Record `module`'s output during the block, in this thread only; the hook is removed even on failure.
+
+    Other threads may run the same module meanwhile (another user's caption, say): their outputs must never
+    land in this list, or one user's activations could explain another user's word.
+    """
     captured: list[torch.Tensor] = []
+    owner = threading.get_ident()
 
     def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor | tuple) -> None:
-        captured.append(output[0] if isinstance(output, tuple) else output)
+        if threading.get_ident() == owner:
+            captured.append(output[0] if isinstance(output, tuple) else output)
 
     handle = module.register_forward_hook(hook)
     try:
