@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     except ModelUnavailableError as err:
         raise SystemExit(f"error: {err}") from err
     demo = build_app(explainer)
+    threading.Thread(target=ui.warm_examples, args=(explainer, EXAMPLES), daemon=True).start()
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,

@@ -231,6 +231,16 @@ def trust_rows(explanation: Explanation) -> list[list[Any]]:
     return rows
 
 
+def warm_examples(explainer: Explainer, paths: list[str]) -> None:
+    """Caption the example photos and explain all their words in the background, so that a visitor who
+    picks an example gets answers at once (Gradio's own example caching cannot hold per-user state)."""
+    view = View()
+    for path in paths:
+        image = load_image(path)
+        caption = explainer.caption(image)
+        explainer.precompute_async(image, caption, view.map_settings(), view.grounding_settings())
+
+
 # --- stateless API (gradio_client) ----------------------------------------------------------------------------
 
 def api_caption(explainer: Explainer, image: ImageInput | None, num_beams: int = 1,

@@ -159,3 +159,17 @@ def test_the_page_builds_with_named_api_endpoints(explainer):
     demo = playground.build_app(explainer)
     names = {dep.api_name for dep in demo.fns.values() if dep.api_visibility == "public"}
     assert {"caption", "explain"} <= names
+
+
+def test_warm_examples_caches_every_word_of_every_example(explainer):
+    from ipag import load_image
+
+    fresh = type(explainer)(explainer.captioner, explainer.clip, "superpixels")
+    ui.warm_examples(fresh, playground.EXAMPLES[:2])
+    fresh._background.submit(lambda: None).result(timeout=300)  # wait for the background queue to drain
+    fresh._attribute = lambda *args, **kwargs: pytest.fail("a warmed-up word was recomputed")
+    for path in playground.EXAMPLES[:2]:
+        image = load_image(path)
+        caption = fresh.caption(image)
+        for index in range(len(caption.words)):
+            assert fresh.explain(image, index, caption=caption).words[0].index == index
