@@ -562,3 +562,17 @@ def test_a_flat_image_still_gives_a_valid_grounding(tiny_clip):
     probabilities = [c.probability for c in result.candidates]
     assert np.isfinite(probabilities).all() and sum(probabilities) == pytest.approx(1.0)
     assert {c.label for c in result.candidates} >= {"whole image", "square", "region 2"}
+
+
+def test_relevance_hook_tolerates_other_threads_mid_registration():
+    """torch may call a just-registered `with_kwargs` hook without kwargs from another thread's forward."""
+    from torch import nn
+
+    from ipag.grounding.clip import _explicit_attention
+
+    hook = _explicit_attention([], owner=-1)  # "another thread" than every real one
+    attention = nn.MultiheadAttention(8, 2)
+    tokens = torch.zeros(3, 1, 8)
+    output = attention(tokens, tokens, tokens)
+    assert hook(attention, (tokens, tokens, tokens), output) is None
+    assert hook(attention, (tokens, tokens, tokens), {}, output) is None

@@ -184,9 +184,12 @@ def _explicit_attention(recorded: list[torch.Tensor], owner: int):
     """A forward hook for `nn.MultiheadAttention` self-attention that appends its probabilities to `recorded`
     when called from thread `owner` (other threads keep the module's own output)."""
 
-    def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output):
+    def hook(module: nn.MultiheadAttention, args: tuple, *rest):
+        # torch registers a hook before flagging it `with_kwargs`: a forward in another thread at that moment
+        # calls it as (module, args, output). Such calls are other threads' anyway, and are left alone.
         if threading.get_ident() != owner:
             return None
+        kwargs, _output = rest
         query, key, value = args[:3]  # open_clip passes them positionally
         if key is not query or value is not query:
             raise NotImplementedError("CLIP relevance expects self-attention (query, key and value the same).")
