@@ -11,6 +11,8 @@ import html
 import io
 import json
 import tempfile
+import time
+import uuid
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,6 +35,7 @@ MAP_TITLES = {
     "clip_relevance": "CLIP relevance",
 }
 NO_WORD = "Click a caption word, or type a word and press Explain."
+EXPORTS = Path(tempfile.gettempdir()) / "ipag-exports"
 
 
 class UserError(Exception):
@@ -263,28 +266,38 @@ def api_explain(explainer: Explainer, image: ImageInput | None, query: str, cam_
 
 # --- export ------------------------------------------------------------------------------------------------
 
-def export(session: Session, view: View) -> str:
-    """Write the current explanation as PNGs plus JSON into a zip; returns its path (served for download)."""
+def export_files(session: Session, view: View) -> dict[str, bytes]:
+    """The current explanation as files: `explanation.json`, the image, every overlay and raw map (PNG), and
+    the region and its mask. Shared by the Export button and the batch CLI."""
     explanation, image = session.explanation, session.image
     if explanation is None or image is None:
         raise UserError("Explain a word first; then download it.")
     rendered = render(session, view)
-    folder = Path(tempfile.mkdtemp(prefix="ipag-export-"))
-    name = "_".join(w.text for w in explanation.words) if explanation.in_caption else "query"
-    path = folder / f"ipag_{_safe(name)}.zip"
+    files = {"explanation.json": json.dumps(explanation.to_dict(), indent=2).encode(), "image.png": _png(image)}
+    for key, picture in rendered.maps.items():
+        if picture is not None:
+            files[f"{key}_overlay.png"] = _png(picture)
+            files[f"{key}.png"] = _png(Image.fromarray((explanation.maps[key].values * 255).round().astype(np.uint8)))
+    if rendered.region is not None and explanation.grounding is not None:
+        files["region.png"] = _png(rendered.region)
+        files["region_mask.png"] = _png(Image.fromarray(explanation.grounding.mask.astype(np.uint8) * 255))
+    return files
+
+
+def export(session: Session, view: View) -> str:
+    """Zip `export_files` for download; returns the zip's path. Exports older than an hour are deleted, so
+    a long-running server does not fill its disk (Gradio keeps its own copy of what it served)."""
+    files = export_files(session, view)
+    EXPORTS.mkdir(parents=True, exist_ok=True)
+    for old in EXPORTS.glob("*.zip"):
+        if time.time() - old.stat().st_mtime > 3600:
+            old.unlink(missing_ok=True)
+    explanation = session.explanation
+    name = "_".join(w.text for w in explanation.words) if explanation.in_caption else explanation.query
+    path = EXPORTS / f"ipag_{safe_name(name)}_{uuid.uuid4().hex[:8]}.zip"
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("explanation.json", json.dumps(explanation.to_dict(), indent=2))
-        archive.writestr("image.png", _png(image))
-        for key, picture in rendered.maps.items():
-            if picture is not None:
-                archive.writestr(f"{key}_overlay.png", _png(picture))
-                archive.writestr(f"{key}.png", _png(Image.fromarray(
-                    (explanation.maps[key].values * 255).round().astype(np.uint8))))
-        if rendered.region is not None:
-            archive.writestr("region.png", _png(rendered.region))
-            mask = explanation.grounding.mask if explanation.grounding else None
-            if mask is not None:
-                archive.writestr("region_mask.png", _png(Image.fromarray(mask.astype(np.uint8) * 255)))
+        for file_name, data in files.items():
+            archive.writestr(file_name, data)
     return str(path)
 
 
@@ -294,10 +307,10 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     """A file-name-safe version of user text."""
     return "".join(c if c.isalnum() else "-" for c in name)[:40] or "query"
 
 
 __all__ = ["MAP_TITLES", "Rendered", "Session", "UserError", "View", "api_caption", "api_explain", "caption_image",
-           "caption_segments", "explain", "export", "render", "select_candidate", "select_word", "trust_rows"]
+           "caption_segments", "explain", "export", "export_files", "render", "select_candidate", "select_word", "trust_rows"]

@@ -26,3 +26,12 @@ def photo() -> Image.Image:
 @pytest.fixture(scope="session")
 def caption(explainer, photo):
     return explainer.caption(photo)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models are all overhead: one intra-op thread is several times faster than two on 2 cores,
+    especially while a background precompute runs beside the test."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -64,7 +64,8 @@ def browser():
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])  # a synthetic webcam
         yield browser
         browser.close()
 
@@ -198,3 +199,21 @@ def test_typed_script_never_runs_in_the_page(app_url, browser):
     assert "<script>" in page.locator("#status").inner_text()  # shown as text, not run
     assert page.locator("#status img").count() == 0
     page.close()
+
+
+def test_webcam_capture_is_captioned_end_to_end(app_url, browser):
+    context = browser.new_context(permissions=["camera"])
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(app_url)
+    page.locator("#image button[aria-label='Capture from camera']").click()
+    page.get_by_text("Click to Access Webcam").click()
+    page.locator("#image button[aria-label='capture photo']").click()
+    words = page.locator("#caption .token.highlighted")
+    words.first.wait_for(timeout=60_000)
+    words.first.click()
+    page.locator("#status").get_by_text("Explained").wait_for(timeout=60_000)
+    assert page.locator("#map-gradcam img").count() == 1
+    assert errors == []
+    context.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
@@ -137,9 +136,3 @@ class BlipCaptioner(Captioner):
                 pieces.append(Piece(token, "start"))
         return pieces
 
-
-def tiny_blip_folder(seed: int = 0) -> Path:
-    """Save a tiny BLIP to a fresh temporary folder (for tests of the loading path and the CLI)."""
-    folder = Path(tempfile.mkdtemp(prefix="ipag-tiny-blip-"))
-    BlipCaptioner.tiny(seed).save_pretrained(folder)
-    return folder

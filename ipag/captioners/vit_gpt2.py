@@ -59,7 +59,7 @@ class VitGpt2Captioner(Captioner):
 
     def __init__(self, model: VisionEncoderDecoderModel, image_processor: ViTImageProcessor,
                  tokenizer: PreTrainedTokenizerBase, device: torch.device, model_id: str) -> None:
-        if model.config._attn_implementation != "eager":
+        if model.decoder.config._attn_implementation != "eager":
             raise ValueError("VitGpt2Captioner needs eager attention: other implementations return no "
                              "cross-attention probabilities. Load with attn_implementation='eager'.")
         super().__init__(model, device, model_id)
@@ -71,20 +71,21 @@ class VitGpt2Captioner(Captioner):
     @classmethod
     def load(cls, model_id: str, device: torch.device) -> "VitGpt2Captioner":
         """Load from a hub id or a local folder (cached by huggingface_hub, with download progress)."""
-        model = VisionEncoderDecoderModel.from_pretrained(model_id, attn_implementation="eager")
-        found = {"encoder": model.config.encoder.model_type, "decoder": model.config.decoder.model_type}
+        config = VisionEncoderDecoderConfig.from_pretrained(model_id)  # checked before any weight is read
+        found = {"encoder": config.encoder.model_type, "decoder": config.decoder.model_type}
         if found != SUPPORTED:
             raise ModelUnavailableError(
                 f"'{model_id}' is a vision-encoder-decoder model with a {found['encoder']} encoder and a "
                 f"{found['decoder']} decoder; the ViT-GPT2 captioner explains a vit encoder with a gpt2 decoder "
                 "(e.g. nlpconnect/vit-gpt2-image-captioning).")
+        model = VisionEncoderDecoderModel.from_pretrained(model_id, config=config, attn_implementation="eager")
         image_processor = ViTImageProcessor.from_pretrained(model_id)
         tokenizer = AutoTokenizer.from_pretrained(model_id)
         return cls(model, image_processor, tokenizer, device, model_id)
 
     @classmethod
     def tiny(cls, seed: int = 0, device: torch.device = torch.device("cpu")) -> "VitGpt2Captioner":
-        """A randomly initialised ViT-GPT2 with about a hundred thousand weights and a ~180-token BPE vocabulary.
+        """A randomly initialised ViT-GPT2 with about 60 thousand weights and a ~180-token byte-level BPE vocabulary.
 
         `initializer_range=0.2` (not transformers' 0.02) makes the output really depend on the image, so
         gradient tests cannot pass vacuously (see DESIGN.md).
@@ -101,6 +102,9 @@ class VitGpt2Captioner(Captioner):
         config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = end
         torch.manual_seed(seed)
         model = VisionEncoderDecoderModel._from_config(config, attn_implementation="eager")
+        # A random decoder often ranks the end token first at once; an empty caption has nothing to explain.
+        # (Saved with the model, so a reloaded tiny model captions the same; real models need no such floor.)
+        model.generation_config.min_new_tokens = 1
         image_processor = ViTImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5] * 3,
                                             image_std=[0.5] * 3)
         return cls(model, image_processor, tokenizer, device, f"tiny-vit-gpt2(seed={seed})")
@@ -129,6 +133,9 @@ class VitGpt2Captioner(Captioner):
             num_beams=options.num_beams,
             max_new_tokens=options.max_new_tokens,
             do_sample=False,
+            # The start token is also the padding token; an explicit mask (generate extends it) tells GPT-2
+            # that it is not padding, and silences its warning.
+            decoder_attention_mask=torch.ones((pixel_values.shape[0], 1), dtype=torch.long, device=self.device),
         )
         # Start, end and padding are one id: keep the start token, cut at the first end token after it.
         ids = output[0].tolist()
@@ -136,11 +143,13 @@ class VitGpt2Captioner(Captioner):
         return ids[:1] + (body[: body.index(self._end)] if self._end in body else body)
 
     def _forward(self, pixel_values: torch.Tensor, token_ids: torch.Tensor, cross_attention_layer: int) -> tuple:
+        # The encoder runs on its own so that only the decoder's attentions are recorded: the encoder's
+        # (layers × heads × patches²) would cost memory for every image of a perturbation batch.
+        encoded = self.model.encoder(pixel_values=pixel_values)
         out = self.model(
-            pixel_values=pixel_values,
+            encoder_outputs=encoded,
             decoder_input_ids=token_ids,
-            # Without a mask GPT-2 warns, because the start token is also the padding token.
-            decoder_attention_mask=torch.ones_like(token_ids),
+            decoder_attention_mask=torch.ones_like(token_ids),  # the start token is not padding (see above)
             output_attentions=True,
             return_dict=True,
         )

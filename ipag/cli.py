@@ -1,0 +1,337 @@
+"""Command line: explain whole folders of images, and evaluate captions and explanations over a set.
+
+    python -m ipag explain photos/ more.jpg --words all --out explained/
+    python -m ipag evaluate-captions --images Flickr8k/Images --captions Flickr8k/captions.txt --out captions.json
+    python -m ipag evaluate-faithfulness photos/ --out faithfulness.json
+
+Every command takes the playground's model options (--tiny, --captioner, --clip, --segmenter, --device, …).
+Exit status: 0 when everything was done; 1 when some inputs failed (each is reported, the others are done);
+2 when a model or a metric cannot be loaded, or the arguments are wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from . import ui
+from .cache import image_key
+from .captioners import DecodeOptions
+from .errors import ModelUnavailableError, QueryError
+from .evaluation.captions import COCO_METRICS, MetricUnavailableError, evaluate_captions, require_java
+from .evaluation.faithfulness import METRICS, ROAD_PERCENTILES, evaluate_faithfulness
+from .evaluation.inputs import (
+    DatasetError,
+    collect_images,
+    match_images,
+    output_names,
+    parse_words,
+    read_references,
+    select_queries,
+)
+from .evaluation.report import describe, format_table
+from .explainer import Explainer
+from .images import ImageError, load_image
+from .maps import CAM_METHODS
+from .results import Explanation
+
+#: The file that marks an image as finished. It is written last, inside a temporary folder that is renamed into
+#: place only when complete, so an interrupted run never leaves a folder that looks finished.
+INDEX = "image.json"
+
+
+# --- shared options and model loading --------------------------------------------------------------------------
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The playground's model options, with its names and defaults (but --segmenter defaults to the models' own:
+    "auto" for real models, superpixels for --tiny)."""
+    group = parser.add_argument_group("models")
+    group.add_argument("--tiny", action="store_true", help="tiny random models: offline, for trying things out")
+    group.add_argument("--captioner", default="Salesforce/blip-image-captioning-base",
+                       help="hub id or local folder of a BLIP captioner (blip-base, blip-large also work)")
+    group.add_argument("--clip", default="ViT-B-32/openai",
+                       help="open_clip 'architecture/pretrained' (tag or checkpoint path); 'none' disables grounding")
+    group.add_argument("--segmenter", default=None,
+                       help="auto, detectron2, detectron2-maskrcnn, torchvision, superpixels (default: the models')")
+    group.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, mps")
+    group.add_argument("--cam-method", default="GradCAM", choices=list(CAM_METHODS), help="Grad-CAM variant")
+    group.add_argument("--num-beams", type=int, default=1, help="beam size for captioning (1 = greedy)")
+    group.add_argument("--max-tokens", type=int, default=20, help="longest caption, in tokens")
+
+
+def load_explainer(args: argparse.Namespace) -> Explainer:
+    """The explainer the options describe (raises `ModelUnavailableError` with the fix in its message)."""
+    if args.tiny:
+        return Explainer.tiny(device=args.device)
+    print(f"Loading {args.captioner} and CLIP {args.clip} (first run downloads them)…", file=sys.stderr, flush=True)
+    return Explainer.from_pretrained(args.captioner, None if args.clip == "none" else args.clip,
+                                     args.segmenter or "auto", args.device)
+
+
+def view_of(args: argparse.Namespace) -> ui.View:
+    """The playground's view for these options (so maps and files match what the page shows)."""
+    return ui.View(cam_method=args.cam_method, segmenter=args.segmenter)
+
+
+def model_settings(explainer: Explainer, args: argparse.Namespace) -> dict[str, Any]:
+    """What the results depend on, recorded with them (and compared when resuming)."""
+    return {"captioner": explainer.captioner.describe(), "clip": explainer.clip.name if explainer.clip else None,
+            "segmenter": args.segmenter or explainer.default_segmenter, "cam_method": args.cam_method,
+            "num_beams": args.num_beams, "max_tokens": args.max_tokens}
+
+
+def _words(spec: str) -> tuple[str, ...] | None:
+    try:
+        return parse_words(spec)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text}")
+    return value
+
+
+def _percentiles(spec: str) -> tuple[int, ...]:
+    if spec.strip().lower() in ("none", ""):
+        return ()
+    try:
+        values = tuple(int(part) for part in spec.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected percentiles like 20,50,80 or 'none', got {spec!r}") from err
+    if not all(0 < value < 100 for value in values):
+        raise argparse.ArgumentTypeError(f"percentiles must lie strictly between 0 and 100, got {spec!r}")
+    return values
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def _input_images(paths: list[str]) -> list[Path]:
+    """The images to work on; the other files found in folders are mentioned, not silently dropped."""
+    images, ignored = collect_images(paths)
+    if ignored:
+        names = ", ".join(path.name for path in ignored[:5]) + (", …" if len(ignored) > 5 else "")
+        print(f"note: ignoring {len(ignored)} file(s) without an image suffix: {names}", file=sys.stderr)
+    if not images:
+        raise DatasetError(f"No images found in {' '.join(paths)}.")
+    return images
+
+
+# --- explain ---------------------------------------------------------------------------------------------------
+
+def run_explain(args: argparse.Namespace) -> int:
+    """Explain every image's words into `--out`: one folder per image, one sub-folder per word."""
+    images = _input_images(args.inputs)
+    explainer = load_explainer(args)
+    view = view_of(args)
+    settings = model_settings(explainer, args) | {"words": "all" if args.words is None else list(args.words)}
+    names = output_names(images)
+    done = skipped = 0
+    failed: list[tuple[Path, str]] = []
+    for path in tqdm(images, desc="Explaining", unit="image"):
+        try:
+            if explain_image(explainer, path, args.out / names[path], settings, view, args):
+                done += 1
+            else:
+                skipped += 1
+        except (ImageError, QueryError, FileExistsError) as err:
+            failed.append((path, str(err)))
+            tqdm.write(f"error: {path}: {err}", file=sys.stderr)
+    print(f"{done} image(s) explained, {skipped} already finished (skipped), {len(failed)} failed; "
+          f"results in {args.out}")
+    for path, message in failed:
+        print(f"  failed: {path}: {message}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def explain_image(explainer: Explainer, path: Path, folder: Path, settings: dict[str, Any], view: ui.View,
+                  args: argparse.Namespace) -> bool:
+    """Explain one image's words into `folder`, unless they are finished there already (then False)."""
+    rgb = load_image(path)
+    key = image_key(rgb)
+    if finished(folder, settings, key):
+        return False
+    if folder.exists() and not (folder / INDEX).is_file():
+        raise FileExistsError(f"{folder} exists and was not written by `ipag explain`; choose another --out.")
+    caption = explainer.caption(rgb, args.num_beams, args.max_tokens)
+    explanations = explainer.explain_many(rgb, select_queries(caption, args.words), caption, view.map_settings(),
+                                          view.grounding_settings())
+    write_image(folder, {"image": str(path), "image_key": key, "settings": settings},
+                ui.Session(image=rgb, caption=caption), explanations, view)
+    return True
+
+
+def finished(folder: Path, settings: dict[str, Any], key: str) -> bool:
+    """Whether `folder` holds this image's complete results for these settings (a changed image or changed
+    settings are recomputed)."""
+    try:
+        index = json.loads((folder / INDEX).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return index.get("settings") == settings and index.get("image_key") == key
+
+
+def write_image(folder: Path, header: dict[str, Any], session: ui.Session, explanations: list[Explanation],
+                view: ui.View) -> None:
+    """Write one image's results into a temporary sibling folder, then swap it in for `folder`."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    entries = []
+    for explanation in explanations:
+        name = word_folder(explanation)
+        unpack_export(ui.Session(session.image, session.caption, explanation), view, partial / name)
+        entries.append({"folder": name, **_word_summary(explanation)})
+    _write_json(partial / INDEX, header | {"caption": session.caption.to_dict(), "explanations": entries})
+    if folder.exists():  # an earlier result for other settings (the caller refuses folders that are not ours)
+        shutil.rmtree(folder)
+    partial.rename(folder)
+
+
+def word_folder(explanation: Explanation) -> str:
+    """`03-dog` for caption word 3, `query-red-car` for a free query."""
+    if explanation.in_caption:
+        return f"{explanation.words[0].index:02d}-{ui.safe_name(' '.join(w.text for w in explanation.words))}"
+    return f"query-{ui.safe_name(explanation.query)}"
+
+
+def unpack_export(session: ui.Session, view: ui.View, folder: Path) -> None:
+    """The files the playground's Export button downloads (JSON, overlays, maps, region), written into
+    `folder`; the input image itself is left out (it would be copied once per word)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in ui.export_files(session, view).items():
+        if name != "image.png":
+            (folder / name).write_bytes(data)
+
+
+def _word_summary(explanation: Explanation) -> dict[str, Any]:
+    summary = explanation.to_dict()
+    return {key: summary[key] for key in ("query", "in_caption", "words", "word_indices", "word_logprob",
+                                          "word_probability", "verification")}
+
+
+# --- evaluate-captions -----------------------------------------------------------------------------------------
+
+def run_evaluate_captions(args: argparse.Namespace) -> int:
+    require_java()  # before hours of captioning, not after
+    references = read_references(args.captions)
+    images, missing = match_images(args.images, references, args.limit)
+    if missing:
+        print(f"note: {len(missing)} image(s) named in {args.captions} are not in {args.images} "
+              f"(e.g. {', '.join(missing[:3])}); evaluating the {len(images)} found.", file=sys.stderr)
+    if not images:
+        raise DatasetError(f"None of the images named in {args.captions} is in {args.images}.")
+    explainer = load_explainer(args)
+    result = evaluate_captions(explainer, images, references, args.num_beams, args.max_tokens)
+    result["settings"] = model_settings(explainer, args)
+    print(caption_table(result))
+    return _finish(args, result)
+
+
+def caption_table(result: dict[str, Any]) -> str:
+    metrics, bias = result["metrics"], result["gender_bias"]
+    rows = [[name, describe(metrics.get(name))] for name in (*COCO_METRICS, "CLIP text similarity", "CLIPScore")]
+    evaluated = bias["images_with_reference_gender"]
+    for label, key, count in (("Gender misclassification rate", "misclassification_rate", "wrong"),
+                              ("Gender-neutral caption rate", "neutral_rate", "neutral"),
+                              ("Both genders in caption rate", "mixed_rate", "mixed")):
+        rows.append([label, f"{describe(bias[key])} ({bias[count]} of {evaluated} images)"])
+    return f"Caption evaluation on {result['images']} image(s)\n" + format_table(["Metric", "Value"], rows)
+
+
+# --- evaluate-faithfulness -------------------------------------------------------------------------------------
+
+def run_evaluate_faithfulness(args: argparse.Namespace) -> int:
+    images = _input_images(args.inputs)[: args.limit]
+    explainer = load_explainer(args)
+    view = view_of(args)
+    result = evaluate_faithfulness(explainer, images, args.words, view.map_settings(), view.grounding_settings(),
+                                   args.num_beams, args.max_tokens, args.steps, args.road_percentiles,
+                                   args.batch_size, args.seed)
+    result["settings"] = model_settings(explainer, args) | {
+        "steps": args.steps, "road_percentiles": list(args.road_percentiles), "seed": args.seed}
+    print(faithfulness_table(result))
+    return _finish(args, result)
+
+
+def faithfulness_table(result: dict[str, Any]) -> str:
+    summary = result["summary"]
+    rows = [[key, *(describe(scores[metric]) for metric in METRICS)] for key, scores in summary["maps"].items()]
+    xic = summary["xic_hit_rate"]
+    return (f"Faithfulness over {len(result['words'])} word(s)\n"
+            + format_table(["Map", "Deletion AUC (lower is better)", "Insertion AUC (higher)", "ROAD (higher)"], rows)
+            + f"\nXIC hit rate (the captioner, shown only the region, says the word): {describe(xic['rate'])} "
+              f"({xic['hits']} of {xic['n']})")
+
+
+def _finish(args: argparse.Namespace, result: dict[str, Any]) -> int:
+    """Write the JSON if asked, report failures, and give the exit status."""
+    if args.out:
+        _write_json(args.out, result)
+        print(f"Results written to {args.out}")
+    for failure in result["failed"]:
+        print(f"  failed: {failure['image']}: {failure['error']}", file=sys.stderr)
+    return 1 if result["failed"] else 0
+
+
+# --- entry point -----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ipag", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    explain = commands.add_parser("explain", help="write overlays and JSON for every word of every image")
+    explain.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+    explain.add_argument("--out", type=Path, required=True, help="output folder (a re-run skips finished images)")
+    explain.add_argument("--words", type=_words, default=None, help="'all' (default) or a comma-separated list")
+    explain.set_defaults(run=run_explain)
+
+    captions = commands.add_parser("evaluate-captions", help="BLEU, METEOR, ROUGE-L, CIDEr, CLIP scores, gender bias")
+    captions.add_argument("--images", type=Path, required=True, help="folder of the images")
+    captions.add_argument("--captions", type=Path, required=True,
+                          help="references: Flickr8k captions.txt ('image,caption') or a COCO captions_*.json")
+    captions.add_argument("--limit", type=_positive, default=None, help="evaluate only the first N images (by name)")
+    captions.add_argument("--out", type=Path, default=None, help="write all results (per image too) as JSON")
+    captions.set_defaults(run=run_evaluate_captions)
+
+    faithful = commands.add_parser("evaluate-faithfulness", help="deletion/insertion AUC, ROAD, XIC hit rate")
+    faithful.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+    faithful.add_argument("--words", type=_words, default=None, help="'all' (default) or a comma-separated list")
+    faithful.add_argument("--steps", type=_positive, default=20, help="steps of the deletion/insertion curves")
+    faithful.add_argument("--road-percentiles", type=_percentiles, default=ROAD_PERCENTILES,
+                          help="ROAD percentiles, e.g. 10,20,...,90, or 'none' to skip ROAD (its imputation is slow)")
+    faithful.add_argument("--batch-size", type=_positive, default=32, help="perturbed images per forward pass")
+    faithful.add_argument("--seed", type=int, default=0, help="seed of the random baseline map and ROAD's noise")
+    faithful.add_argument("--limit", type=_positive, default=None, help="evaluate only the first N images")
+    faithful.add_argument("--out", type=Path, default=None, help="write all results (per word too) as JSON")
+    faithful.set_defaults(run=run_evaluate_faithfulness)
+
+    for command in (explain, captions, faithful):
+        add_model_arguments(command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        DecodeOptions(args.num_beams, args.max_tokens)  # checked now rather than failing on every image
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        return args.run(args)
+    except (ModelUnavailableError, MetricUnavailableError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,221 @@
+"""The command line on tiny models: batch explanations (complete, resumable, bad files reported) and the
+evaluation commands' tables, JSON and exit statuses."""
+
+import json
+import runpy
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ipag import Explainer, cli, ui
+from ipag.evaluation import captions as caption_metrics
+from tests.fixtures.tiny_flickr import write_tiny_flickr
+
+TINY = ["--tiny", "--device", "cpu", "--max-tokens", "3"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on a busy machine lose much to it (a batched
+    tiny-BLIP forward measured 1.7 s with two threads against 0.05 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main([str(arg) for arg in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Two photos, a corrupt "jpeg" and a text file, in one folder."""
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(5)
+    for name, size in (("beach.jpg", (48, 40)), ("park.png", (33, 52))):
+        Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)).save(folder / name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def explained(photos, tmp_path_factory):
+    """One batch run over the folder, shared by the tests that only read its output."""
+    out = tmp_path_factory.mktemp("explained")
+    code = cli.main(["explain", str(photos), "--out", str(out), *TINY])
+    return out, code
+
+
+def folder_files(folder):
+    return {path.relative_to(folder): path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
+
+
+def test_explain_writes_pngs_and_json_for_every_word(photos, explained):
+    out, code = explained
+    assert code == 1  # broken.jpg failed; the photos were done all the same
+    assert sorted(p.name for p in out.iterdir()) == ["beach", "park"]  # no partial folders left behind
+    for name in ("beach", "park"):
+        size = Image.open(next(photos.glob(f"{name}.*"))).size
+        index = json.loads((out / name / cli.INDEX).read_text())
+        words = index["caption"]["words"]
+        assert words and index["settings"]["words"] == "all"
+        assert [entry["word_indices"] for entry in index["explanations"]] == [[w["index"]] for w in words]
+        for entry, word in zip(index["explanations"], words):
+            folder = out / name / entry["folder"]
+            details = json.loads((folder / "explanation.json").read_text())
+            assert details["caption"] == index["caption"]["text"] and details["words"] == [word["text"]]
+            assert details["word_logprob"] == pytest.approx(entry["word_logprob"])
+            assert set(details["verification"]) >= {"clip_region", "region_says_word", "delta_logprob_blurred"}
+            assert entry["verification"] == details["verification"]
+            for key in ui.MAP_TITLES:
+                assert Image.open(folder / f"{key}_overlay.png").size == size
+            assert Image.open(folder / "region.png").size == size
+            assert not (folder / "image.png").exists()
+
+
+def test_explain_reports_bad_and_ignored_files(photos, tmp_path, capsys):
+    code, out, err = run(capsys, "explain", photos / "broken.jpg", photos / "missing.jpg", photos,
+                         "--out", tmp_path, "--words", "dog", *TINY)
+    assert code == 1
+    assert "2 image(s) explained" in out and "2 failed" in out  # broken.jpg is named and in the folder: once
+    assert err.count("failed: ") == 2 and "No such image file" in err and "broken.jpg" in err
+    assert "ignoring 1 file(s) without an image suffix: notes.txt" in err
+
+
+def test_second_run_skips_finished_images(photos, explained, monkeypatch, capsys):
+    out, _ = explained
+    before = folder_files(out)
+    calls = []
+    original = Explainer.explain_many
+    monkeypatch.setattr(Explainer, "explain_many", lambda self, *a, **k: calls.append(a) or original(self, *a, **k))
+    code, stdout, _ = run(capsys, "explain", photos, "--out", out, *TINY)
+    assert code == 1 and "0 image(s) explained, 2 already finished (skipped), 1 failed" in stdout
+    assert calls == []
+    assert folder_files(out) == before
+
+
+def test_changed_settings_recompute_and_replace_the_folder(photos, explained, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(explained[0], out)
+    first = json.loads((out / "beach" / cli.INDEX).read_text())["caption"]["words"][0]["text"]
+    code, stdout, _ = run(capsys, "explain", photos / "beach.jpg", "--out", out, "--words", first, *TINY)
+    assert code == 0 and "1 image(s) explained" in stdout
+    index = json.loads((out / "beach" / cli.INDEX).read_text())
+    assert index["settings"]["words"] == [first]
+    assert [entry["folder"] for entry in index["explanations"]] == [f"00-{first}"]
+    assert sorted(p.name for p in (out / "beach").iterdir()) == [f"00-{first}", cli.INDEX]  # old words gone
+
+
+def test_an_interrupted_image_is_not_finished(photos, tmp_path, monkeypatch, capsys):
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "unpack_export", crash)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["explain", str(photos / "beach.jpg"), "--out", str(tmp_path), *TINY])
+    assert not (tmp_path / "beach").exists() and (tmp_path / ".beach.partial").is_dir()
+    monkeypatch.undo()
+    code, stdout, _ = run(capsys, "explain", photos / "beach.jpg", "--out", tmp_path, *TINY)
+    assert code == 0 and "1 image(s) explained" in stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["beach"]
+
+
+def test_a_folder_not_written_by_ipag_is_not_overwritten(photos, tmp_path, capsys):
+    (tmp_path / "beach").mkdir()
+    (tmp_path / "beach" / "mine.txt").write_text("keep me")
+    code, _, err = run(capsys, "explain", photos / "beach.jpg", "--out", tmp_path, *TINY)
+    assert code == 1 and "was not written by `ipag explain`" in err
+    assert (tmp_path / "beach" / "mine.txt").read_text() == "keep me"
+
+
+def test_unavailable_model_exits_2_with_the_fix(photos, tmp_path, capsys):
+    code, _, err = run(capsys, "explain", photos / "beach.jpg", "--out", tmp_path, "--device", "cpu",
+                       "--captioner", tmp_path / "no-such-model", "--clip", "none")
+    assert code == 2
+    assert "error: Could not load the captioner" in err and "--tiny" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["explain", "--num-beams", "0"], "num_beams must be between 1 and 16"),
+    (["explain", "--words", " , "], "--words needs 'all'"),
+    (["explain", "--cam-method", "NoCAM"], "invalid choice"),
+    (["evaluate-faithfulness", "--road-percentiles", "0,50"], "strictly between 0 and 100"),
+    (["evaluate-faithfulness", "--steps", "0"], "positive whole number"),
+])
+def test_bad_arguments_exit_2(photos, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exited:
+        cli.main([argv[0], str(photos), "--out", str(tmp_path), "--tiny", *argv[1:]])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_module_entry_point_returns_the_status(photos, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["ipag", "explain", str(photos / "broken.jpg"), "--out", str(tmp_path), *TINY])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module("ipag", run_name="__main__")
+    assert exited.value.code == 1
+
+
+class FakeMeteor:
+    """Stands in for METEOR's Java process (tested for real in test_evaluation), to keep this test quick."""
+
+    def compute_score(self, gts, res):
+        return 0.5, [0.5] * len(res)
+
+
+def test_evaluate_captions_prints_a_table_and_writes_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(caption_metrics, "Meteor", FakeMeteor)
+    images, captions = write_tiny_flickr(tmp_path)
+    (images / "broken.jpg").write_bytes(b"nope")
+    with captions.open("a") as handle:
+        handle.write("broken.jpg,a broken image\n")
+    out = tmp_path / "results.json"
+    code, stdout, err = run(capsys, "evaluate-captions", "--images", images, "--captions", captions,
+                            "--out", out, *TINY)
+    assert code == 1 and "broken.jpg" in err  # reported, and the rest evaluated
+    assert "1 image(s) named in" in err and "1003_missing.jpg" in err
+    result = json.loads(out.read_text())
+    assert [item["image"] for item in result["per_image"]] == ["1000_man.jpg", "1001_woman.jpg", "1002_street.png"]
+    expected = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIP text similarity",
+                "CLIPScore"}
+    assert set(result["metrics"]) == expected
+    assert all(expected <= set(item) and item["caption"] for item in result["per_image"])
+    assert result["metrics"]["CLIPScore"]["n"] == 3
+    assert result["gender_bias"]["images_with_reference_gender"] == 2
+    assert result["failed"] == [{"image": "broken.jpg", "error": result["failed"][0]["error"]}]
+    assert result["settings"]["captioner"].startswith("blip (tiny-blip")
+    rows = {line.split("  ")[0]: line for line in stdout.splitlines()}
+    assert rows["METEOR"].endswith("0.500") and "(n=3)" in rows["CLIPScore"]
+    assert "of 2 images" in rows["Gender misclassification rate"]
+
+
+def test_evaluate_captions_needs_java_and_a_readable_captions_file(tmp_path, monkeypatch, capsys):
+    images, captions = write_tiny_flickr(tmp_path)
+    captions.write_text("file,text\n")
+    code, _, err = run(capsys, "evaluate-captions", "--images", images, "--captions", captions, *TINY)
+    assert code == 2 and "header line 'image,caption'" in err
+    monkeypatch.setattr(caption_metrics.shutil, "which", lambda name: None)
+    code, _, err = run(capsys, "evaluate-captions", "--images", images, "--captions", captions, *TINY)
+    assert code == 2 and "no `java` was found" in err
+
+
+def test_evaluate_faithfulness_prints_a_table_per_map(photos, tmp_path, capsys):
+    out = tmp_path / "faithfulness.json"
+    code, stdout, _ = run(capsys, "evaluate-faithfulness", photos / "beach.jpg", "--steps", "2",
+                          "--road-percentiles", "none", "--out", out, *TINY)
+    assert code == 0
+    result = json.loads(out.read_text())
+    words = len(result["words"])
+    assert words > 0 and result["settings"]["road_percentiles"] == []
+    for key in ("gradcam", "cross_attention", "saliency", "clip_relevance", "random"):
+        line = next(line for line in stdout.splitlines() if line.startswith(key + " "))
+        assert line.count(f"(n={words})") == 2 and line.endswith("—")  # deletion and insertion; ROAD skipped
+        assert len(result["words"][0]["maps"][key]["deletion"]) == 3
+    assert f"of {words})" in stdout.splitlines()[-2]  # the XIC hit rate line
