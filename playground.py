@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import functools
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
 
-from ipag import Explainer, ModelUnavailableError
+from ipag import Explainer, Explainers, ModelUnavailableError
 from ipag import ui
+from ipag.captioners import KNOWN_CAPTIONERS, load_captioner, tiny_captioner
+from ipag.cli import add_model_arguments, load_explainer
 from ipag.maps import CAM_METHODS
 from ipag.render import COLORMAPS
 from ipag.segmenters import available_segmenters
@@ -45,8 +48,13 @@ def friendly(fn: Callable) -> Callable:
     return wrapper
 
 
-def build_app(explainer: Explainer) -> gr.Blocks:
+def build_app(explainers: Explainers | Explainer) -> gr.Blocks:
     """The page. Every handler is a thin adapter from components to `ipag.ui` and back."""
+    if isinstance(explainers, Explainer):
+        explainers = Explainers(explainers, "default", lambda name: explainers.captioner)
+    explainer = explainers.get()
+    names = list(dict.fromkeys([explainers.default, *KNOWN_CAPTIONERS])) if explainers.default in KNOWN_CAPTIONERS \
+        else [explainers.default]
     vision_layers = len(explainer.captioner.vision_layers)
     decoder_layers = explainer.captioner.num_decoder_layers
     default_cross = (2 * decoder_layers) // 3 if decoder_layers >= 3 else decoder_layers - 1
@@ -67,7 +75,8 @@ def build_app(explainer: Explainer) -> gr.Blocks:
                 # type="filepath": our loader decodes the upload, with its size checks (decompression bombs).
                 image = gr.Image(type="filepath", sources=["upload", "webcam", "clipboard"], label="Image",
                                  height=380, elem_id="image")
-                with gr.Accordion("Decoding", open=False):
+                with gr.Accordion("Captioner and decoding", open=False):
+                    captioner = gr.Dropdown(names, value=explainers.default, label="Captioner", elem_id="captioner")
                     beams = gr.Slider(1, 8, value=1, step=1, label="Beam size (1 = greedy)")
                     max_tokens = gr.Slider(5, 60, value=20, step=1, label="Max new tokens")
                 caption_button = gr.Button("Caption again", variant="secondary")
@@ -93,6 +102,12 @@ def build_app(explainer: Explainer) -> gr.Blocks:
                                          elem_id="map-cross_attention")
                         relevance = gr.Image(label=ui.MAP_TITLES["clip_relevance"], interactive=False,
                                              elem_id="map-clip_relevance")
+                        occluded = gr.Image(label=ui.MAP_TITLES["occlusion"], interactive=False,
+                                            elem_id="map-occlusion")
+                with gr.Accordion("Compare captioners (click a word in any of them)", open=False):
+                    compare_button = gr.Button("Caption with every captioner", elem_id="compare")
+                    compared = [gr.HighlightedText(label=name, show_legend=False, show_inline_category=False,
+                                                   elem_id=f"compare-{name}") for name in names]
                 trust = gr.Dataframe(headers=["Measure", "Value", "How to read it"], label="How far to trust this",
                                      interactive=False, wrap=True, column_widths=["32%", "18%", "50%"],
                                      elem_id="trust")
@@ -110,6 +125,7 @@ def build_app(explainer: Explainer) -> gr.Blocks:
                 template = gr.Textbox("a photo of {}", label="CLIP prompt template ({} = the word)", max_lines=1)
                 stage2 = gr.Checkbox(False, label="Stage II: refine with superpixels")
                 fusion = gr.Slider(0, 20, value=0, step=0.5, label="Grad-CAM fusion weight (0 = CLIP alone)")
+                occlusion = gr.Checkbox(False, label="Occlusion map (model-agnostic; ~200 extra images, slow on CPU)")
             with gr.Row():
                 opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity")
                 colormap = gr.Dropdown(list(COLORMAPS), value="jet", label="Colour map")
@@ -120,13 +136,15 @@ def build_app(explainer: Explainer) -> gr.Blocks:
             details = gr.JSON()
 
         settings = [cam_method, vision_layer, cross_layer, saliency_method, segmenter, template, stage2, fusion,
-                    opacity, colormap]
-        explained = [session, region, gradcam, saliency, cross, relevance, candidates, trust, status, details]
+                    occlusion, opacity, colormap]
+        explained = [session, region, gradcam, saliency, cross, relevance, occluded, candidates, trust, status,
+                     details]
 
         @friendly
-        def on_image(picture, beam_size, tokens, state, progress=gr.Progress()):
+        def on_image(picture, name, beam_size, tokens, state, progress=gr.Progress()):
             progress(0.2, desc="Captioning…")
-            segments, state, message = ui.caption_image(explainer, picture, beam_size, tokens, state)
+            segments, state, message = ui.caption_image(explainers.get(name), picture, beam_size, tokens, state)
+            state = replace(state, captioner=name)
             blank = ui.render(state, ui.View())
             blank.status = message
             return (segments, *outputs_for(state, blank))
@@ -134,19 +152,35 @@ def build_app(explainer: Explainer) -> gr.Blocks:
         @friendly
         def on_select(state, evt: gr.SelectData, progress=gr.Progress(), *values):
             progress(0.2, desc="Explaining the word…")
-            return outputs_for(*ui.select_word(explainer, state, evt.index, ui.View.of(*values)))
+            return outputs_for(*ui.select_word(explainers.get(state.captioner), state, evt.index, ui.View.of(*values)))
+
+        def on_compare_select(name):
+            @friendly
+            def handler(state, beam_size, tokens, evt: gr.SelectData, progress=gr.Progress(), *values):
+                progress(0.2, desc=f"Explaining the word with {name}…")
+                chosen = explainers.get(name)
+                segments, state, _ = ui.caption_image(chosen, state.image, beam_size, tokens, state)
+                session, rendered = ui.select_word(chosen, replace(state, captioner=name), evt.index,
+                                                   ui.View.of(*values))
+                return (segments, gr.update(value=name), *outputs_for(session, rendered))
+            return handler
+
+        @friendly
+        def on_compare(state, beam_size, tokens, progress=gr.Progress()):
+            progress(0.1, desc="Captioning with every captioner…")
+            return ui.compare_captions(explainers, names, state.image, beam_size, tokens)
 
         @friendly
         def on_query(text, state, progress=gr.Progress(), *values):
             progress(0.2, desc="Explaining the query…")
-            return outputs_for(*ui.explain(explainer, state, text, ui.View.of(*values)))
+            return outputs_for(*ui.explain(explainers.get(state.captioner), state, text, ui.View.of(*values)))
 
         @friendly
         def on_settings(state, progress=gr.Progress(), *values):
             if state.explanation is None:
                 return outputs_for(state, ui.render(state, ui.View.of(*values)))
             progress(0.2, desc="Recomputing with the new settings…")
-            return outputs_for(*ui.explain(explainer, state, state.query, ui.View.of(*values)))
+            return outputs_for(*ui.explain(explainers.get(state.captioner), state, state.query, ui.View.of(*values)))
 
         @friendly
         def on_redraw(state, *values):
@@ -160,12 +194,17 @@ def build_app(explainer: Explainer) -> gr.Blocks:
         def on_export(state, *values):
             return ui.export(state, ui.View.of(*values))
 
-        gr.on([image.change, caption_button.click], on_image, [image, beams, max_tokens, session],
-              [caption, *explained], api_visibility="private")
+        gr.on([image.change, caption_button.click, captioner.input], on_image,
+              [image, captioner, beams, max_tokens, session], [caption, *explained], api_visibility="private")
+        compare_button.click(on_compare, [session, beams, max_tokens], compared, api_visibility="private")
+        for name, component in zip(names, compared):
+            component.select(on_compare_select(name), [session, beams, max_tokens, *settings],
+                             [caption, captioner, *explained], api_visibility="private")
         caption.select(on_select, [session, *settings], explained, api_visibility="private")
         gr.on([explain_button.click, query.submit], on_query, [query, session, *settings], explained,
               api_visibility="private")
-        for control in (cam_method, vision_layer, cross_layer, saliency_method, segmenter, template, stage2, fusion):
+        for control in (cam_method, vision_layer, cross_layer, saliency_method, segmenter, template, stage2, fusion,
+                        occlusion):
             control.input(on_settings, [session, *settings], explained, api_visibility="private")
         for control in (opacity, colormap):
             control.input(on_redraw, [session, *settings], explained, api_visibility="private",
@@ -195,14 +234,7 @@ def build_app(explainer: Explainer) -> gr.Blocks:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="tiny random models: offline, for trying the UI")
-    parser.add_argument("--captioner", default="Salesforce/blip-image-captioning-base",
-                        help="hub id or local folder of a BLIP captioner (blip-base, blip-large also work)")
-    parser.add_argument("--clip", default="ViT-B-32/openai",
-                        help="open_clip 'architecture/pretrained' (tag or checkpoint path); 'none' disables grounding")
-    parser.add_argument("--segmenter", default="auto", help="auto, detectron2, detectron2-maskrcnn, torchvision, "
-                        "superpixels")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for your network)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
@@ -217,15 +249,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        if args.tiny:
-            explainer = Explainer.tiny(device="cpu" if args.device == "auto" else args.device)
-        else:
-            print(f"Loading {args.captioner} and CLIP {args.clip} (first run downloads them)…", flush=True)
-            explainer = Explainer.from_pretrained(args.captioner, None if args.clip == "none" else args.clip,
-                                                  args.segmenter, args.device)
+        explainer = load_explainer(args)
     except ModelUnavailableError as err:
         raise SystemExit(f"error: {err}") from err
-    demo = build_app(explainer)
+    device = explainer.captioner.device
+    load = (lambda name: tiny_captioner(name, 0, device)) if args.tiny else (lambda name: load_captioner(name, device))
+    demo = build_app(Explainers(explainer, args.captioner, load))
     threading.Thread(target=ui.warm_examples, args=(explainer, EXAMPLES), daemon=True).start()
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None

@@ -5,11 +5,12 @@ Start with `Explainer` (`Explainer.tiny()` works offline); see README.md for the
 
 from .captioners import DecodeOptions
 from .errors import ModelUnavailableError, QueryError
-from .explainer import Explainer, MapSettings
+from .explainer import Explainer, Explainers, GroundingSettings, MapSettings
+from .perturbation import Occlusion
 from .images import ImageError, load_image
 from .results import Caption, Explanation, Heatmap, Word
 
 __all__ = [
-    "Caption", "DecodeOptions", "Explainer", "Explanation", "Heatmap", "ImageError", "MapSettings",
-    "ModelUnavailableError", "QueryError", "Word", "load_image",
+    "Caption", "DecodeOptions", "Explainer", "Explainers", "Explanation", "GroundingSettings", "Heatmap", "ImageError",
+    "MapSettings", "ModelUnavailableError", "Occlusion", "QueryError", "Word", "load_image",
 ]

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import ui
 from .cache import image_key
-from .captioners import DecodeOptions
+from .captioners import KNOWN_CAPTIONERS, DecodeOptions
 from .errors import ModelUnavailableError, QueryError
 from .evaluation.captions import COCO_METRICS, MetricUnavailableError, evaluate_captions, require_java
 from .evaluation.faithfulness import METRICS, ROAD_PERCENTILES, evaluate_faithfulness
@@ -49,26 +49,35 @@ INDEX = "image.json"
 # --- shared options and model loading --------------------------------------------------------------------------
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The playground's model options, with its names and defaults (but --segmenter defaults to the models' own:
+    """The model options shared by the playground and the CLI (--segmenter defaults to the models' own:
     "auto" for real models, superpixels for --tiny)."""
     group = parser.add_argument_group("models")
     group.add_argument("--tiny", action="store_true", help="tiny random models: offline, for trying things out")
-    group.add_argument("--captioner", default="Salesforce/blip-image-captioning-base",
-                       help="hub id or local folder of a BLIP captioner (blip-base, blip-large also work)")
+    group.add_argument("--captioner", default="blip-base",
+                       help=f"{', '.join(KNOWN_CAPTIONERS)}, or a hub id or local folder of a BLIP or ViT-GPT2 "
+                       "captioner")
     group.add_argument("--clip", default="ViT-B-32/openai",
                        help="open_clip 'architecture/pretrained' (tag or checkpoint path); 'none' disables grounding")
     group.add_argument("--segmenter", default=None,
                        help="auto, detectron2, detectron2-maskrcnn, torchvision, superpixels (default: the models')")
     group.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, mps")
+
+
+def add_explanation_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the batch commands caption and explain (the playground sets these in the page)."""
+    group = parser.add_argument_group("explanations")
     group.add_argument("--cam-method", default="GradCAM", choices=list(CAM_METHODS), help="Grad-CAM variant")
     group.add_argument("--num-beams", type=int, default=1, help="beam size for captioning (1 = greedy)")
     group.add_argument("--max-tokens", type=int, default=20, help="longest caption, in tokens")
+    group.add_argument("--occlusion", action="store_true",
+                       help="add the occlusion map (Δlog p of the word when each patch is hidden; slower)")
 
 
 def load_explainer(args: argparse.Namespace) -> Explainer:
     """The explainer the options describe (raises `ModelUnavailableError` with the fix in its message)."""
     if args.tiny:
-        return Explainer.tiny(device=args.device)
+        return Explainer.tiny(device=args.device, captioner=args.captioner if args.captioner in KNOWN_CAPTIONERS
+                              else "blip-base")
     print(f"Loading {args.captioner} and CLIP {args.clip} (first run downloads them)…", file=sys.stderr, flush=True)
     return Explainer.from_pretrained(args.captioner, None if args.clip == "none" else args.clip,
                                      args.segmenter or "auto", args.device)
@@ -76,14 +85,14 @@ def load_explainer(args: argparse.Namespace) -> Explainer:
 
 def view_of(args: argparse.Namespace) -> ui.View:
     """The playground's view for these options (so maps and files match what the page shows)."""
-    return ui.View(cam_method=args.cam_method, segmenter=args.segmenter)
+    return ui.View(cam_method=args.cam_method, segmenter=args.segmenter, occlusion=args.occlusion)
 
 
 def model_settings(explainer: Explainer, args: argparse.Namespace) -> dict[str, Any]:
     """What the results depend on, recorded with them (and compared when resuming)."""
     return {"captioner": explainer.captioner.describe(), "clip": explainer.clip.name if explainer.clip else None,
             "segmenter": args.segmenter or explainer.default_segmenter, "cam_method": args.cam_method,
-            "num_beams": args.num_beams, "max_tokens": args.max_tokens}
+            "num_beams": args.num_beams, "max_tokens": args.max_tokens, "occlusion": args.occlusion}
 
 
 def _words(spec: str) -> tuple[str, ...] | None:
@@ -320,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command in (explain, captions, faithful):
         add_model_arguments(command)
+        add_explanation_arguments(command)
     return parser
 
 

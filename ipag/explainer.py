@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,14 +20,14 @@ from PIL import Image
 
 from .align import align, find_phrase
 from .attribution import Target, target_gradients
-from .captioners import Captioner, DecodeOptions, load_captioner
+from .captioners import Captioner, DecodeOptions, load_captioner, tiny_captioner
 from .cache import ImageCache, image_key
-from .captioners.blip import BlipCaptioner
 from .device import resolve_device
 from .errors import QueryError
 from .grounding import ClipModel, Grounder, composite
 from .images import ImageInput, load_image
 from .maps import CrossAttentionMap, GradCAMMap, MapType, SaliencyMap
+from .perturbation import Occlusion
 from .results import Caption, Explanation, Heatmap, Word
 from .segmenters import Segmenter, load_segmenter, resolve_name
 from .verify import verify
@@ -52,6 +52,7 @@ class MapSettings:
     cross_attention_layer: int | None = None
     smoothgrad_samples: int = 0
     smoothgrad_noise: float = 0.15
+    occlusion: Occlusion | None = None  #: also an occlusion map (one batched sweep shared by all words)
 
     def map_types(self) -> list[MapType]:
         return [GradCAMMap(self.cam_method), CrossAttentionMap(),
@@ -115,12 +116,18 @@ class Explainer:
         return cls(captioner_model, clip_model, segmenter)
 
     @classmethod
-    def tiny(cls, seed: int = 0, device: str = "cpu") -> "Explainer":
-        """The whole pipeline on tiny random models built from configs (BLIP, CLIP) and scikit-image
-        superpixels: offline, in seconds. For tests, CI and `playground.py --tiny`."""
+    def tiny(cls, seed: int = 0, device: str = "cpu", captioner: str = "blip-base") -> "Explainer":
+        """The whole pipeline on tiny random models built from configs (a captioner by friendly name, CLIP)
+        and scikit-image superpixels: offline, in seconds. For tests, CI and `playground.py --tiny`."""
         resolved = resolve_device(device)
-        return cls(BlipCaptioner.tiny(seed, resolved), ClipModel.tiny(seed, resolved), "superpixels",
+        return cls(tiny_captioner(captioner, seed, resolved), ClipModel.tiny(seed, resolved), "superpixels",
                    segmenter_options={"torchvision": {"pretrained": False}})  # random Mask R-CNN: no download
+
+    def with_captioner(self, captioner: Captioner) -> "Explainer":
+        """An explainer for another captioner that shares this one's CLIP model and loaded segmenters."""
+        other = Explainer(captioner, self.clip, self.default_segmenter, self.segmenter_options, self.cache.capacity)
+        other._segmenters = self._segmenters
+        return other
 
     # --- captioning -----------------------------------------------------------------------------------------
 
@@ -250,7 +257,24 @@ class Explainer:
                     logger.exception("map %s failed", map_type.key)
                     notes.append(f"The {map_type.key} map could not be computed ({type(err).__name__}: {err}).")
             results.append((logprob, maps, notes))
+        if settings.occlusion is not None:
+            self._occlude(settings.occlusion, pixel_values, token_ids, targets, image_size, results)
         return results
+
+    def _occlude(self, occlusion: Occlusion, pixel_values: torch.Tensor, token_ids: Sequence[int],
+                 targets: list[Target], image_size: tuple[int, int], results: list) -> None:
+        """Add the occlusion map (and what it cost) to each target's maps and notes."""
+        try:
+            heatmaps, cost = occlusion.attribute(self.captioner, pixel_values, token_ids, targets, image_size)
+        except Exception as err:  # noqa: BLE001 — like any map type: a note, not a failure
+            logger.exception("occlusion failed")
+            for _, _, notes in results:
+                notes.append(f"The occlusion map could not be computed ({type(err).__name__}: {err}).")
+            return
+        for (_, maps, notes), heatmap in zip(results, heatmaps):
+            maps[Occlusion.key] = heatmap
+            notes.append(f"Occlusion cost: {cost.images} images in {cost.forward_passes} forward passes, "
+                         f"{cost.seconds:.2f} s (one sweep for {len(targets)} word(s)).")
 
     def _finish(self, rgb: Image.Image, key: str, caption: Caption, item: _Prepared, logprob: float,
                 maps: dict[str, Heatmap], notes: list[str], settings: GroundingSettings) -> Explanation:
@@ -309,3 +333,21 @@ class Explainer:
                 device = str(self.captioner.device)
                 self._segmenters[name] = load_segmenter(name, device=device, **self.segmenter_options.get(name, {}))
             return self._segmenters[name]
+
+
+class Explainers:
+    """One explainer per captioner name, loaded on first use, all sharing one CLIP model and segmenters
+    (the playground's captioner choice and side-by-side comparison)."""
+
+    def __init__(self, first: Explainer, name: str, load: Callable[[str], Captioner]) -> None:
+        self.default = name
+        self._explainers = {name: first}
+        self._load = load
+        self._lock = threading.Lock()
+
+    def get(self, name: str | None = None) -> Explainer:
+        name = name or self.default
+        with self._lock:
+            if name not in self._explainers:
+                self._explainers[name] = self._explainers[self.default].with_captioner(self._load(name))
+            return self._explainers[name]

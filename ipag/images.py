@@ -109,6 +109,8 @@ def _from_array(array: np.ndarray) -> Image.Image:
         array = array[:, :, 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
         raise ImageError(f"An image array must be H×W, H×W×3 or H×W×4, got shape {array.shape}.")
+    if array.size == 0:
+        raise ImageError(f"The image array is empty (shape {array.shape}).")
     if array.dtype == np.uint8:
         return Image.fromarray(array)
     if array.dtype == np.uint16:

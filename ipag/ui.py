@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .errors import QueryError
-from .explainer import Explainer, GroundingSettings, MapSettings
+from .errors import ModelUnavailableError, QueryError
+from .explainer import Explainer, Explainers, GroundingSettings, MapSettings
+from .perturbation import Occlusion
 from .images import ImageError, ImageInput, load_image
 from .render import overlay, region_image
 from .results import Caption, Explanation
@@ -33,6 +34,7 @@ MAP_TITLES = {
     "saliency": "Saliency",
     "cross_attention": "Cross-attention Grad-CAM",
     "clip_relevance": "CLIP relevance",
+    "occlusion": "Occlusion (Δlog p)",
 }
 NO_WORD = "Click a caption word, or type a word and press Explain."
 EXPORTS = Path(tempfile.gettempdir()) / "ipag-exports"
@@ -49,6 +51,7 @@ class Session:
     image: Image.Image | None = None
     caption: Caption | None = None
     explanation: Explanation | None = None
+    captioner: str | None = None  #: which captioner made `caption` (None: the default one)
     query: int | str | None = None  #: what `explanation` answers (a word index or typed text)
     candidate: int = 0  #: which of the explanation's candidate regions is shown
 
@@ -65,6 +68,7 @@ class View:
     template: str = "a photo of {}"
     stage2: bool = False
     fusion_weight: float = 0.0
+    occlusion: bool = False
     opacity: float = 0.5
     colormap: str = "jet"
 
@@ -76,7 +80,8 @@ class View:
     def map_settings(self) -> MapSettings:
         cross = None if self.cross_attention_layer is None else int(self.cross_attention_layer)
         return MapSettings(cam_method=self.cam_method, vision_layer=int(self.vision_layer), cross_attention_layer=cross,
-                           smoothgrad_samples=8 if self.saliency == "SmoothGrad" else 0)
+                           smoothgrad_samples=8 if self.saliency == "SmoothGrad" else 0,
+                           occlusion=Occlusion() if self.occlusion else None)
 
     def grounding_settings(self) -> GroundingSettings:
         return GroundingSettings(segmenter=self.segmenter, template=self.template, stage2=bool(self.stage2),
@@ -244,6 +249,21 @@ def warm_examples(explainer: Explainer, paths: list[str]) -> None:
         explainer.precompute_async(image, caption, view.map_settings(), view.grounding_settings())
 
 
+def compare_captions(explainers: Explainers, names: list[str], image: ImageInput | None, num_beams: int,
+                     max_tokens: int) -> list[list[tuple[str, float | None]]]:
+    """Caption the same image with several captioners (seeds 002/004 compare them): clickable segments each."""
+    if image is None:
+        raise UserError("Upload an image first, then compare captioners.")
+    results = []
+    for name in names:
+        try:
+            _, session, _ = caption_image(explainers.get(name), image, num_beams, max_tokens, Session())
+        except ModelUnavailableError as err:
+            raise UserError(f"Captioner '{name}' is not available: {err}") from err
+        results.append(caption_segments(session.caption))
+    return results
+
+
 # --- stateless API (gradio_client) ----------------------------------------------------------------------------
 
 def api_caption(explainer: Explainer, image: ImageInput | None, num_beams: int = 1,
@@ -312,5 +332,5 @@ def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name)[:40] or "query"
 
 
-__all__ = ["MAP_TITLES", "Rendered", "Session", "UserError", "View", "api_caption", "api_explain", "caption_image",
+__all__ = ["MAP_TITLES", "Rendered", "Session", "UserError", "View", "api_caption", "api_explain", "caption_image", "compare_captions",
            "caption_segments", "explain", "export", "export_files", "render", "select_candidate", "select_word", "trust_rows"]

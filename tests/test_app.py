@@ -39,8 +39,9 @@ def test_api_caption_and_explain_through_gradio_client(app_url):
     caption = client.predict(handle_file(str(EXAMPLES / "coffee.jpg")), 1, 12, api_name="/caption")
     assert caption["text"] and caption["words"]
     word = caption["words"][1]["text"]
-    details, region, gradcam, saliency, cross, relevance = client.predict(
+    details, region, gradcam, saliency, cross, relevance, occlusion = client.predict(
         handle_file(str(EXAMPLES / "coffee.jpg")), word, api_name="/explain")
+    assert occlusion is None  # only when asked for
     assert details["words"] == [word] and details["in_caption"]
     assert details["grounding"]["candidates"]
     assert client.predict(handle_file(str(EXAMPLES / "coffee.jpg")), word, "HiResCAM", api_name="/explain")[0][
@@ -209,6 +210,9 @@ def test_webcam_capture_is_captioned_end_to_end(app_url, browser):
     page.goto(app_url)
     page.locator("#image button[aria-label='Capture from camera']").click()
     page.get_by_text("Click to Access Webcam").click()
+    # capture only once the (synthetic) camera delivers frames: a click before that captures nothing
+    page.wait_for_function("() => [...document.querySelectorAll('#image video')].some(v => v.videoWidth > 0)",
+                           timeout=30_000)
     page.locator("#image button[aria-label='capture photo']").click()
     words = page.locator("#caption .token.highlighted")
     words.first.wait_for(timeout=60_000)

@@ -50,7 +50,7 @@ def photos(tmp_path_factory):
 def explained(photos, tmp_path_factory):
     """One batch run over the folder, shared by the tests that only read its output."""
     out = tmp_path_factory.mktemp("explained")
-    code = cli.main(["explain", str(photos), "--out", str(out), *TINY])
+    code = cli.main(["explain", str(photos), "--out", str(out), "--occlusion", *TINY])
     return out, code
 
 
@@ -96,7 +96,7 @@ def test_second_run_skips_finished_images(photos, explained, monkeypatch, capsys
     calls = []
     original = Explainer.explain_many
     monkeypatch.setattr(Explainer, "explain_many", lambda self, *a, **k: calls.append(a) or original(self, *a, **k))
-    code, stdout, _ = run(capsys, "explain", photos, "--out", out, *TINY)
+    code, stdout, _ = run(capsys, "explain", photos, "--out", out, "--occlusion", *TINY)
     assert code == 1 and "0 image(s) explained, 2 already finished (skipped), 1 failed" in stdout
     assert calls == []
     assert folder_files(out) == before

@@ -49,7 +49,10 @@ def test_select_handler_explains_the_clicked_word(explainer, captioned):
     size = session.image.size
     assert rendered.region.size == size
     for key in ui.MAP_TITLES:
-        assert rendered.maps[key].size == size, key
+        if key == "occlusion":
+            assert rendered.maps[key] is None  # off unless asked for: ~200 extra images
+        else:
+            assert rendered.maps[key].size == size, key
     assert rendered.candidates and rendered.candidates[0].startswith("1. ")
     measures = [row[0] for row in rendered.trust]
     assert "Word probability" in measures and "CLIP: region vs whole image" in measures
@@ -105,9 +108,11 @@ def test_redraw_changes_only_the_drawing(explainer, captioned):
 def test_settings_reach_the_engine(explainer, captioned):
     _, session, _ = captioned
     view = ui.View(cam_method="LayerCAM", vision_layer=0, cross_attention_layer=0, saliency="SmoothGrad",
-                   segmenter="superpixels", template="an image of {}")
+                   segmenter="superpixels", template="an image of {}", occlusion=True)
     session, rendered = ui.explain(explainer, session, 0, view)
     maps = session.explanation.maps
+    assert rendered.maps["occlusion"].size == session.image.size
+    assert any("Occlusion cost" in note for note in session.explanation.notes)
     assert maps["gradcam"].method == "LayerCAM" and maps["gradcam"].layer.endswith("layers.0")
     assert maps["cross_attention"].layer.startswith("decoder layer 0")
     assert maps["saliency"].method.startswith("SmoothGrad")
@@ -173,3 +178,27 @@ def test_warm_examples_caches_every_word_of_every_example(explainer):
         caption = fresh.caption(image)
         for index in range(len(caption.words)):
             assert fresh.explain(image, index, caption=caption).words[0].index == index
+
+
+def test_the_captioner_choice_reaches_the_engine(explainer):
+    from ipag import Explainers
+    from ipag.captioners import tiny_captioner
+
+    loaded = []
+
+    def load(name):
+        loaded.append(name)
+        return tiny_captioner(name)
+
+    explainers = Explainers(explainer, "blip-base", load)
+    gpt2 = explainers.get("vit-gpt2")
+    assert loaded == ["vit-gpt2"] and explainers.get("vit-gpt2") is gpt2  # loaded once
+    assert gpt2.captioner.name == "vit-gpt2" and gpt2.clip is explainer.clip  # CLIP shared
+    rows = ui.compare_captions(explainers, ["blip-base", "vit-gpt2"], Image.open(EXAMPLE), 1, 8)
+    assert len(rows) == 2
+    assert "".join(t for t, _ in rows[1]) == gpt2.caption(Image.open(EXAMPLE), max_new_tokens=8).text
+    _, session, _ = ui.caption_image(gpt2, Image.open(EXAMPLE), 1, 8, ui.Session())
+    session, rendered = ui.explain(gpt2, session, 0, ui.View())
+    assert session.explanation.caption.captioner.startswith("vit-gpt2")
+    with pytest.raises(ui.UserError, match="Upload an image"):
+        ui.compare_captions(explainers, ["blip-base"], None, 1, 8)

@@ -1,0 +1,92 @@
+"""The benchmark's bookkeeping, on tiny models: every metric reported, ratios consistent, goals judged right.
+
+No timing thresholds here: how fast the playground is lives in `python -m ipag.bench`, not in tests.
+"""
+
+import contextlib
+import io
+import json
+import math
+import statistics
+
+import pytest
+import torch
+from transformers import BertTokenizer, BlipConfig
+
+from ipag import bench
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One tiny run through the command line: (returned results, the JSON file's content, printed table)."""
+    path = tmp_path_factory.mktemp("bench") / "results.json"
+    printed = io.StringIO()
+    threads = torch.get_num_threads()
+    try:  # one thread: tiny models gain nothing from more, and on a busy machine each parallel op waits for a core
+        with contextlib.redirect_stdout(printed):
+            results = bench.main(["--tiny", "--runs", "1", "--device", "cpu", "--threads", "1", "--json", str(path)])
+    finally:
+        torch.set_num_threads(threads)
+    return results, json.loads(path.read_text()), printed.getvalue()
+
+
+def test_every_metric_is_reported_positive_and_finite(run):
+    results, _, _ = run
+    assert list(results["metrics"]) == [metric.key for metric in bench.METRICS]
+    for key, value in results["metrics"].items():
+        assert math.isfinite(value) and value > 0, key
+    assert results["metrics"]["explanation_gflop"] > 0
+    for key, values in results["samples"].items():
+        assert len(values) == 1, key
+
+
+def test_medians_and_ratios_are_consistent(run):
+    results, _, _ = run
+    metrics = results["metrics"]
+    for key, values in results["samples"].items():
+        assert metrics[key] == statistics.median(values), key
+    assert metrics["speedup_vs_seed"] == pytest.approx(metrics["seed_way_s"] / metrics["click_s"])
+    assert metrics["flop_floor_s"] == pytest.approx(metrics["explanation_gflop"] / metrics["matmul_peak_gflops"])
+    assert metrics["flop_floor_ratio"] == pytest.approx(metrics["explanation_s"] / metrics["flop_floor_s"])
+
+
+def test_goals_are_judged_against_their_limits(run):
+    results, _, _ = run
+    goals = {goal.metric: goal for goal in bench.CPU_GOALS}
+    assert [g["metric"] for g in results["goals"]] == list(goals)
+    for reported in results["goals"]:
+        goal = goals[reported["metric"]]
+        assert reported["value"] == results["metrics"][goal.metric]
+        expected = reported["value"] >= goal.limit if goal.at_least else reported["value"] <= goal.limit
+        assert reported["met"] is expected
+
+
+def test_environment_json_and_table(run):
+    results, saved, table = run
+    assert saved == json.loads(json.dumps(results))
+    env = results["environment"]
+    assert env["device"] == "cpu" and env["tiny"] and env["threads"] == 1
+    assert (env["caption_words"], env["caption_tokens"]) == (bench.CAPTION_WORDS, 12)
+    assert env["clip_proposals"] >= 1
+    for metric in bench.METRICS:
+        assert metric.label in table
+    assert "torch " + env["torch"] in table
+
+
+def test_real_size_vocabulary_fits_blip_base_and_gives_the_same_caption_tokens():
+    """The full-size run needs minutes; its tokenizer is checked here without building the model."""
+    vocab = bench.bert_like_vocab()
+    text = BlipConfig().text_config
+    assert len(vocab) == text.vocab_size == len(set(vocab.values()))
+    assert (vocab["[PAD]"], vocab["[SEP]"], vocab["[DEC]"]) == (text.pad_token_id, text.sep_token_id,
+                                                                 text.bos_token_id)
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, bos_token="[DEC]")
+    assert tokenizer.tokenize(bench.CAPTION) == ["a", "man", "riding", "a", "skate", "##board", "next", "to", "a",
+                                                 "red", "car"]
+    for query in bench.FREE_QUERIES:
+        assert tokenizer.tokenize(query) == [query]
+
+
+def test_runs_are_bounded_by_the_typed_queries():
+    with pytest.raises(ValueError, match="runs"):
+        bench.run_benchmark(runs=len(bench.FREE_QUERIES) + 1, tiny=True)
