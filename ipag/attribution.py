@@ -26,6 +26,16 @@ class Target:
 
     positions: tuple[int, ...]
 
+    @property
+    def rows(self) -> list[int]:
+        """The decoder output rows that predict the target's tokens (row t−1 holds log p(y_t))."""
+        return [position - 1 for position in self.positions]
+
+    def check(self, length: int) -> None:
+        """Refuse positions outside a sequence of `length` tokens (position 0 is the start token: no prediction)."""
+        if not self.positions or min(self.positions) < 1 or max(self.positions) >= length:
+            raise ValueError(f"Target positions {self.positions} must lie in 1..{length - 1}.")
+
 
 def target_gradients(
     captioner: Captioner,
@@ -47,8 +57,7 @@ def target_gradients(
         return []
     token_ids = list(token_ids)
     for target in targets:
-        if not target.positions or min(target.positions) < 1 or max(target.positions) >= len(token_ids):
-            raise ValueError(f"Target positions {target.positions} must lie in 1..{len(token_ids) - 1}.")
+        target.check(len(token_ids))
     clean = captioner.forward_for_attribution(pixel_values, token_ids, vision_layer, attention_layer)
     noisy = None
     if smoothgrad_samples:
@@ -69,7 +78,7 @@ def target_gradients(
             (noisy_grad,) = torch.autograd.grad(_logprob(noisy, token_ids, target), [noisy.pixel_values],
                                                 retain_graph=keep)
             pixels = torch.cat([pixel_grad, noisy_grad])
-        rows = [position - 1 for position in target.positions]
+        rows = target.rows
         patches = clean.grid[0] * clean.grid[1]  # the last gh·gw tokens; the CLS token comes first
         results.append((float(value.detach()), TargetGradients(
             pixels=_numpy(pixels),
@@ -85,7 +94,7 @@ def target_gradients(
 
 def _logprob(decoded: DecoderPass, token_ids: list[int], target: Target) -> torch.Tensor:
     """Σ_t log p(y_t | image, y_<t) over the target's positions, summed over the batch (noisy copies)."""
-    rows = torch.tensor([p - 1 for p in target.positions], device=decoded.logprobs.device)
+    rows = torch.tensor(target.rows, device=decoded.logprobs.device)
     ids = torch.tensor([token_ids[p] for p in target.positions], device=decoded.logprobs.device)
     picked = decoded.logprobs[:, rows, ids]
     return picked.sum()

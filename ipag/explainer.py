@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -24,13 +23,13 @@ from .captioners import Captioner, DecodeOptions, load_captioner, tiny_captioner
 from .cache import ImageCache, image_key
 from .device import resolve_device
 from .errors import QueryError
-from .grounding import ClipModel, Grounder, composite
+from .grounding import ClipModel, Grounder
 from .images import ImageInput, load_image
 from .maps import CrossAttentionMap, GradCAMMap, MapType, SaliencyMap
 from .perturbation import Occlusion
 from .results import Caption, Explanation, Heatmap, Word
 from .segmenters import Segmenter, load_segmenter, resolve_name
-from .verify import verify
+from .verify import caption_region, composite_logprobs, verify
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +123,10 @@ class Explainer:
                    segmenter_options={"torchvision": {"pretrained": False}})  # random Mask R-CNN: no download
 
     def with_captioner(self, captioner: Captioner) -> "Explainer":
-        """An explainer for another captioner that shares this one's CLIP model and loaded segmenters."""
+        """An explainer for another captioner that shares this one's CLIP model, loaded segmenters and
+        background thread (so precomputing for several captioners never runs more than one job at a time)."""
         other = Explainer(captioner, self.clip, self.default_segmenter, self.segmenter_options, self.cache.capacity)
-        other._segmenters = self._segmenters
+        other._segmenters, other._lock, other._background = self._segmenters, self._lock, self._background
         return other
 
     # --- captioning -----------------------------------------------------------------------------------------
@@ -313,13 +313,15 @@ class Explainer:
         relevance = self.clip.relevance_map(rgb, explanation.grounding.prompt)  # its hooks are per thread
         maps["clip_relevance"] = Heatmap(relevance, relevance, "CLIP relevance (Chefer et al. 2021)",
                                          f"{self.clip.name} vision transformer, all blocks")
-        if settings.verify:
+        if settings.verify:  # several words often share one region: its forward passes are made once
             mask = explanation.grounding.mask
-            region_caption = self.cache.get_or_compute(  # several words often share one region
-                key, ("region caption", image_key(Image.fromarray(mask))),
-                lambda: self._caption_pixels(self.captioner.preprocess(composite(rgb, mask, mode="grey"))))
-            explanation.verification = verify(self.captioner, rgb, explanation.grounding, region_caption,
-                                              item.token_ids, item.target.positions,
+            region = image_key(Image.fromarray(mask))
+            region_caption = self.cache.get_or_compute(key, ("region caption", region),
+                                                       lambda: caption_region(self.captioner, rgb, mask))
+            logprobs = self.cache.get_or_compute(
+                key, ("region logprobs", region, item.token_ids),
+                lambda: composite_logprobs(self.captioner, rgb, mask, item.token_ids))
+            explanation.verification = verify(explanation.grounding, region_caption, logprobs, item.target,
                                               [w.text for w in item.words] or text.split(),
                                               explanation.word_logprob, maps)
 

@@ -89,8 +89,7 @@ class Occlusion:
             return [], PerturbationCost(images=0, forward_passes=0, seconds=0.0)
         token_ids = list(token_ids)
         for target in targets:
-            if not target.positions or min(target.positions) < 1 or max(target.positions) >= len(token_ids):
-                raise ValueError(f"Target positions {target.positions} must lie in 1..{len(token_ids) - 1}.")
+            target.check(len(token_ids))
         height, width = pixel_values.shape[-2:]
         window = (_pixels(self.patch, height), _pixels(self.patch, width))
         rows, columns = _starts(height, window[0], self.stride), _starts(width, window[1], self.stride)
@@ -103,7 +102,7 @@ class Occlusion:
             coverage[box[1:]] += 1.0
         heatmaps = []
         for target in targets:
-            word = logprobs[:, [position - 1 for position in target.positions]].sum(axis=1)
+            word = logprobs[:, target.rows].sum(axis=1)
             evidence = word[0] - word[1:]
             total = np.zeros((height, width))
             for box, value in zip(boxes, evidence):

@@ -128,8 +128,9 @@ def word_for_segment(caption: Caption, segment: int) -> int | None:
 
 
 def caption_image(explainer: Explainer, image: ImageInput | None, num_beams: int, max_tokens: int,
-                  session: Session) -> tuple[list[tuple[str, float | None]], Session, str]:
-    """Caption a new image: returns the clickable caption, the user's new session and a status line."""
+                  session: Session, precompute: bool = True) -> tuple[list[tuple[str, float | None]], Session, str]:
+    """Caption a new image: returns the clickable caption, the user's new session and a status line.
+    With `precompute`, every word is then explained in the background so that clicks only render."""
     if image is None:
         return [], Session(), "Upload an image, take a webcam photo, paste one or pick an example."
     try:
@@ -138,9 +139,9 @@ def caption_image(explainer: Explainer, image: ImageInput | None, num_beams: int
     except (ImageError, ValueError) as err:
         raise UserError(str(err)) from err
     session = Session(image=rgb, caption=caption)
-    # Explain every word in the background with the default settings, so that clicks only render.
-    view = View()
-    explainer.precompute_async(rgb, caption, view.map_settings(), view.grounding_settings())
+    if precompute:  # with the default settings, which most clicks use
+        view = View()
+        explainer.precompute_async(rgb, caption, view.map_settings(), view.grounding_settings())
     if not caption.words:
         return caption_segments(caption), session, "The caption has no words to explain; type a query instead."
     return caption_segments(caption), session, f"{len(caption.words)} words. {NO_WORD}"
@@ -257,7 +258,9 @@ def compare_captions(explainers: Explainers, names: list[str], image: ImageInput
     results = []
     for name in names:
         try:
-            _, session, _ = caption_image(explainers.get(name), image, num_beams, max_tokens, Session())
+            # no background precompute: one per captioner would slow down the click the user makes next
+            _, session, _ = caption_image(explainers.get(name), image, num_beams, max_tokens, Session(),
+                                          precompute=False)
         except ModelUnavailableError as err:
             raise UserError(f"Captioner '{name}' is not available: {err}") from err
         results.append(caption_segments(session.caption))

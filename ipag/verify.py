@@ -8,13 +8,24 @@ the region blurred away, next to CLIP's preference and how much of each heatmap 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
+import torch
 from PIL import Image
 
+from .align import align
+from .attribution import Target
 from .captioners import Captioner
 from .grounding import Grounding, composite
-from .results import Caption, Heatmap, Verification
+from .results import Heatmap, Verification
+
+
+class RegionCaption(NamedTuple):
+    """The captioner's caption of a region alone, and its words in lower case."""
+
+    text: str
+    words: frozenset[str]
 
 
 def mass_inside(values: np.ndarray, mask: np.ndarray) -> float:
@@ -23,31 +34,35 @@ def mass_inside(values: np.ndarray, mask: np.ndarray) -> float:
     return float(values[mask].sum()) / total if total > 0 else 0.0
 
 
-def verify(captioner: Captioner, image: Image.Image, grounding: Grounding, region_caption: Caption,
-           token_ids: Sequence[int], positions: Sequence[int], words: Sequence[str], word_logprob: float,
-           maps: Mapping[str, Heatmap]) -> Verification:
-    """Check `grounding` for the target at `positions` of `token_ids` (the explained word's tokens).
+def caption_region(captioner: Captioner, image: Image.Image, mask: np.ndarray) -> RegionCaption:
+    """What the captioner says when shown only the region (the rest greyed out). Generated only, not scored:
+    just its words are needed, and scoring would cost another forward pass."""
+    token_ids = captioner.generate(captioner.preprocess(composite(image, mask, mode="grey")))
+    text, words = align(captioner.pieces(token_ids), token_ids, [0.0] * len(token_ids))
+    return RegionCaption(text, frozenset(word.text.lower() for word in words))
 
-    `region_caption` is the captioner's caption of the region alone (the rest greyed out); the caller
-    caches it, since the words of one caption often share a region.
-    """
-    region_only = captioner.preprocess(composite(image, grounding.mask, mode="grey"))
-    blurred = captioner.preprocess(composite(image, ~grounding.mask, mode="blur"))
-    said = {word.text.lower() for word in region_caption.words}
-    blurred_logprob = _target_logprob(captioner, blurred, token_ids, positions)
+
+def composite_logprobs(captioner: Captioner, image: Image.Image, mask: np.ndarray,
+                       token_ids: Sequence[int]) -> np.ndarray:
+    """log p(y_t) of every caption token with only the region visible (row 0) and with the region blurred
+    away (row 1), from one batched forward. Every word grounded to this region reads its numbers from it."""
+    pixels = torch.cat([captioner.preprocess(composite(image, mask, mode="grey")),
+                        captioner.preprocess(composite(image, ~mask, mode="blur"))])
+    return captioner.batch_token_logprobs(pixels, list(token_ids)).double().cpu().numpy()
+
+
+def verify(grounding: Grounding, region_caption: RegionCaption, logprobs: np.ndarray, target: Target,
+           words: Sequence[str], word_logprob: float, maps: Mapping[str, Heatmap]) -> Verification:
+    """Check `grounding` for the word with `target` tokens, given what the caller computed (and caches) for
+    its region: the region's own caption and the `composite_logprobs` of the caption's tokens."""
+    region_logprob, blurred_logprob = (float(row[target.rows].sum()) for row in logprobs)
     return Verification(
         clip_region=grounding.similarity,
         clip_image=grounding.image_similarity,
         region_caption=region_caption.text,
-        region_says_word=all(word.lower() in said for word in words),
-        region_logprob=_target_logprob(captioner, region_only, token_ids, positions),
+        region_says_word=all(word.lower() in region_caption.words for word in words),
+        region_logprob=region_logprob,
         blurred_logprob=blurred_logprob,
         delta_logprob_blurred=blurred_logprob - word_logprob,
         mass_inside={key: mass_inside(heatmap.values, grounding.mask) for key, heatmap in maps.items()},
     )
-
-
-def _target_logprob(captioner: Captioner, pixel_values, token_ids: Sequence[int], positions: Sequence[int]) -> float:
-    logprobs = captioner.token_logprobs(pixel_values, list(token_ids))
-    return float(sum(logprobs[p - 1] for p in positions))
-

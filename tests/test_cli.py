@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from ipag import Explainer, cli, ui
@@ -16,16 +15,6 @@ from ipag.evaluation import captions as caption_metrics
 from tests.fixtures.tiny_flickr import write_tiny_flickr
 
 TINY = ["--tiny", "--device", "cpu", "--max-tokens", "3"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a busy machine lose much to it (a batched
-    tiny-BLIP forward measured 1.7 s with two threads against 0.05 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

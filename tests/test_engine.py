@@ -178,6 +178,36 @@ def test_a_caption_phrase_typed_as_text_is_explained_in_context(explainer, photo
     assert explanation.words == (first, second)
     assert explanation.word_logprob == pytest.approx(first.logprob + second.logprob, abs=1e-5)
 
+def test_verification_numbers_are_the_captioner_on_the_composites(photo, caption, monkeypatch):
+    """Each trust number is what it says: log p(word) with only the region shown (grey outside) and with the
+    region blurred away, the region's own caption; and words grounded to one region share its forward pass."""
+    from ipag.grounding import composite
+
+    fresh = Explainer.tiny(seed=0)
+    calls = []
+    score = fresh.captioner.batch_token_logprobs
+    monkeypatch.setattr(fresh.captioner, "batch_token_logprobs", lambda pixels, ids: calls.append(len(pixels))
+                        or score(pixels, ids))
+    explanations = fresh.explain_many(photo, range(len(caption.words)), caption)
+    regions = {explanation.grounding.mask.tobytes() for explanation in explanations}
+    assert calls == [2] * len(regions)  # one batched forward (region only + blurred) per distinct region
+    monkeypatch.undo()
+    for explanation in explanations:
+        check, mask, rows = explanation.verification, explanation.grounding.mask, Target(
+            explanation.token_positions).rows
+        ids = list(caption.token_ids)
+        alone = fresh.captioner.token_logprobs(fresh.captioner.preprocess(composite(photo, mask, mode="grey")), ids)
+        hidden = fresh.captioner.token_logprobs(fresh.captioner.preprocess(composite(photo, ~mask, mode="blur")),
+                                                ids)
+        assert check.region_logprob == pytest.approx(sum(alone[r] for r in rows), abs=1e-4)
+        assert check.blurred_logprob == pytest.approx(sum(hidden[r] for r in rows), abs=1e-4)
+        assert check.delta_logprob_blurred == pytest.approx(check.blurred_logprob - explanation.word_logprob)
+        said = fresh.caption(composite(photo, mask, mode="grey"))
+        assert check.region_caption == said.text
+        assert check.region_says_word == (explanation.words[0].text.lower() in
+                                          {word.text.lower() for word in said.words})
+
+
 
 @pytest.mark.parametrize("query, message", [
     ("", "empty"), ("   \n", "empty"), (99, "out of range"), (-1, "out of range"),

@@ -31,15 +31,6 @@ from ipag.evaluation.report import describe, format_table, summarize
 from tests.fixtures.tiny_flickr import REFERENCES, write_tiny_flickr
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a busy machine lose much to it (a batched
-    tiny-BLIP forward measured 1.7 s with two threads against 0.05 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # --- inputs ---------------------------------------------------------------------------------------------------
 
 def test_flickr_captions_file_is_read_with_commas_quoted_or_not(tmp_path):

@@ -24,7 +24,7 @@ class PlantedCaptioner(Captioner):
     name = "planted"
 
     def __init__(self, sign: float = 1.0) -> None:
-        super().__init__(nn.Identity(), CPU, "planted")
+        super().__init__(nn.Identity(), None, CPU, "planted")
         self.sign = sign
         self.batch_sizes: list[int] = []
 
@@ -41,9 +41,6 @@ class PlantedCaptioner(Captioner):
 
     vision_layers = []
     num_decoder_layers = 1
-
-    def preprocess(self, image):
-        raise NotImplementedError
 
     def _generate(self, pixel_values, options):
         raise NotImplementedError

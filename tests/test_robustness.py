@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ipag import Explainer, ImageError, MapSettings, QueryError, load_image
+from ipag import Explainer, ImageError, QueryError, load_image
 from ipag.grounding import ClipModel
 from ipag.images import MAX_SIDE
 

@@ -194,7 +194,15 @@ def test_the_captioner_choice_reaches_the_engine(explainer):
     gpt2 = explainers.get("vit-gpt2")
     assert loaded == ["vit-gpt2"] and explainers.get("vit-gpt2") is gpt2  # loaded once
     assert gpt2.captioner.name == "vit-gpt2" and gpt2.clip is explainer.clip  # CLIP shared
-    rows = ui.compare_captions(explainers, ["blip-base", "vit-gpt2"], Image.open(EXAMPLE), 1, 8)
+    assert gpt2._background is explainer._background  # one background job at a time across captioners
+    started = []
+    for each in (explainer, gpt2):
+        each.precompute_async = lambda *args, **kwargs: started.append(args)
+    try:
+        rows = ui.compare_captions(explainers, ["blip-base", "vit-gpt2"], Image.open(EXAMPLE), 1, 8)
+    finally:
+        del explainer.precompute_async, gpt2.precompute_async
+    assert started == []  # comparing does not queue a precompute per captioner
     assert len(rows) == 2
     assert "".join(t for t, _ in rows[1]) == gpt2.caption(Image.open(EXAMPLE), max_new_tokens=8).text
     _, session, _ = ui.caption_image(gpt2, Image.open(EXAMPLE), 1, 8, ui.Session())

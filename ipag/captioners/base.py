@@ -18,6 +18,7 @@ from typing import ClassVar, Iterator, Literal
 import torch
 from PIL import Image
 from torch import nn
+from transformers.image_processing_utils import BaseImageProcessor
 
 PieceKind = Literal["start", "continue", "punct", "special"]
 
@@ -69,8 +70,10 @@ class Captioner(ABC):
     #: Neutral text a free query is appended to, so log p(query | image) is a caption-like continuation.
     neutral_prompt: ClassVar[str] = "a picture of"
 
-    def __init__(self, model: nn.Module, device: torch.device, model_id: str) -> None:
+    def __init__(self, model: nn.Module, image_processor: BaseImageProcessor, device: torch.device,
+                 model_id: str) -> None:
         self.model = model.to(device).eval().requires_grad_(False)
+        self.image_processor = image_processor
         self.device = device
         self.model_id = model_id
 
@@ -90,10 +93,6 @@ class Captioner(ABC):
     @abstractmethod
     def num_decoder_layers(self) -> int:
         """How many decoder layers have cross-attention."""
-
-    @abstractmethod
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """The model's pixel input (1, 3, S, S) for an RGB image, through the model's own processor."""
 
     @abstractmethod
     def _generate(self, pixel_values: torch.Tensor, options: DecodeOptions) -> list[int]:
@@ -135,6 +134,11 @@ class Captioner(ABC):
         return index % count
 
     @torch.no_grad()
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """The model's pixel input (1, 3, S, S) for an RGB image, through the model's own image processor."""
+        pixels = self.image_processor(images=image, return_tensors="pt").pixel_values
+        return pixels.to(self.device, dtype=self.model.dtype)
+
     def generate(self, pixel_values: torch.Tensor, options: DecodeOptions = DecodeOptions()) -> list[int]:
         return self._generate(pixel_values, options)
 

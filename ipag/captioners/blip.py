@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 from transformers import (
     BertTokenizer,
@@ -35,7 +34,7 @@ class BlipCaptioner(Captioner):
 
     def __init__(self, model: BlipForConditionalGeneration, processor: BlipProcessor, device: torch.device,
                  model_id: str) -> None:
-        super().__init__(model, device, model_id)
+        super().__init__(model, processor.image_processor, device, model_id)
         self.processor = processor
         self.tokenizer = processor.tokenizer
         text_config = model.config.text_config
@@ -84,10 +83,6 @@ class BlipCaptioner(Captioner):
     @property
     def num_decoder_layers(self) -> int:
         return self.model.config.text_config.num_hidden_layers
-
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        pixels = self.processor.image_processor(images=image, return_tensors="pt").pixel_values
-        return pixels.to(self.device, dtype=self.model.dtype)
 
     def _generate(self, pixel_values: torch.Tensor, options: DecodeOptions) -> list[int]:
         output = self.model.generate(

@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import (
@@ -62,8 +61,7 @@ class VitGpt2Captioner(Captioner):
         if model.decoder.config._attn_implementation != "eager":
             raise ValueError("VitGpt2Captioner needs eager attention: other implementations return no "
                              "cross-attention probabilities. Load with attn_implementation='eager'.")
-        super().__init__(model, device, model_id)
-        self.image_processor = image_processor
+        super().__init__(model, image_processor, device, model_id)
         self.tokenizer = tokenizer
         self._start = model.config.decoder_start_token_id
         self._end = model.config.decoder.eos_token_id
@@ -122,10 +120,6 @@ class VitGpt2Captioner(Captioner):
     @property
     def num_decoder_layers(self) -> int:
         return self.model.config.decoder.num_hidden_layers
-
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        pixels = self.image_processor(images=image, return_tensors="pt").pixel_values
-        return pixels.to(self.device, dtype=self.model.dtype)
 
     def _generate(self, pixel_values: torch.Tensor, options: DecodeOptions) -> list[int]:
         output = self.model.generate(

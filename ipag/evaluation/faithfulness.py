@@ -28,6 +28,7 @@ from PIL import Image
 from pytorch_grad_cam.metrics.road import ROADCombined
 from tqdm import tqdm
 
+from ..attribution import Target
 from ..captioners import Captioner
 from ..errors import QueryError
 from ..explainer import Explainer, GroundingSettings, MapSettings
@@ -53,7 +54,9 @@ class WordTarget:
                  batch_size: int = 32) -> None:
         self.captioner = captioner
         self.token_ids = list(token_ids)
-        self.rows = [p - 1 for p in positions]  # `batch_token_logprobs` column t−1 holds log p(y_t)
+        target = Target(tuple(positions))
+        target.check(len(self.token_ids))
+        self.rows = target.rows
         self.batch_size = batch_size
 
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
