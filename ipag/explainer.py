@@ -140,12 +140,16 @@ class Explainer:
                                          lambda: self._caption_pixels(self.captioner.preprocess(rgb), options))
 
     def _caption_pixels(self, pixel_values: torch.Tensor, options: DecodeOptions = DecodeOptions()) -> Caption:
-        return self.caption_from_ids(pixel_values, self.captioner.generate(pixel_values, options))
+        return self.caption_from_ids(pixel_values, *self.captioner.generate_scored(pixel_values, options))
 
-    def caption_from_ids(self, pixel_values: torch.Tensor, token_ids: Sequence[int]) -> Caption:
-        """Align a given token sequence (starting with the start token) and score it under teacher forcing."""
+    def caption_from_ids(self, pixel_values: torch.Tensor, token_ids: Sequence[int],
+                         logprobs: Sequence[float] | None = None) -> Caption:
+        """Align a token sequence (starting with the start token) with the log-probabilities of its tokens
+        after the first (scored here under teacher forcing when not given)."""
         token_ids = list(token_ids)
-        logprobs = [0.0] + (self.captioner.token_logprobs(pixel_values, token_ids) if len(token_ids) > 1 else [])
+        if logprobs is None:
+            logprobs = self.captioner.token_logprobs(pixel_values, token_ids) if len(token_ids) > 1 else []
+        logprobs = [0.0, *logprobs]
         text, words = align(self.captioner.pieces(token_ids), token_ids, logprobs)
         return Caption(text=text, words=words, token_ids=tuple(token_ids),
                        tokens=tuple(self.captioner.token_strings(token_ids)),

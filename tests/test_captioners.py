@@ -83,6 +83,18 @@ def test_each_captioner_gives_gradients_for_every_map_type(captioner, photo):
         assert heatmap.values.shape == (47, 61) and np.isfinite(heatmap.values).all()
 
 
+@pytest.mark.parametrize("image_seed", [0, 1])
+def test_greedy_generation_scores_equal_teacher_forcing(captioner, image_seed):
+    """A caption is scored from generation's own logits (no second forward): they must be the teacher-forced
+    log-probabilities; beam search's are not, so the caller scores those (None)."""
+    rng = np.random.default_rng(image_seed)
+    pixels = captioner.preprocess(Image.fromarray((rng.random((40, 52, 3)) * 255).astype(np.uint8)))
+    ids, logprobs = captioner.generate_scored(pixels, DecodeOptions(max_new_tokens=8, min_new_tokens=3))
+    assert len(ids) >= 4 and len(logprobs) == len(ids) - 1
+    assert logprobs == pytest.approx(captioner.token_logprobs(pixels, ids), abs=1e-4)
+    assert captioner.generate_scored(pixels, DecodeOptions(num_beams=2, max_new_tokens=8))[1] is None
+
+
 def test_vit_gpt2_depends_on_the_image(vit_gpt2, photo):
     """Guard against vacuous gradient tests (DESIGN.md: at initializer_range=0.02 nothing moves)."""
     pixels = vit_gpt2.preprocess(photo)

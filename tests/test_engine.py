@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ipag import Explainer, MapSettings, ModelUnavailableError, QueryError
+from ipag import Explainer, GroundingSettings, MapSettings, ModelUnavailableError, QueryError
 from ipag.attribution import Target, target_gradients
 from ipag.captioners import BlipCaptioner, DecodeOptions
 from ipag.maps import CAM_METHODS
@@ -177,6 +177,25 @@ def test_a_caption_phrase_typed_as_text_is_explained_in_context(explainer, photo
     assert explanation.in_caption
     assert explanation.words == (first, second)
     assert explanation.word_logprob == pytest.approx(first.logprob + second.logprob, abs=1e-5)
+
+@pytest.mark.parametrize("name", ["blip-base", "vit-gpt2"])
+def test_half_precision_keeps_the_maps(photo, name):
+    """GPUs run the captioner under bfloat16 autocast; CPU autocast runs the same dtype, so the claim that maps
+    survive it is checked here: the same words, near-equal log-probabilities, maps correlated > 0.99."""
+    explainer = Explainer.tiny(seed=0, captioner=name)
+    caption = explainer.caption(photo, max_new_tokens=6)
+    words = range(len(caption.words))
+    grounding = GroundingSettings(enabled=False)
+    full = explainer.explain_many(photo, words, caption, grounding=grounding)
+    explainer.captioner.half_precision = torch.bfloat16
+    half = Explainer(explainer.captioner, None).explain_many(photo, words, caption, grounding=grounding)
+    assert any(a.word_logprob != b.word_logprob for a, b in zip(full, half))  # autocast really ran
+    assert Explainer(explainer.captioner, None).caption(photo, max_new_tokens=6).text == caption.text
+    for a, b in zip(full, half):
+        assert b.word_logprob == pytest.approx(a.word_logprob, abs=0.05 * max(1.0, abs(a.word_logprob)))
+        for key in a.maps:
+            assert np.corrcoef(a.maps[key].values.ravel(), b.maps[key].values.ravel())[0, 1] > 0.99, key
+
 
 def test_verification_numbers_are_the_captioner_on_the_composites(photo, caption, monkeypatch):
     """Each trust number is what it says: log p(word) with only the region shown (grey outside) and with the

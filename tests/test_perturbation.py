@@ -42,7 +42,10 @@ class PlantedCaptioner(Captioner):
     vision_layers = []
     num_decoder_layers = 1
 
-    def _generate(self, pixel_values, options):
+    def _generate_options(self, pixel_values):
+        raise NotImplementedError
+
+    def _caption_end(self, sequence):
         raise NotImplementedError
 
     def tokenize(self, text):

@@ -25,16 +25,20 @@ PieceKind = Literal["start", "continue", "punct", "special"]
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """How to generate a caption. `num_beams=1` is greedy decoding."""
+    """How to generate a caption. `num_beams=1` is greedy decoding; the end token counts as a new token."""
 
     num_beams: int = 1
     max_new_tokens: int = 20
+    min_new_tokens: int | None = None  # None: the model's own minimum (its generation config)
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_beams <= 16:
             raise ValueError(f"num_beams must be between 1 and 16, got {self.num_beams}.")
         if not 1 <= self.max_new_tokens <= 128:
             raise ValueError(f"max_new_tokens must be between 1 and 128, got {self.max_new_tokens}.")
+        if self.min_new_tokens is not None and not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
+                             f"got {self.min_new_tokens}.")
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,11 @@ class Captioner(ABC):
         self.image_processor = image_processor
         self.device = device
         self.model_id = model_id
+        #: Half-precision compute (see `autocast`): bfloat16 on GPUs that have it, where it is about twice as
+        #: fast. Not float16: without loss scaling, small pixel gradients would underflow to zero. None (float32)
+        #: elsewhere, and on CPU, where float32 is fastest.
+        self.half_precision: torch.dtype | None = (
+            torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None)
 
     # --- what each captioner implements -------------------------------------------------------------------
 
@@ -95,8 +104,12 @@ class Captioner(ABC):
         """How many decoder layers have cross-attention."""
 
     @abstractmethod
-    def _generate(self, pixel_values: torch.Tensor, options: DecodeOptions) -> list[int]:
-        """Generated ids, starting with the decoder's start token and without the end token."""
+    def _generate_options(self, pixel_values: torch.Tensor) -> dict:
+        """This model's extra arguments to `model.generate` (token suppression, attention masks)."""
+
+    @abstractmethod
+    def _caption_end(self, sequence: list[int]) -> int:
+        """Where the caption in `model.generate`'s output `sequence` (start token first) ends: its length."""
 
     @abstractmethod
     def _forward(self, pixel_values: torch.Tensor, token_ids: torch.Tensor, cross_attention_layer: int) -> tuple:
@@ -133,14 +146,43 @@ class Captioner(ABC):
             raise ValueError(f"{what} index {index} is out of range: this model has {count} ({-count}..{count - 1}).")
         return index % count
 
-    @torch.no_grad()
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """The model's pixel input (1, 3, S, S) for an RGB image, through the model's own image processor."""
         pixels = self.image_processor(images=image, return_tensors="pt").pixel_values
         return pixels.to(self.device, dtype=self.model.dtype)
 
+    def autocast(self) -> torch.autocast:
+        """Where the model's passes run in `half_precision`: torch's autocast, which runs matrix products and
+        convolutions in half precision but keeps softmax, normalisation and log-probabilities in float32 —
+        the weights stay float32, so gradients and maps keep their shape (tests compare them with float32)."""
+        return torch.autocast(self.device.type, dtype=self.half_precision or torch.float32,
+                              enabled=self.half_precision is not None)
+
     def generate(self, pixel_values: torch.Tensor, options: DecodeOptions = DecodeOptions()) -> list[int]:
-        return self._generate(pixel_values, options)
+        """Generated ids, starting with the decoder's start token and without the end token."""
+        return self.generate_scored(pixel_values, options)[0]
+
+    @torch.no_grad()
+    def generate_scored(self, pixel_values: torch.Tensor,
+                        options: DecodeOptions = DecodeOptions()) -> tuple[list[int], list[float] | None]:
+        """`generate`, and for greedy decoding log p(y_t | image, y_<t) of each generated token (t ≥ 1).
+
+        Greedy generation's raw logits are the teacher-forced ones, so a caption needs no second forward
+        pass to be scored. Beam search's belong to beams that may have been dropped: None then.
+        """
+        greedy = options.num_beams == 1
+        with self.autocast():
+            minimum = {} if options.min_new_tokens is None else {"min_new_tokens": options.min_new_tokens}
+            output = self.model.generate(pixel_values=pixel_values, num_beams=options.num_beams,
+                                         max_new_tokens=options.max_new_tokens, do_sample=False,
+                                         return_dict_in_generate=True, output_logits=greedy,
+                                         **minimum, **self._generate_options(pixel_values))
+        sequence = output.sequences[0].tolist()
+        ids = sequence[: self._caption_end(sequence)]
+        if not greedy:
+            return ids, None
+        steps = torch.log_softmax(_at_least_float32(torch.cat(output.logits)), dim=-1)  # row k−1 predicts y_k
+        return ids, [float(steps[k - 1, ids[k]]) for k in range(1, len(ids))]
 
     @torch.no_grad()
     def token_logprobs(self, pixel_values: torch.Tensor, token_ids: list[int]) -> list[float]:
@@ -155,7 +197,8 @@ class Captioner(ABC):
         than as many single ones.
         """
         ids = torch.tensor([token_ids], device=self.device).expand(pixel_values.shape[0], -1)
-        logits, _ = self._forward(pixel_values, ids, self.num_decoder_layers - 1)
+        with self.autocast():
+            logits, _ = self._forward(pixel_values, ids, self.num_decoder_layers - 1)
         logprobs = torch.log_softmax(_at_least_float32(logits[:, :-1]), dim=-1)
         return logprobs.gather(2, ids[:, 1:, None])[..., 0]
 
@@ -167,7 +210,7 @@ class Captioner(ABC):
         layer = self.resolve_layer(cross_attention_layer, self.num_decoder_layers, "Cross-attention layer")
         pixel_values = pixel_values.detach().clone().requires_grad_(True)
         ids = torch.tensor([token_ids], device=self.device).expand(pixel_values.shape[0], -1)
-        with torch.enable_grad(), _capture_output(block) as captured:
+        with torch.enable_grad(), self.autocast(), _capture_output(block) as captured:
             logits, attention = self._forward(pixel_values, ids, layer)
         tokens = captured[0]
         side = int(round((tokens.shape[1] - 1) ** 0.5))

@@ -14,7 +14,7 @@ from transformers import (
     BlipProcessor,
 )
 
-from .base import Captioner, DecodeOptions, Piece, is_punctuation
+from .base import Captioner, Piece, is_punctuation
 
 #: Words for the tiny model's vocabulary: caption-like words, WordPiece continuations and punctuation, so
 #: that random captions exercise sub-word merging and punctuation handling like the real model's would.
@@ -84,18 +84,13 @@ class BlipCaptioner(Captioner):
     def num_decoder_layers(self) -> int:
         return self.model.config.text_config.num_hidden_layers
 
-    def _generate(self, pixel_values: torch.Tensor, options: DecodeOptions) -> list[int]:
-        output = self.model.generate(
-            pixel_values=pixel_values,
-            num_beams=options.num_beams,
-            max_new_tokens=options.max_new_tokens,
-            suppress_tokens=self._suppressed,
-            do_sample=False,
-        )
-        ids = output[0].tolist()
-        if self._sep in ids:
-            ids = ids[: ids.index(self._sep)]
-        return [i for i in ids if i != self.tokenizer.pad_token_id]
+    def _generate_options(self, pixel_values: torch.Tensor) -> dict:
+        return {"suppress_tokens": self._suppressed}
+
+    def _caption_end(self, sequence: list[int]) -> int:
+        """At the first [SEP] (end) or [PAD] (a finished beam's filler)."""
+        ends = [index for index, token in enumerate(sequence) if token in (self._sep, self.tokenizer.pad_token_id)]
+        return ends[0] if ends else len(sequence)
 
     def _forward(self, pixel_values: torch.Tensor, token_ids: torch.Tensor, cross_attention_layer: int) -> tuple:
         image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state

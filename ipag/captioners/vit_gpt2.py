@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from ..errors import ModelUnavailableError
-from .base import Captioner, DecodeOptions, Piece, is_punctuation
+from .base import Captioner, Piece, is_punctuation
 
 #: Sentences the tiny model's byte-level BPE is trained on (in memory, in milliseconds, deterministically).
 #: Words seen here become whole "Ġword" tokens; other words split into pieces ("skateboards" → "Ġskateboard"
@@ -121,20 +121,15 @@ class VitGpt2Captioner(Captioner):
     def num_decoder_layers(self) -> int:
         return self.model.config.decoder.num_hidden_layers
 
-    def _generate(self, pixel_values: torch.Tensor, options: DecodeOptions) -> list[int]:
-        output = self.model.generate(
-            pixel_values=pixel_values,
-            num_beams=options.num_beams,
-            max_new_tokens=options.max_new_tokens,
-            do_sample=False,
-            # The start token is also the padding token; an explicit mask (generate extends it) tells GPT-2
-            # that it is not padding, and silences its warning.
-            decoder_attention_mask=torch.ones((pixel_values.shape[0], 1), dtype=torch.long, device=self.device),
-        )
-        # Start, end and padding are one id: keep the start token, cut at the first end token after it.
-        ids = output[0].tolist()
-        body = ids[1:]
-        return ids[:1] + (body[: body.index(self._end)] if self._end in body else body)
+    def _generate_options(self, pixel_values: torch.Tensor) -> dict:
+        # The start token is also the padding token; an explicit mask (generate extends it) tells GPT-2 that
+        # it is not padding, and silences its warning.
+        return {"decoder_attention_mask": torch.ones((pixel_values.shape[0], 1), dtype=torch.long,
+                                                     device=self.device)}
+
+    def _caption_end(self, sequence: list[int]) -> int:
+        """Start, end and padding are one id: the caption ends at its first occurrence after the start."""
+        return sequence.index(self._end, 1) if self._end in sequence[1:] else len(sequence)
 
     def _forward(self, pixel_values: torch.Tensor, token_ids: torch.Tensor, cross_attention_layer: int) -> tuple:
         # The encoder runs on its own so that only the decoder's attentions are recorded: the encoder's
