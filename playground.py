@@ -96,7 +96,7 @@ def build_app(explainers: Explainers | Explainer) -> gr.Blocks:
                     saliency = gr.Image(label=ui.MAP_TITLES["saliency"], interactive=False, elem_id="map-saliency")
                 candidates = gr.Radio(label="Candidate regions (the chosen one first)", choices=[],
                                       elem_id="candidates")
-                with gr.Accordion("More maps: decoder cross-attention and CLIP relevance", open=False):
+                with gr.Accordion("More maps: decoder cross-attention, CLIP relevance, occlusion", open=False):
                     with gr.Row():
                         cross = gr.Image(label=ui.MAP_TITLES["cross_attention"], interactive=False,
                                          elem_id="map-cross_attention")
@@ -125,7 +125,8 @@ def build_app(explainers: Explainers | Explainer) -> gr.Blocks:
                 template = gr.Textbox("a photo of {}", label="CLIP prompt template ({} = the word)", max_lines=1)
                 stage2 = gr.Checkbox(False, label="Stage II: refine with superpixels")
                 fusion = gr.Slider(0, 20, value=0, step=0.5, label="Grad-CAM fusion weight (0 = CLIP alone)")
-                occlusion = gr.Checkbox(False, label="Occlusion map (model-agnostic; ~200 extra images, slow on CPU)")
+                occlusion = gr.Checkbox(False, label="Occlusion map (model-agnostic: 225 occluded copies of the "
+                                        "image, slower)")
             with gr.Row():
                 opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity")
                 colormap = gr.Dropdown(list(COLORMAPS), value="jet", label="Colour map")

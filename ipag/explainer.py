@@ -240,7 +240,8 @@ class Explainer:
                          words)
 
     def _attribute(self, pixel_values: torch.Tensor, token_ids: Sequence[int], targets: list[Target],
-                   settings: MapSettings, image_size: tuple[int, int]) -> list[tuple[float, dict[str, Heatmap], list[str]]]:
+                   settings: MapSettings,
+                   image_size: tuple[int, int]) -> list[tuple[float, dict[str, Heatmap], list[str]]]:
         """(log-probability, maps, notes) per target. A map type that fails leaves a note, not a failure:
         the user still gets the other maps."""
         layers = self.captioner.num_decoder_layers

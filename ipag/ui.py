@@ -215,7 +215,7 @@ def status_line(explanation: Explanation) -> str:
     if grounding is not None:
         line += (f" Region: **{html.escape(grounding.label)}** (p = {grounding.score:.2f}"
                  f"{', the whole image won' if grounding.baseline_won else ''}).")
-    return line + "".join(f"\n\n⚠ {html.escape(note)}" for note in notes)
+    return line + "".join(f"\n\n• {html.escape(note)}" for note in notes)
 
 
 def trust_rows(explanation: Explanation) -> list[list[Any]]:
@@ -335,5 +335,6 @@ def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name)[:40] or "query"
 
 
-__all__ = ["MAP_TITLES", "Rendered", "Session", "UserError", "View", "api_caption", "api_explain", "caption_image", "compare_captions",
-           "caption_segments", "explain", "export", "export_files", "render", "select_candidate", "select_word", "trust_rows"]
+__all__ = ["MAP_TITLES", "Rendered", "Session", "UserError", "View", "api_caption", "api_explain", "caption_image",
+           "caption_segments", "compare_captions", "explain", "export", "export_files", "render", "select_candidate",
+           "select_word", "trust_rows"]
