@@ -11,6 +11,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import numpy as np
@@ -34,6 +35,7 @@ class ImageCache:
             raise ValueError(f"The cache must hold at least one image, got capacity={capacity}.")
         self.capacity = capacity
         self._tables: OrderedDict[str, dict[Hashable, Any]] = OrderedDict()
+        self._pending: dict[tuple[str, Hashable], Future] = {}  # values being computed, by (image, key)
         self._lock = threading.Lock()
 
     def get(self, image: str, key: Hashable) -> Any | None:
@@ -52,11 +54,33 @@ class ImageCache:
                 self._tables.popitem(last=False)
 
     def get_or_compute(self, image: str, key: Hashable, compute: Callable[[], T]) -> T:
-        """The cached value, or `compute()` stored (computed outside the lock: other images go on)."""
-        value = self.get(image, key)
-        if value is None:
+        """The cached value, or `compute()` stored. It runs outside the lock (other images go on) and once: a
+        caller asking for a value that another thread is computing waits for it instead of computing it
+        again — a click during the background precompute shares its segmentation, say, on a busy CPU."""
+        with self._lock:
+            table = self._tables.get(image)
+            if table is not None and key in table:
+                self._tables.move_to_end(image)
+                return table[key]
+            pending = self._pending.get((image, key))
+            if pending is None:
+                pending = self._pending[(image, key)] = Future()
+                owner = True
+            else:
+                owner = False
+        if not owner:
+            return pending.result()
+        try:
             value = compute()
-            self.put(image, key, value)
+        except BaseException as err:
+            with self._lock:
+                del self._pending[(image, key)]
+            pending.set_exception(err)
+            raise
+        self.put(image, key, value)
+        with self._lock:
+            del self._pending[(image, key)]
+        pending.set_result(value)
         return value
 
     def images(self) -> list[str]:

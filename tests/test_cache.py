@@ -62,6 +62,58 @@ def test_the_cache_evicts_least_recently_used_images():
         ImageCache(capacity=0)
 
 
+def test_a_value_being_computed_is_computed_once_for_concurrent_callers():
+    cache = ImageCache()
+    started, release, calls, results = threading.Event(), threading.Event(), [], []
+
+    def slow():
+        calls.append(1)
+        started.set()
+        release.wait(10)
+        return "segments"
+
+    first = threading.Thread(target=lambda: results.append(cache.get_or_compute("a", "k", slow)))
+    first.start()
+    started.wait(10)
+    second = threading.Thread(target=lambda: results.append(cache.get_or_compute("a", "k", slow)))
+    second.start()
+    second.join(0.3)
+    assert second.is_alive()  # waiting for the first thread's value (or, wrongly, computing its own)
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert results == ["segments", "segments"] and calls == [1]
+
+
+def test_a_failed_computation_reaches_its_waiters_and_is_not_cached():
+    cache = ImageCache()
+    started, release, errors = threading.Event(), threading.Event(), []
+
+    def failing():
+        started.set()
+        release.wait(10)
+        raise RuntimeError("segmenter failed")
+
+    def call():
+        try:
+            cache.get_or_compute("a", "k", failing)
+        except RuntimeError as err:
+            errors.append(str(err))
+
+    threads = [threading.Thread(target=call)]
+    threads[0].start()
+    started.wait(10)
+    threads.append(threading.Thread(target=call))
+    threads[1].start()
+    threads[1].join(0.3)
+    assert threads[1].is_alive()
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert errors == ["segmenter failed"] * 2
+    assert cache.get_or_compute("a", "k", lambda: "retried") == "retried"  # a later call tries again
+
+
 def test_explainer_memory_is_bounded_by_images(explainer):
     bounded = fresh(explainer, cache_size=2)
     images = [picture(seed) for seed in (3, 4, 5)]
