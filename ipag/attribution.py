@@ -10,7 +10,7 @@ saliency (pixels). Weights are frozen, so no parameter gradient is ever computed
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,14 +47,16 @@ def target_gradients(
     smoothgrad_samples: int = 0,
     smoothgrad_noise: float = 0.15,
     seed: int = 0,
-) -> list[tuple[float, TargetGradients]]:
+) -> Iterator[tuple[float, TargetGradients]]:
     """(log-probability, gradients) for each target, sharing one forward pass (two with SmoothGrad).
 
+    Yielded one target at a time, as soon as its backward pass is done, so that a caller can use (and
+    cache) the first words while the others are still being computed; the graph is freed after the last.
     SmoothGrad's noisy copies go through the model as one batch; their pixel gradients are stacked after
     the clean pass's, so the saliency map type sees all of them.
     """
     if not targets:
-        return []
+        return
     token_ids = list(token_ids)
     for target in targets:
         target.check(len(token_ids))
@@ -66,7 +68,6 @@ def target_gradients(
         noise = torch.randn((smoothgrad_samples, *pixel_values.shape[1:]), generator=generator) * spread
         noisy_pixels = pixel_values + noise.to(pixel_values.device, pixel_values.dtype)
         noisy = captioner.forward_for_attribution(noisy_pixels, token_ids, vision_layer, attention_layer)
-    results = []
     for index, target in enumerate(targets):
         keep = index < len(targets) - 1
         value = _logprob(clean, token_ids, target)
@@ -80,7 +81,7 @@ def target_gradients(
             pixels = torch.cat([pixel_grad, noisy_grad])
         rows = target.rows
         patches = clean.grid[0] * clean.grid[1]  # the last gh·gw tokens; the CLS token comes first
-        results.append((float(value.detach()), TargetGradients(
+        yield float(value.detach()), TargetGradients(
             pixels=_numpy(pixels),
             vision_activations=_grid(clean.vision_tokens, clean.grid),
             vision_gradients=_grid(vision_grad, clean.grid),
@@ -88,8 +89,7 @@ def target_gradients(
             attention_gradients=_numpy(attention_grad[0][:, rows, -patches:]),
             vision_layer=clean.vision_layer,
             attention_layer=clean.attention_layer,
-        )))
-    return results
+        )
 
 
 def _logprob(decoded: DecoderPass, token_ids: list[int], target: Target) -> torch.Tensor:

@@ -208,7 +208,7 @@ def explanation_flops(explainer: Explainer, pixel_values: torch.Tensor, token_id
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _GlobalOnly()
     with counter:
-        target_gradients(explainer.captioner, pixel_values, token_ids, [target], -1, -1)
+        list(target_gradients(explainer.captioner, pixel_values, token_ids, [target], -1, -1))
     return float(counter.get_total_flops())
 
 
@@ -313,7 +313,7 @@ def run_benchmark(runs: int = 3, device: str = "auto", tiny: bool = False, segme
             "click_s": lambda: ui.explain(explainer, session, word, view)[0],
             "free_query_s": lambda: ui.explain(explainer, session, FREE_QUERIES[run], view),
             "seed_way_s": lambda: seed_way(explainer, rgb, token_ids, word, view),
-            "explanation_s": lambda: target_gradients(captioner, pixel_values, token_ids, [target], -1, -1),
+            "explanation_s": lambda: list(target_gradients(captioner, pixel_values, token_ids, [target], -1, -1)),
         }
         results = {}
         for key, step in steps.items():  # in this order: the click must follow the precompute

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -186,9 +186,12 @@ class Explainer:
         for token_ids, members in groups.items():
             results = self._attribute(pixel_values, token_ids, [prepared[i].target for i in members], settings,
                                       rgb.size)
-            for index, (logprob, maps, notes) in zip(members, results):
-                found[index] = self._finish(rgb, key, caption, prepared[index], logprob, maps, notes, grounding)
-                self.cache.put(key, self._result_key(prepared[index], settings, grounding), found[index])
+            for index, (logprob, maps, notes) in zip(members, results):  # each word cached as soon as it is done
+                result_key = self._result_key(prepared[index], settings, grounding)
+                found[index] = self.cache.get(key, result_key)  # a click may have finished it meanwhile
+                if found[index] is None:
+                    found[index] = self._finish(rgb, key, caption, prepared[index], logprob, maps, notes, grounding)
+                    self.cache.put(key, result_key, found[index])
         return [found[i] for i in range(len(prepared))]
 
     def precompute(self, image: ImageInput, caption: Caption, settings: MapSettings = MapSettings(),
@@ -241,18 +244,19 @@ class Explainer:
 
     def _attribute(self, pixel_values: torch.Tensor, token_ids: Sequence[int], targets: list[Target],
                    settings: MapSettings,
-                   image_size: tuple[int, int]) -> list[tuple[float, dict[str, Heatmap], list[str]]]:
-        """(log-probability, maps, notes) per target. A map type that fails leaves a note, not a failure:
-        the user still gets the other maps."""
+                   image_size: tuple[int, int]) -> Iterator[tuple[float, dict[str, Heatmap], list[str]]]:
+        """(log-probability, maps, notes) per target, one at a time as each backward pass finishes. A map type
+        that fails leaves a note, not a failure: the user still gets the other maps."""
         layers = self.captioner.num_decoder_layers
         attention_layer = settings.cross_attention_layer
         if attention_layer is None:
             attention_layer = (2 * layers) // 3 if layers >= 3 else layers - 1
         map_types = settings.map_types()
+        occluded = (self._occlude(settings.occlusion, pixel_values, token_ids, targets, image_size)
+                    if settings.occlusion is not None else [({}, [])] * len(targets))
         computed = target_gradients(self.captioner, pixel_values, token_ids, targets, settings.vision_layer,
                                     attention_layer, settings.smoothgrad_samples, settings.smoothgrad_noise)
-        results = []
-        for logprob, gradients in computed:
+        for (logprob, gradients), (occlusion_map, occlusion_notes) in zip(computed, occluded):
             maps: dict[str, Heatmap] = {}
             notes: list[str] = []
             for map_type in map_types:
@@ -261,25 +265,19 @@ class Explainer:
                 except Exception as err:  # noqa: BLE001 — any failure of one map must not cost the others
                     logger.exception("map %s failed", map_type.key)
                     notes.append(f"The {map_type.key} map could not be computed ({type(err).__name__}: {err}).")
-            results.append((logprob, maps, notes))
-        if settings.occlusion is not None:
-            self._occlude(settings.occlusion, pixel_values, token_ids, targets, image_size, results)
-        return results
+            yield logprob, maps | occlusion_map, notes + occlusion_notes
 
     def _occlude(self, occlusion: Occlusion, pixel_values: torch.Tensor, token_ids: Sequence[int],
-                 targets: list[Target], image_size: tuple[int, int], results: list) -> None:
-        """Add the occlusion map (and what it cost) to each target's maps and notes."""
+                 targets: list[Target], image_size: tuple[int, int]) -> list[tuple[dict[str, Heatmap], list[str]]]:
+        """The occlusion map (one sweep serves every target) and a note with what it cost, per target."""
         try:
             heatmaps, cost = occlusion.attribute(self.captioner, pixel_values, token_ids, targets, image_size)
         except Exception as err:  # noqa: BLE001 — like any map type: a note, not a failure
             logger.exception("occlusion failed")
-            for _, _, notes in results:
-                notes.append(f"The occlusion map could not be computed ({type(err).__name__}: {err}).")
-            return
-        for (_, maps, notes), heatmap in zip(results, heatmaps):
-            maps[Occlusion.key] = heatmap
-            notes.append(f"Occlusion cost: {cost.images} images in {cost.forward_passes} forward passes, "
-                         f"{cost.seconds:.2f} s (one sweep for {len(targets)} word(s)).")
+            return [({}, [f"The occlusion map could not be computed ({type(err).__name__}: {err})."])] * len(targets)
+        note = (f"Occlusion cost: {cost.images} images in {cost.forward_passes} forward passes, "
+                f"{cost.seconds:.2f} s (one sweep for {len(targets)} word(s)).")
+        return [({Occlusion.key: heatmap}, [note]) for heatmap in heatmaps]
 
     def _finish(self, rgb: Image.Image, key: str, caption: Caption, item: _Prepared, logprob: float,
                 maps: dict[str, Heatmap], notes: list[str], settings: GroundingSettings) -> Explanation:

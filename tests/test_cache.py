@@ -139,6 +139,36 @@ def test_background_precompute_never_serves_another_images_maps(explainer):
     assert_same(results_a[0], fresh(explainer).explain(a, 0, caption=caption_a))
 
 
+def test_words_are_served_from_the_cache_while_the_precompute_goes_on(explainer, monkeypatch):
+    """Each word is finished and cached as soon as its backward pass is done: a click on word 0 while the
+    background precompute is still on word 1's gradients gets word 0's explanation, computed once."""
+    import ipag.explainer
+
+    shared = fresh(explainer)
+    image = picture(10)
+    caption = shared.caption(image)
+    assert len(caption.words) >= 2
+    reached, release = threading.Event(), threading.Event()
+    gradients = ipag.explainer.target_gradients
+
+    def slow_after_the_first_word(*args, **kwargs):
+        for index, item in enumerate(gradients(*args, **kwargs)):
+            if index == 1:
+                reached.set()
+                release.wait(30)
+            yield item
+
+    monkeypatch.setattr(ipag.explainer, "target_gradients", slow_after_the_first_word)
+    future = shared.precompute_async(image, caption)
+    try:
+        assert reached.wait(60)
+        shared._attribute = lambda *args, **kwargs: pytest.fail("word 0 was recomputed")
+        clicked = shared.explain(image, 0, caption=caption)
+    finally:
+        release.set()
+    assert future.result(timeout=60)[0] is clicked
+
+
 def test_equal_pixels_share_a_key_and_different_pixels_do_not():
     assert image_key(picture(8)) == image_key(picture(8))
     assert image_key(picture(8)) != image_key(picture(9))
