@@ -5,7 +5,7 @@ They are safe to cache, to hand to the UI, and to serialise (`to_dict`) for the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -109,17 +109,7 @@ class Verification:
         return self.clip_region > self.clip_image
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "clip_region": self.clip_region,
-            "clip_image": self.clip_image,
-            "clip_prefers_region": self.clip_prefers_region,
-            "region_caption": self.region_caption,
-            "region_says_word": self.region_says_word,
-            "region_logprob": self.region_logprob,
-            "blurred_logprob": self.blurred_logprob,
-            "delta_logprob_blurred": self.delta_logprob_blurred,
-            "mass_inside": dict(self.mass_inside),
-        }
+        return asdict(self) | {"clip_prefers_region": self.clip_prefers_region}
 
 
 @dataclass

@@ -5,7 +5,7 @@ Compared by identity (`eq=False`), like `Segment`: element-wise array equality h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -26,17 +26,7 @@ class Candidate:
     cam_mass: float | None = None  #: fraction of the Grad-CAM mass inside it; None when no CAM was given
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "probability": self.probability,
-            "similarity": self.similarity,
-            "detector_score": self.detector_score,
-            "source": self.source,
-            "members": list(self.members),
-            "refined": self.refined,
-            "cam_mass": self.cam_mass,
-            "mask": mask_summary(self.mask),
-        }
+        return _fields(self, members=list(self.members), mask=mask_summary(self.mask))
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,22 +59,12 @@ class Grounding:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (masks summarised as area fraction and bounding box, not inlined)."""
-        return {
-            "query": self.query,
-            "prompt": self.prompt,
-            "label": self.label,
-            "score": self.score,
-            "similarity": self.similarity,
-            "image_similarity": self.image_similarity,
-            "clip_prefers_region": self.clip_prefers_region,
-            "baseline_won": self.baseline_won,
-            "refined": self.refined,
-            "source": self.source,
-            "segmenter": self.segmenter,
-            "fusion_weight": self.fusion_weight,
-            "mask": mask_summary(self.mask),
-            "candidates": [candidate.to_dict() for candidate in self.candidates],
-        }
+        return _fields(self, clip_prefers_region=self.clip_prefers_region, mask=mask_summary(self.mask),
+                       candidates=[candidate.to_dict() for candidate in self.candidates])
+
+def _fields(record: Any, **replaced: Any) -> dict[str, Any]:
+    """A dataclass's fields by name, some replaced by JSON-ready forms (not `asdict`: it deep-copies masks)."""
+    return {field.name: getattr(record, field.name) for field in fields(record)} | replaced
 
 
 def mask_summary(mask: np.ndarray) -> dict[str, Any]:
