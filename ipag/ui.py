@@ -23,8 +23,8 @@ from PIL import Image
 
 from .errors import ModelUnavailableError, QueryError
 from .explainer import Explainer, Explainers, GroundingSettings, MapSettings
-from .perturbation import Occlusion
 from .images import ImageError, ImageInput, load_image
+from .perturbation import Occlusion
 from .render import overlay, region_image
 from .results import Caption, Explanation
 
