@@ -3,34 +3,40 @@
     python playground.py --tiny          # tiny random models, offline, for trying the UI
     python playground.py                 # BLIP-base + CLIP ViT-B/32 (downloaded once, then cached)
 
-This file only lays out the page and wires components to the plain functions of `ipag.ui`.
+This file only lays out the page and wires components to the plain functions of `ipag.ui`; every setting's
+default and label come from `ipag.settings.Settings`.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import html
+import inspect
 import threading
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
+from gradio import FileData
 
 from ipag import Explainer, Explainers, ModelUnavailableError
 from ipag import ui
 from ipag.captioners import KNOWN_CAPTIONERS, load_captioner, tiny_captioner
 from ipag.cli import add_model_arguments, load_explainer
-from ipag.maps import CAM_METHODS
+from ipag.maps import CAM_METHODS, MAP_TITLES
 from ipag.render import COLORMAPS
 from ipag.segmenters import available_segmenters
+from ipag.settings import DEFAULTS, SALIENCY_METHODS, Settings
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "examples").glob("*.jpg"))
 INTRO = """# IPAG playground — why did the captioner say that?
 Upload a photo (or use the webcam, paste one, or pick an example). BLIP captions it; **click any caption word**
 (or type one) to see the image region CLIP matches to it, the Grad-CAM and saliency of BLIP's own
 log-probability for that word, and numbers that say how far to trust them."""
-
+#: The views of the map panel: the region first, then every registered map type.
+VIEWS = {"region": "Region", **MAP_TITLES}
 
 #: Local system fonts only: the page must not fetch anything from the internet (offline use, privacy).
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -38,199 +44,314 @@ THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
 
 
 def friendly(fn: Callable) -> Callable:
-    """Turn the errors a user can act on into a message in the page; the app keeps running."""
+    """Turn the errors a user can act on into a message in the page (escaped: it may quote what they typed);
+    the app keeps running. Works for plain handlers and for generators (progressive outputs)."""
+    def message(err: Exception) -> gr.Error:
+        return gr.Error(html.escape(str(err)), print_exception=False)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from fn(*args, **kwargs)
+            except (ui.UserError, ModelUnavailableError) as err:
+                raise message(err) from err
+        return stream
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except (ui.UserError, ModelUnavailableError) as err:
-            raise gr.Error(str(err), print_exception=False) from err
+            raise message(err) from err
     return wrapper
+
+
+@dataclass
+class Page:
+    """The page's components, by role, so that wiring code names them instead of counting positions."""
+
+    explainers: Explainers
+    names: list[str]  #: captioners the page offers
+    settings: dict[str, gr.components.Component] = field(default_factory=dict)  #: Settings field → its widget
+    parts: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["parts"][name]
+        except KeyError as err:
+            raise AttributeError(name) from err
+
+    def read(self, values: tuple) -> Settings:
+        """The settings widgets' values (in `self.settings` order) as a `Settings`."""
+        return Settings.from_values(dict(zip(self.settings, values)))
+
+    def outputs(self) -> list:
+        """What an explanation updates: the session, the region and every map, their captions, the
+        candidates, the trust table, the status line and the raw JSON."""
+        return [self.session, *self.views.values(), *self.labels.values(), self.candidates, self.trust,
+                self.status, self.details]
+
+    def show(self, session: ui.Session, rendered: ui.Rendered) -> tuple:
+        explanation = session.explanation
+        images = {"region": rendered.region, **rendered.maps}
+        labels = {key: _map_label(key, explanation) for key in VIEWS}
+        candidate = rendered.candidates[session.candidate] if rendered.candidates else None
+        return (session, *(images[key] for key in VIEWS), *(labels[key] for key in VIEWS),
+                gr.update(choices=rendered.candidates, value=candidate), rendered.trust, rendered.status,
+                rendered.details)
+
+
+def _map_label(key: str, explanation: Any) -> str:
+    """The line under a view: which method and layer made the map, or why there is none."""
+    if explanation is None:
+        return ""
+    if key == "region":
+        grounding = explanation.grounding
+        return (f"Chosen by CLIP among {explanation.segmenter} proposals: **{html.escape(grounding.label)}**"
+                if grounding else "No region (grounding is off, or still being computed).")
+    heatmap = explanation.maps.get(key)
+    if heatmap is None:
+        return "Still being computed…" if explanation.pending else "Not computed with these settings."
+    return f"{html.escape(heatmap.method)} · {html.escape(heatmap.layer)}"
 
 
 def build_app(explainers: Explainers | Explainer) -> gr.Blocks:
     """The page. Every handler is a thin adapter from components to `ipag.ui` and back."""
     if isinstance(explainers, Explainer):
         explainers = Explainers(explainers, "default", lambda name: explainers.captioner)
-    explainer = explainers.get()
     names = list(dict.fromkeys([explainers.default, *KNOWN_CAPTIONERS])) if explainers.default in KNOWN_CAPTIONERS \
         else [explainers.default]
-    vision_layers = len(explainer.captioner.vision_layers)
-    decoder_layers = explainer.captioner.num_decoder_layers
-    default_cross = (2 * decoder_layers) // 3 if decoder_layers >= 3 else decoder_layers - 1
-
-    # Gradio finds its special arguments (event data, progress) only among the positional parameters,
-    # so they come before the *values of the settings components.
-    def outputs_for(session: ui.Session, rendered: ui.Rendered) -> tuple:
-        candidate = rendered.candidates[session.candidate] if rendered.candidates else None
-        return (session, rendered.region, *(rendered.maps[key] for key in ui.MAP_TITLES),
-                gr.update(choices=rendered.candidates, value=candidate), rendered.trust, rendered.status,
-                rendered.details)
-
+    page = Page(explainers, names)
     with gr.Blocks(title="IPAG playground") as demo:
-        session = gr.State(ui.Session())
+        page.parts["session"] = gr.State(ui.Session())
         gr.Markdown(INTRO)
         with gr.Row():
-            with gr.Column(scale=2):
-                # type="filepath": our loader decodes the upload, with its size checks (decompression bombs).
-                image = gr.Image(type="filepath", sources=["upload", "webcam", "clipboard"], label="Image",
-                                 height=380, elem_id="image")
-                with gr.Accordion("Captioner and decoding", open=False):
-                    captioner = gr.Dropdown(names, value=explainers.default, label="Captioner", elem_id="captioner")
-                    beams = gr.Slider(1, 8, value=1, step=1, label="Beam size (1 = greedy)")
-                    max_tokens = gr.Slider(5, 60, value=20, step=1, label="Max new tokens")
-                caption_button = gr.Button("Caption again", variant="secondary")
-                gr.Examples(EXAMPLES, inputs=image, label="Examples (public domain / CC0, see examples/)")
-            with gr.Column(scale=3):
-                caption = gr.HighlightedText(label="Caption — click a word (colour: its probability)",
-                                             show_legend=False, show_inline_category=False, elem_id="caption")
-                with gr.Row():
-                    query = gr.Textbox(placeholder="…or type a word or phrase and press Enter", show_label=False,
-                                       max_lines=1, max_length=500, scale=4, elem_id="query")
-                    explain_button = gr.Button("Explain", variant="primary", scale=1, elem_id="explain")
-                status = gr.Markdown(ui.NO_WORD, elem_id="status")
-                with gr.Row():
-                    region = gr.Image(label="Region CLIP matches to the word", interactive=False,
-                                      elem_id="region")
-                    gradcam = gr.Image(label=ui.MAP_TITLES["gradcam"], interactive=False, elem_id="map-gradcam")
-                    saliency = gr.Image(label=ui.MAP_TITLES["saliency"], interactive=False, elem_id="map-saliency")
-                candidates = gr.Radio(label="Candidate regions (the chosen one first)", choices=[],
-                                      elem_id="candidates")
-                with gr.Accordion("More maps: decoder cross-attention, CLIP relevance, occlusion", open=False):
-                    with gr.Row():
-                        cross = gr.Image(label=ui.MAP_TITLES["cross_attention"], interactive=False,
-                                         elem_id="map-cross_attention")
-                        relevance = gr.Image(label=ui.MAP_TITLES["clip_relevance"], interactive=False,
-                                             elem_id="map-clip_relevance")
-                        occluded = gr.Image(label=ui.MAP_TITLES["occlusion"], interactive=False,
-                                            elem_id="map-occlusion")
-                with gr.Accordion("Compare captioners (click a word in any of them)", open=False):
-                    compare_button = gr.Button("Caption with every captioner", elem_id="compare")
-                    compared = [gr.HighlightedText(label=name, show_legend=False, show_inline_category=False,
-                                                   elem_id=f"compare-{name}") for name in names]
-                trust = gr.Dataframe(headers=["Measure", "Value", "How to read it"], label="How far to trust this",
-                                     interactive=False, wrap=True, column_widths=["32%", "18%", "50%"],
-                                     elem_id="trust")
-        with gr.Accordion("Settings", open=False):
-            with gr.Row():
-                cam_method = gr.Dropdown(list(CAM_METHODS), value="GradCAM", label="CAM method")
-                vision_layer = gr.Slider(-vision_layers, vision_layers - 1, value=-1, step=1,
-                                         label="Vision block for Grad-CAM (-1 = last)")
-                cross_layer = gr.Slider(-decoder_layers, decoder_layers - 1, value=default_cross, step=1,
-                                        label="Decoder layer for cross-attention")
-                saliency_method = gr.Radio(["gradient", "SmoothGrad"], value="gradient", label="Saliency")
-            with gr.Row():
-                segmenter = gr.Dropdown(available_segmenters(), value=explainer.default_segmenter,
-                                        label="Segmenter (region proposals)")
-                template = gr.Textbox("a photo of {}", label="CLIP prompt template ({} = the word)", max_lines=1)
-                stage2 = gr.Checkbox(False, label="Stage II: refine with superpixels")
-                fusion = gr.Slider(0, 20, value=0, step=0.5, label="Grad-CAM fusion weight (0 = CLIP alone)")
-                occlusion = gr.Checkbox(False, label="Occlusion map (model-agnostic: 225 occluded copies of the "
-                                        "image, slower)")
-            with gr.Row():
-                opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity")
-                colormap = gr.Dropdown(list(COLORMAPS), value="jet", label="Colour map")
-        with gr.Row():
-            export_button = gr.Button("Export this explanation (PNGs + JSON)", elem_id="export")
-            download = gr.File(label="Download", interactive=False, height=80, elem_id="download")
-        with gr.Accordion("Raw result (JSON)", open=False):
-            details = gr.JSON()
-
-        settings = [cam_method, vision_layer, cross_layer, saliency_method, segmenter, template, stage2, fusion,
-                    occlusion, opacity, colormap]
-        explained = [session, region, gradcam, saliency, cross, relevance, occluded, candidates, trust, status,
-                     details]
-
-        @friendly
-        def on_image(picture, name, beam_size, tokens, state, progress=gr.Progress()):
-            progress(0.2, desc="Captioning…")
-            segments, state, message = ui.caption_image(explainers.get(name), picture, beam_size, tokens, state)
-            state = replace(state, captioner=name)
-            blank = ui.render(state, ui.View())
-            blank.status = message
-            return (segments, *outputs_for(state, blank))
-
-        @friendly
-        def on_select(state, evt: gr.SelectData, progress=gr.Progress(), *values):
-            progress(0.2, desc="Explaining the word…")
-            return outputs_for(*ui.select_word(explainers.get(state.captioner), state, evt.index, ui.View.of(*values)))
-
-        def on_compare_select(name):
-            @friendly
-            def handler(state, beam_size, tokens, evt: gr.SelectData, progress=gr.Progress(), *values):
-                progress(0.2, desc=f"Explaining the word with {name}…")
-                chosen = explainers.get(name)
-                segments, state, _ = ui.caption_image(chosen, state.image, beam_size, tokens, state)
-                session, rendered = ui.select_word(chosen, replace(state, captioner=name), evt.index,
-                                                   ui.View.of(*values))
-                return (segments, gr.update(value=name), *outputs_for(session, rendered))
-            return handler
-
-        @friendly
-        def on_compare(state, beam_size, tokens, progress=gr.Progress()):
-            progress(0.1, desc="Captioning with every captioner…")
-            return ui.compare_captions(explainers, names, state.image, beam_size, tokens)
-
-        @friendly
-        def on_query(text, state, progress=gr.Progress(), *values):
-            progress(0.2, desc="Explaining the query…")
-            return outputs_for(*ui.explain(explainers.get(state.captioner), state, text, ui.View.of(*values)))
-
-        @friendly
-        def on_settings(state, progress=gr.Progress(), *values):
-            if state.explanation is None:
-                return outputs_for(state, ui.render(state, ui.View.of(*values)))
-            progress(0.2, desc="Recomputing with the new settings…")
-            return outputs_for(*ui.explain(explainers.get(state.captioner), state, state.query, ui.View.of(*values)))
-
-        @friendly
-        def on_redraw(state, *values):
-            return outputs_for(state, ui.render(state, ui.View.of(*values)))
-
-        @friendly
-        def on_candidate(label, state, *values):
-            return outputs_for(*ui.select_candidate(state, label, ui.View.of(*values)))
-
-        @friendly
-        def on_export(state, *values):
-            return ui.export(state, ui.View.of(*values))
-
-        gr.on([image.change, caption_button.click, captioner.input], on_image,
-              [image, captioner, beams, max_tokens, session], [caption, *explained], api_visibility="private")
-        compare_button.click(on_compare, [session, beams, max_tokens], compared, api_visibility="private")
-        for name, component in zip(names, compared):
-            component.select(on_compare_select(name), [session, beams, max_tokens, *settings],
-                             [caption, captioner, *explained], api_visibility="private")
-        caption.select(on_select, [session, *settings], explained, api_visibility="private")
-        gr.on([explain_button.click, query.submit], on_query, [query, session, *settings], explained,
-              api_visibility="private")
-        for control in (cam_method, vision_layer, cross_layer, saliency_method, segmenter, template, stage2, fusion,
-                        occlusion):
-            control.input(on_settings, [session, *settings], explained, api_visibility="private")
-        for control in (opacity, colormap):
-            control.input(on_redraw, [session, *settings], explained, api_visibility="private",
-                          show_progress="hidden")
-        candidates.input(on_candidate, [candidates, session, *settings], explained, api_visibility="private")
-        export_button.click(on_export, [session, *settings], download, api_visibility="private")
-
-        # Stateless API endpoints for gradio_client (see README): /caption and /explain.
-        with gr.Column(visible=False):
-            api_image = gr.File(file_types=["image"], label="image")  # decoded by our loader, with its checks
-            api_query = gr.Textbox(label="query")
-            api_beams = gr.Number(1, label="num_beams", precision=0)
-            api_tokens = gr.Number(20, label="max_tokens", precision=0)
-            api_cam = gr.Dropdown(list(CAM_METHODS), value="GradCAM", label="cam_method")
-            api_saliency = gr.Dropdown(["gradient", "SmoothGrad"], value="gradient", label="saliency")
-            api_template = gr.Textbox("a photo of {}", label="template")
-            api_json = gr.JSON(label="result")
-            api_maps = [gr.Image(type="pil", label=name) for name in ("region", *ui.MAP_TITLES)]
-        gr.Button(visible=False).click(
-            friendly(functools.partial(ui.api_caption, explainer)), [api_image, api_beams, api_tokens], api_json,
-            api_name="caption")
-        gr.Button(visible=False).click(
-            friendly(functools.partial(ui.api_explain, explainer)),
-            [api_image, api_query, api_cam, api_saliency, api_template], [api_json, *api_maps], api_name="explain")
+            with gr.Column(scale=2, min_width=320):
+                _image_panel(page)
+                _settings_panel(page)
+            with gr.Column(scale=5):
+                _caption_panel(page)
+                _maps_panel(page)
+        _compare_panel(page)
+        _wire_explaining(page)
+        _wire_settings(page)
+        _api(explainers.get())
     return demo
+
+
+def _image_panel(page: Page) -> None:
+    # type="filepath": our loader decodes the upload, with its size checks (decompression bombs).
+    page.parts["image"] = gr.Image(type="filepath", sources=["upload", "webcam", "clipboard"], label="Image",
+                                   height=280, elem_id="image")
+    gr.Examples(EXAMPLES, inputs=page.image, label="Examples (public domain / CC0, see examples/)")
+    with gr.Accordion("Captioner and decoding", open=False):
+        page.parts["captioner"] = gr.Dropdown(page.names, value=page.explainers.default, label="Captioner",
+                                              elem_id="captioner")
+        _setting(page, "num_beams", gr.Slider, minimum=1, maximum=8, step=1)
+        _setting(page, "max_new_tokens", gr.Slider, minimum=5, maximum=60, step=1)
+        page.parts["recaption"] = gr.Button("Caption again", variant="secondary")
+
+
+def _caption_panel(page: Page) -> None:
+    page.parts["caption"] = gr.HighlightedText(label="Caption — click a word (colour: its probability)",
+                                               show_legend=False, show_inline_category=False, elem_id="caption")
+    with gr.Row():
+        page.parts["query"] = gr.Textbox(placeholder="…or type a word or phrase and press Enter", show_label=False,
+                                         max_lines=1, max_length=500, scale=4, elem_id="query")
+        page.parts["explain"] = gr.Button("Explain", variant="primary", scale=1, elem_id="explain")
+    page.parts["status"] = gr.Markdown(ui.NO_WORD, elem_id="status")
+
+
+def _maps_panel(page: Page) -> None:
+    page.parts["views"], page.parts["labels"] = {}, {}
+    with gr.Tabs(elem_id="views"):
+        for key, title in VIEWS.items():
+            with gr.Tab(title, id=key, elem_id=f"tab-{key}"):
+                page.views[key] = gr.Image(show_label=False, interactive=False, height=480, format="jpeg",
+                                           elem_id=f"map-{key}")
+                page.labels[key] = gr.Markdown(elem_id=f"label-{key}")
+                if key == "region":
+                    page.parts["candidates"] = gr.Radio(label="Candidate regions (the chosen one first)",
+                                                        choices=[], elem_id="candidates")
+    page.parts["trust"] = gr.Dataframe(headers=["Measure", "Value", "How to read it"], label="How far to trust this",
+                                       interactive=False, wrap=True, column_widths=["32%", "14%", "54%"],
+                                       max_height=1000, elem_id="trust")
+    with gr.Row():
+        page.parts["export"] = gr.Button("Export this explanation (PNGs + JSON)", elem_id="export")
+        page.parts["download"] = gr.File(label="Download", interactive=False, height=80, elem_id="download")
+    with gr.Accordion("Raw result (JSON)", open=False):
+        page.parts["details"] = gr.JSON()
+
+
+def _settings_panel(page: Page) -> None:
+    explainer = page.explainers.get()
+    resolved = explainer.resolve(DEFAULTS)  # the concrete layers and segmenter "default" stands for here
+    vision, decoder = len(explainer.captioner.vision_layers), explainer.captioner.num_decoder_layers
+    setting = functools.partial(_setting, page)
+    with gr.Accordion("Maps", open=True):
+        setting("cam_method", gr.Dropdown, choices=list(CAM_METHODS))
+        setting("vision_layer", gr.Slider, minimum=-vision, maximum=vision - 1, step=1)
+        setting("cross_attention_layer", gr.Slider, minimum=0, maximum=decoder - 1, step=1,
+                value=resolved.cross_attention_layer)
+        setting("saliency", gr.Radio, choices=list(SALIENCY_METHODS))
+        setting("occlusion", gr.Checkbox)
+    with gr.Accordion("Region", open=False):
+        setting("segmenter", gr.Dropdown, choices=available_segmenters(), value=resolved.segmenter)
+        setting("template", gr.Textbox, max_lines=1)
+        setting("stage2", gr.Checkbox)
+        setting("fusion_weight", gr.Slider, minimum=0, maximum=20, step=0.5)
+    with gr.Accordion("Drawing", open=False):
+        setting("opacity", gr.Slider, minimum=0, maximum=1, step=0.05)
+        setting("colormap", gr.Dropdown, choices=list(COLORMAPS))
+
+
+def _setting(page: Page, name: str, widget: type, **options: Any) -> None:
+    """The widget for the `Settings` field `name`: its label and (unless given) its default from `Settings`."""
+    options.setdefault("value", getattr(DEFAULTS, name))
+    page.settings[name] = widget(label=Settings.label(name), elem_id=f"settings-{name}", **options)
+
+
+def _compare_panel(page: Page) -> None:
+    with gr.Accordion("Compare captioners (click a word in any of them)", open=False):
+        page.parts["compare"] = gr.Button("Caption with every captioner", elem_id="compare")
+        page.parts["compared"] = [gr.HighlightedText(label=name, show_legend=False, show_inline_category=False,
+                                                     elem_id=f"compare-{name}") for name in page.names]
+
+
+def _wire_explaining(page: Page) -> None:
+    """Uploads, clicks, typed queries, candidate picks, comparisons and exports."""
+    get, widgets = page.explainers.get, list(page.settings.values())
+    # Gradio finds its special arguments (event data, progress) only among the positional parameters,
+    # so they come before the *values of the settings widgets.
+
+    @friendly
+    def on_image(picture, name, state, *values):
+        segments, state, message = ui.caption_image(get(name), picture, page.read(values), replace(
+            state, captioner=name))
+        return (segments, *page.show(state, replace(ui.render(state, page.read(values)), status=message)))
+
+    @friendly
+    def on_select(state, evt: gr.SelectData, *values):
+        for shown in ui.select_word(get(state.captioner), state, evt.index, page.read(values)):
+            yield page.show(*shown)
+
+    @friendly
+    def on_query(text, state, *values):
+        for shown in ui.explain(get(state.captioner), state, text, page.read(values)):
+            yield page.show(*shown)
+
+    @friendly
+    def on_candidate(label, state, *values):
+        return page.show(*ui.select_candidate(state, label, page.read(values)))
+
+    gr.on([page.image.change, page.recaption.click, page.captioner.input], on_image,
+          [page.image, page.captioner, page.session, *widgets], [page.caption, *page.outputs()],
+          api_visibility="private")
+    page.caption.select(on_select, [page.session, *widgets], page.outputs(), api_visibility="private")
+    gr.on([page.explain.click, page.query.submit], on_query, [page.query, page.session, *widgets], page.outputs(),
+          api_visibility="private")
+    page.candidates.input(on_candidate, [page.candidates, page.session, *widgets], page.outputs(),
+                          api_visibility="private")
+    page.export.click(friendly(lambda state, *values: ui.export(state, page.read(values))), [page.session, *widgets],
+                      page.download, api_visibility="private")
+    _wire_compare(page)
+
+
+def _wire_compare(page: Page) -> None:
+    get, widgets = page.explainers.get, list(page.settings.values())
+
+    @friendly
+    def on_compare(state, *values):
+        return ui.compare_captions(page.explainers, page.names, state.image, page.read(values))
+
+    def on_compare_select(name):
+        @friendly
+        def handler(state, evt: gr.SelectData, *values):
+            settings = page.read(values)
+            segments, state, _ = ui.caption_image(get(name), state.image, settings, replace(state, captioner=name))
+            for shown in ui.select_word(get(name), state, evt.index, settings):
+                yield (segments, gr.update(value=name), *page.show(*shown))
+        return handler
+
+    page.compare.click(on_compare, [page.session, *widgets], page.compared, api_visibility="private")
+    for name, component in zip(page.names, page.compared):
+        component.select(on_compare_select(name), [page.session, *widgets],
+                         [page.caption, page.captioner, *page.outputs()], api_visibility="private")
+
+
+def _wire_settings(page: Page) -> None:
+    """A setting that changes what is computed re-plans the background work and re-explains the word on
+    screen; drawing settings only redraw."""
+    get, widgets = page.explainers.get, list(page.settings.values())
+    drawing = {name for name, _ in DEFAULTS.key("draw")}
+    decoding = {name for name, _ in DEFAULTS.key("caption")}
+
+    @friendly
+    def on_settings(state, *values):
+        settings = page.read(values)
+        state = ui.replan(get(state.captioner), state, settings)
+        if state.explanation is None:
+            yield page.show(state, ui.render(state, settings))
+            return
+        for shown in ui.explain(get(state.captioner), state, state.query, settings):
+            yield page.show(*shown)
+
+    @friendly
+    def on_redraw(state, *values):
+        return page.show(state, ui.render(state, page.read(values)))
+
+    for name, widget in page.settings.items():
+        if name in drawing:
+            widget.input(on_redraw, [page.session, *widgets], page.outputs(), api_visibility="private",
+                         show_progress="hidden")
+        elif name not in decoding:  # decoding options apply to the next caption ("Caption again")
+            widget.input(on_settings, [page.session, *widgets], page.outputs(), api_visibility="private")
+
+
+def _api(explainer: Explainer) -> None:
+    """The stateless API for `gradio_client` (see README): `/caption` and `/explain`. Nothing is started in the
+    background unless asked (`precompute=True`); images come back as files, by name."""
+
+    def caption(image: FileData, num_beams: int = DEFAULTS.num_beams, max_new_tokens: int = DEFAULTS.max_new_tokens,
+                precompute: bool = False) -> dict:
+        """The caption of an uploaded image: its text, and each word's span, tokens and log-probability."""
+        settings = _settings({"num_beams": num_beams, "max_new_tokens": max_new_tokens})
+        result = ui.api_caption(explainer, _path(image), settings)
+        if precompute:
+            explainer.precompute_async(_path(image), explainer.caption(_path(image), settings), settings)
+        return result
+
+    def explain(image: FileData, word: int | None = None, text: str | None = None, occurrence: int = 1,
+                settings: dict | None = None) -> dict:
+        """Explain caption word number `word` (0-based), or `text` (its `occurrence`-th appearance in the caption,
+        or a phrase, or any free text), with `settings` (names and values of `ipag.Settings`). Returns the
+        explanation as JSON and its images (region and every map) as files, by name."""
+        chosen = _settings(settings or {})
+        explanation, drawings = ui.api_explain(explainer, _path(image), word, text, occurrence, chosen)
+        files = {}
+        for name, picture in drawings.items():
+            path = ui.fresh_path(f"api_{name}", ".png")
+            picture.save(path)
+            files[name] = FileData(path=str(path)).model_dump()
+        return {"explanation": explanation.to_dict(), "images": files}
+
+    gr.api(friendly(caption), api_name="caption")
+    gr.api(friendly(explain), api_name="explain")
+
+
+def _settings(values: dict) -> Settings:
+    try:
+        return Settings.from_values(values)
+    except (TypeError, ValueError) as err:
+        raise ui.UserError(str(err)) from err
+
+
+def _path(image: FileData | dict | None) -> str | None:
+    """The uploaded file's path on the server (Gradio hands `gr.api` functions the file description)."""
+    if image is None:
+        return None
+    return image["path"] if isinstance(image, dict) else image.path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -240,7 +361,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
     parser.add_argument("--auth", metavar="USER:PASS", help="require this login for the page and the API")
-    parser.add_argument("--concurrency", type=int, default=2, help="explanations computed at the same time")
+    parser.add_argument("--concurrency", type=int, default=2, help="requests handled at the same time")
     args = parser.parse_args(argv)
     if args.auth and ":" not in args.auth:
         parser.error("--auth takes USER:PASS")

@@ -3,14 +3,13 @@
 Start with `Explainer` (`Explainer.tiny()` works offline); see README.md for the architecture.
 """
 
-from .captioners import DecodeOptions
 from .errors import ModelUnavailableError, QueryError
-from .explainer import Explainer, Explainers, GroundingSettings, MapSettings
-from .perturbation import Occlusion
+from .explainer import Explainer, Explainers
 from .images import ImageError, load_image
 from .results import Caption, Explanation, Heatmap, Word
+from .settings import DEFAULTS, Settings
 
 __all__ = [
-    "Caption", "DecodeOptions", "Explainer", "Explainers", "Explanation", "GroundingSettings", "Heatmap", "ImageError",
-    "MapSettings", "ModelUnavailableError", "Occlusion", "QueryError", "Word", "load_image",
+    "Caption", "DEFAULTS", "Explainer", "Explainers", "Explanation", "Heatmap", "ImageError", "ModelUnavailableError",
+    "QueryError", "Settings", "Word", "load_image",
 ]

@@ -1,17 +1,25 @@
-"""Where a word's explanation is computed: one forward, one backward per target, every map from it.
+"""Where a word's explanation is computed: one forward per caption, one backward per word, every map from it.
 
 For caption tokens y₁..y_T and a target covering positions a..b, the target is
 Σ_{t=a..b} log p(y_t | image, y_<t) under teacher forcing (the logits at t−1 predict y_t). One forward of
 the captioner on the whole sequence serves every target (the decoder is causal, so later tokens do not
-change earlier predictions); each target then needs one `torch.autograd.grad` call, which yields at once
-the gradients for Grad-CAM (vision patch tokens), cross-attention Grad-CAM (attention probabilities) and
-saliency (pixels). Weights are frozen, so no parameter gradient is ever computed.
+change earlier predictions). Each target's backward pass runs in two steps, with no extra work:
+
+1. from the target to the chosen vision block's patch tokens and the decoder's cross-attention — for the
+   last block that is a backward through the decoder only, a small fraction of the whole — which is all
+   Grad-CAM and cross-attention Grad-CAM need, so they can be shown at once;
+2. from those tokens on through the rest of the vision encoder to the pixels (saliency): by the chain rule,
+   ∂target/∂pixels = (∂tokens/∂pixels)ᵀ · ∂target/∂tokens, because every path from the pixels to the target
+   goes through the block's output.
+
+Weights are frozen, so no parameter gradient is ever computed. SmoothGrad's noisy copies go through the
+model as one extra batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -37,52 +45,48 @@ class Target:
             raise ValueError(f"Target positions {self.positions} must lie in 1..{length - 1}.")
 
 
-def target_gradients(
-    captioner: Captioner,
-    pixel_values: torch.Tensor,
-    token_ids: Sequence[int],
-    targets: Sequence[Target],
-    vision_layer: int,
-    attention_layer: int,
-    smoothgrad_samples: int = 0,
-    smoothgrad_noise: float = 0.15,
-    seed: int = 0,
-) -> Iterator[tuple[float, TargetGradients]]:
-    """(log-probability, gradients) for each target, sharing one forward pass (two with SmoothGrad).
+@dataclass(frozen=True)
+class PassSpec:
+    """What one attribution forward depends on besides the image and the tokens (part of cache keys).
+    Layers are concrete indices (resolved by the explainer); `smoothgrad_samples=0` means no noisy batch."""
 
-    Yielded one target at a time, as soon as its backward pass is done, so that a caller can use (and
-    cache) the first words while the others are still being computed; the graph is freed after the last.
-    SmoothGrad's noisy copies go through the model as one batch; their pixel gradients are stacked after
-    the clean pass's, so the saliency map type sees all of them.
-    """
-    if not targets:
-        return
-    token_ids = list(token_ids)
-    for target in targets:
-        target.check(len(token_ids))
-    clean = captioner.forward_for_attribution(pixel_values, token_ids, vision_layer, attention_layer)
-    noisy = None
-    if smoothgrad_samples:
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        spread = float(pixel_values.max() - pixel_values.min()) * smoothgrad_noise
-        noise = torch.randn((smoothgrad_samples, *pixel_values.shape[1:]), generator=generator) * spread
-        noisy_pixels = pixel_values + noise.to(pixel_values.device, pixel_values.dtype)
-        noisy = captioner.forward_for_attribution(noisy_pixels, token_ids, vision_layer, attention_layer)
-    for index, target in enumerate(targets):
-        keep = index < len(targets) - 1
-        value = _logprob(clean, token_ids, target)
-        pixel_grad, vision_grad, attention_grad = torch.autograd.grad(
-            value, [clean.pixel_values, clean.vision_tokens, clean.cross_attention], retain_graph=keep
-        )
-        pixels = pixel_grad
-        if noisy is not None:
-            (noisy_grad,) = torch.autograd.grad(_logprob(noisy, token_ids, target), [noisy.pixel_values],
-                                                retain_graph=keep)
-            pixels = torch.cat([pixel_grad, noisy_grad])
-        rows = target.rows
+    vision_layer: int
+    attention_layer: int
+    smoothgrad_samples: int = 0
+    smoothgrad_noise: float = 0.15
+    seed: int = 0
+
+
+class AttributionPass:
+    """One teacher-forced forward of `token_ids` on an image, kept (with its autograd graph) so that every
+    target on the sequence gets its gradients from it. Holds the graph until it is dropped: keep one at a
+    time (the explainer keeps the last one while it works through a caption's words)."""
+
+    def __init__(self, captioner: Captioner, pixel_values: torch.Tensor, token_ids: Sequence[int],
+                 spec: PassSpec) -> None:
+        self.token_ids = list(token_ids)
+        self.spec = spec
+        self.clean = captioner.forward_for_attribution(pixel_values, self.token_ids, spec.vision_layer,
+                                                       spec.attention_layer)
+        self.noisy: DecoderPass | None = None
+        if spec.smoothgrad_samples:
+            generator = torch.Generator(device="cpu").manual_seed(spec.seed)
+            spread = float(pixel_values.max() - pixel_values.min()) * spec.smoothgrad_noise
+            noise = torch.randn((spec.smoothgrad_samples, *pixel_values.shape[1:]), generator=generator) * spread
+            noisy_pixels = pixel_values + noise.to(pixel_values.device, pixel_values.dtype)
+            self.noisy = captioner.forward_for_attribution(noisy_pixels, self.token_ids, spec.vision_layer,
+                                                           spec.attention_layer)
+
+    def token_gradients(self, target: Target) -> tuple[float, TargetGradients, torch.Tensor]:
+        """Step 1: (log-probability, gradients without pixels, ∂target/∂vision tokens for step 2)."""
+        target.check(len(self.token_ids))
+        clean = self.clean
+        value = _logprob(clean, self.token_ids, target)
+        vision_grad, attention_grad = torch.autograd.grad(value, [clean.vision_tokens, clean.cross_attention],
+                                                          retain_graph=True)
         patches = clean.grid[0] * clean.grid[1]  # the last gh·gw tokens; the CLS token comes first
-        yield float(value.detach()), TargetGradients(
-            pixels=_numpy(pixels),
+        rows = target.rows
+        gradients = TargetGradients(
             vision_activations=_grid(clean.vision_tokens, clean.grid),
             vision_gradients=_grid(vision_grad, clean.grid),
             attention=_numpy(clean.cross_attention[0][:, rows, -patches:]),
@@ -90,6 +94,31 @@ def target_gradients(
             vision_layer=clean.vision_layer,
             attention_layer=clean.attention_layer,
         )
+        return float(value.detach()), gradients, vision_grad
+
+    def pixel_gradients(self, target: Target, gradients: TargetGradients, vision_grad: torch.Tensor) -> TargetGradients:
+        """Step 2: `gradients` with their pixel gradients (the clean pass's, then SmoothGrad's noisy copies')."""
+        (pixels,) = torch.autograd.grad(self.clean.vision_tokens, self.clean.pixel_values, grad_outputs=vision_grad,
+                                        retain_graph=True)
+        if self.noisy is not None:
+            (noisy,) = torch.autograd.grad(_logprob(self.noisy, self.token_ids, target), self.noisy.pixel_values,
+                                           retain_graph=True)
+            pixels = torch.cat([pixels, noisy])
+        return replace(gradients, pixels=_numpy(pixels))
+
+
+def target_gradients(captioner: Captioner, pixel_values: torch.Tensor, token_ids: Sequence[int],
+                     targets: Sequence[Target], vision_layer: int, attention_layer: int, smoothgrad_samples: int = 0,
+                     smoothgrad_noise: float = 0.15, seed: int = 0) -> Iterator[tuple[float, TargetGradients]]:
+    """(log-probability, complete gradients) for each target, sharing one forward pass (two with SmoothGrad),
+    yielded as each target's backward pass finishes. Layer indices may be negative (Python-style)."""
+    if not targets:
+        return
+    spec = PassSpec(vision_layer, attention_layer, smoothgrad_samples, smoothgrad_noise, seed)
+    attribution = AttributionPass(captioner, pixel_values, token_ids, spec)
+    for target in targets:
+        value, gradients, vision_grad = attribution.token_gradients(target)
+        yield value, attribution.pixel_gradients(target, gradients, vision_grad)
 
 
 def _logprob(decoded: DecoderPass, token_ids: list[int], target: Target) -> torch.Tensor:

@@ -83,6 +83,11 @@ class ImageCache:
         pending.set_result(value)
         return value
 
+    def clear(self) -> None:
+        """Forget every image's values (values being computed are still delivered to their callers)."""
+        with self._lock:
+            self._tables.clear()
+
     def images(self) -> list[str]:
         """Keys of the images held, least recently used first."""
         with self._lock:

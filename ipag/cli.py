@@ -15,14 +15,16 @@ import argparse
 import json
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from . import ui
+from PIL import Image
+
 from .cache import image_key
-from .captioners import KNOWN_CAPTIONERS, DecodeOptions
+from .captioners import KNOWN_CAPTIONERS
 from .errors import ModelUnavailableError, QueryError
 from .evaluation.captions import COCO_METRICS, MetricUnavailableError, evaluate_captions, require_java
 from .evaluation.faithfulness import METRICS, ROAD_PERCENTILES, evaluate_faithfulness
@@ -37,9 +39,11 @@ from .evaluation.inputs import (
 )
 from .evaluation.report import describe, format_table
 from .explainer import Explainer
+from .export import export_files, safe_name
 from .images import ImageError, load_image
 from .maps import CAM_METHODS
-from .results import Explanation
+from .results import Caption, Explanation
+from .settings import DEFAULTS, Settings
 
 #: The file that marks an image as finished. It is written last, inside a temporary folder that is renamed into
 #: place only when complete, so an interrupted run never leaves a folder that looks finished.
@@ -64,12 +68,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_explanation_arguments(parser: argparse.ArgumentParser) -> None:
-    """How the batch commands caption and explain (the playground sets these in the page)."""
+    """How the batch commands caption and explain (the playground sets these in the page). Defaults are
+    `Settings`' own: an option left out is not passed on."""
     group = parser.add_argument_group("explanations")
-    group.add_argument("--cam-method", default="GradCAM", choices=list(CAM_METHODS), help="Grad-CAM variant")
-    group.add_argument("--num-beams", type=int, default=1, help="beam size for captioning (1 = greedy)")
-    group.add_argument("--max-tokens", type=int, default=20, help="longest caption, in tokens")
-    group.add_argument("--occlusion", action="store_true",
+    group.add_argument("--cam-method", choices=list(CAM_METHODS), help=f"Grad-CAM variant ({DEFAULTS.cam_method})")
+    group.add_argument("--num-beams", type=int, help=f"beam size for captioning ({DEFAULTS.num_beams} = greedy)")
+    group.add_argument("--max-tokens", type=int, dest="max_new_tokens",
+                       help=f"longest caption, in tokens ({DEFAULTS.max_new_tokens})")
+    group.add_argument("--occlusion", action="store_true", default=None,
                        help="add the occlusion map (Δlog p of the word when each patch is hidden; slower)")
 
 
@@ -83,16 +89,21 @@ def load_explainer(args: argparse.Namespace) -> Explainer:
                                      args.segmenter or "auto", args.device)
 
 
-def view_of(args: argparse.Namespace) -> ui.View:
-    """The playground's view for these options (so maps and files match what the page shows)."""
-    return ui.View(cam_method=args.cam_method, segmenter=args.segmenter, occlusion=args.occlusion)
+#: Command-line options that are `Settings` fields (the others choose models, inputs and outputs).
+SETTING_OPTIONS = ("cam_method", "num_beams", "max_new_tokens", "occlusion", "segmenter")
 
 
-def model_settings(explainer: Explainer, args: argparse.Namespace) -> dict[str, Any]:
-    """What the results depend on, recorded with them (and compared when resuming)."""
+def settings_of(args: argparse.Namespace) -> Settings:
+    """The settings the options ask for (the page's defaults for those not given), checked."""
+    return Settings.from_values({name: getattr(args, name) for name in SETTING_OPTIONS
+                                 if getattr(args, name, None) is not None})
+
+
+def model_settings(explainer: Explainer, settings: Settings) -> dict[str, Any]:
+    """What the results depend on, recorded with them (and compared when resuming): the models and every
+    resolved setting."""
     return {"captioner": explainer.captioner.describe(), "clip": explainer.clip.name if explainer.clip else None,
-            "segmenter": args.segmenter or explainer.default_segmenter, "cam_method": args.cam_method,
-            "num_beams": args.num_beams, "max_tokens": args.max_tokens, "occlusion": args.occlusion}
+            **explainer.resolve(settings).to_dict()}
 
 
 def _words(spec: str) -> tuple[str, ...] | None:
@@ -143,14 +154,14 @@ def run_explain(args: argparse.Namespace) -> int:
     """Explain every image's words into `--out`: one folder per image, one sub-folder per word."""
     images = _input_images(args.inputs)
     explainer = load_explainer(args)
-    view = view_of(args)
-    settings = model_settings(explainer, args) | {"words": "all" if args.words is None else list(args.words)}
+    settings = settings_of(args)
+    record = model_settings(explainer, settings) | {"words": "all" if args.words is None else list(args.words)}
     names = output_names(images)
     done = skipped = 0
     failed: list[tuple[Path, str]] = []
     for path in tqdm(images, desc="Explaining", unit="image"):
         try:
-            if explain_image(explainer, path, args.out / names[path], settings, view, args):
+            if explain_image(explainer, path, args.out / names[path], record, settings, args.words):
                 done += 1
             else:
                 skipped += 1
@@ -164,35 +175,34 @@ def run_explain(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def explain_image(explainer: Explainer, path: Path, folder: Path, settings: dict[str, Any], view: ui.View,
-                  args: argparse.Namespace) -> bool:
+def explain_image(explainer: Explainer, path: Path, folder: Path, record: dict[str, Any], settings: Settings,
+                  words: Sequence[str] | None) -> bool:
     """Explain one image's words into `folder`, unless they are finished there already (then False)."""
     rgb = load_image(path)
     key = image_key(rgb)
-    if finished(folder, settings, key):
+    if finished(folder, record, key):
         return False
     if folder.exists() and not (folder / INDEX).is_file():
         raise FileExistsError(f"{folder} exists and was not written by `ipag explain`; choose another --out.")
-    caption = explainer.caption(rgb, args.num_beams, args.max_tokens)
-    explanations = explainer.explain_many(rgb, select_queries(caption, args.words), caption, view.map_settings(),
-                                          view.grounding_settings())
-    write_image(folder, {"image": str(path), "image_key": key, "settings": settings},
-                ui.Session(image=rgb, caption=caption), explanations, view)
+    caption = explainer.caption(rgb, settings)
+    explanations = explainer.explain_many(rgb, select_queries(caption, words), caption, settings)
+    write_image(folder, {"image": str(path), "image_key": key, "settings": record}, rgb, caption, explanations,
+                settings)
     return True
 
 
-def finished(folder: Path, settings: dict[str, Any], key: str) -> bool:
+def finished(folder: Path, record: dict[str, Any], key: str) -> bool:
     """Whether `folder` holds this image's complete results for these settings (a changed image or changed
     settings are recomputed)."""
     try:
         index = json.loads((folder / INDEX).read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return index.get("settings") == settings and index.get("image_key") == key
+    return index.get("settings") == record and index.get("image_key") == key
 
 
-def write_image(folder: Path, header: dict[str, Any], session: ui.Session, explanations: list[Explanation],
-                view: ui.View) -> None:
+def write_image(folder: Path, header: dict[str, Any], image: Image.Image, caption: Caption,
+                explanations: list[Explanation], settings: Settings) -> None:
     """Write one image's results into a temporary sibling folder, then swap it in for `folder`."""
     partial = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -200,9 +210,9 @@ def write_image(folder: Path, header: dict[str, Any], session: ui.Session, expla
     entries = []
     for explanation in explanations:
         name = word_folder(explanation)
-        unpack_export(ui.Session(session.image, session.caption, explanation), view, partial / name)
+        write_files(partial / name, export_files(image, explanation, settings, include_image=False))
         entries.append({"folder": name, **_word_summary(explanation)})
-    _write_json(partial / INDEX, header | {"caption": session.caption.to_dict(), "explanations": entries})
+    _write_json(partial / INDEX, header | {"caption": caption.to_dict(), "explanations": entries})
     if folder.exists():  # an earlier result for other settings (the caller refuses folders that are not ours)
         shutil.rmtree(folder)
     partial.rename(folder)
@@ -211,17 +221,15 @@ def write_image(folder: Path, header: dict[str, Any], session: ui.Session, expla
 def word_folder(explanation: Explanation) -> str:
     """`03-dog` for caption word 3, `query-red-car` for a free query."""
     if explanation.in_caption:
-        return f"{explanation.words[0].index:02d}-{ui.safe_name(' '.join(w.text for w in explanation.words))}"
-    return f"query-{ui.safe_name(explanation.query)}"
+        return f"{explanation.words[0].index:02d}-{safe_name(' '.join(w.text for w in explanation.words))}"
+    return f"query-{safe_name(explanation.query)}"
 
 
-def unpack_export(session: ui.Session, view: ui.View, folder: Path) -> None:
-    """The files the playground's Export button downloads (JSON, overlays, maps, region), written into
-    `folder`; the input image itself is left out (it would be copied once per word)."""
+def write_files(folder: Path, files: dict[str, bytes]) -> None:
+    """The files the playground's Export button downloads (JSON, overlays, maps, region), into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, data in ui.export_files(session, view).items():
-        if name != "image.png":
-            (folder / name).write_bytes(data)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
 
 
 def _word_summary(explanation: Explanation) -> dict[str, Any]:
@@ -242,8 +250,9 @@ def run_evaluate_captions(args: argparse.Namespace) -> int:
     if not images:
         raise DatasetError(f"None of the images named in {args.captions} is in {args.images}.")
     explainer = load_explainer(args)
-    result = evaluate_captions(explainer, images, references, args.num_beams, args.max_tokens)
-    result["settings"] = model_settings(explainer, args)
+    settings = settings_of(args)
+    result = evaluate_captions(explainer, images, references, settings)
+    result["settings"] = model_settings(explainer, settings)
     print(caption_table(result))
     return _finish(args, result)
 
@@ -264,11 +273,10 @@ def caption_table(result: dict[str, Any]) -> str:
 def run_evaluate_faithfulness(args: argparse.Namespace) -> int:
     images = _input_images(args.inputs)[: args.limit]
     explainer = load_explainer(args)
-    view = view_of(args)
-    result = evaluate_faithfulness(explainer, images, args.words, view.map_settings(), view.grounding_settings(),
-                                   args.num_beams, args.max_tokens, args.steps, args.road_percentiles,
+    settings = settings_of(args)
+    result = evaluate_faithfulness(explainer, images, args.words, settings, args.steps, args.road_percentiles,
                                    args.batch_size, args.seed)
-    result["settings"] = model_settings(explainer, args) | {
+    result["settings"] = model_settings(explainer, settings) | {
         "steps": args.steps, "road_percentiles": list(args.road_percentiles), "seed": args.seed}
     print(faithfulness_table(result))
     return _finish(args, result)
@@ -337,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        DecodeOptions(args.num_beams, args.max_tokens)  # checked now rather than failing on every image
+        settings_of(args)  # checked now rather than failing on every image
     except ValueError as err:
         parser.error(str(err))
     try:

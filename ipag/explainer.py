@@ -1,9 +1,16 @@
 """The public entry point: caption an image, then explain any caption word or free query.
 
 `Explainer` wires the pieces together and holds no model maths itself: captioners (`ipag.captioners`) run
-the captioning models, `ipag.attribution` computes a target's gradients, `ipag.maps` turns them into
+the captioning models, `ipag.attribution` computes a word's gradients, `ipag.maps` turns them into
 heatmaps, `ipag.grounding` picks the region CLIP matches to the word among `ipag.segmenters`' proposals,
 and `ipag.verify` checks that region against the captioner.
+
+A word is explained in stages, each a task on the explainer's `Scheduler` (one worker, most urgent first)
+whose results are cached per image: the maps from the word's backward pass (token maps first, then the
+pixel maps), its region, the maps with passes of their own, and the trust numbers. `explain_stages`
+yields the explanation after each stage, so a page can show the first maps while the rest is computed;
+`precompute_async` queues every word of a caption in the background, and a click on a word that is not
+ready yet raises that word's tasks to the front instead of computing them a second time.
 """
 
 from __future__ import annotations
@@ -11,25 +18,25 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
 
-import torch
 from PIL import Image
 
 from .align import align, find_phrase
-from .attribution import Target, target_gradients
-from .captioners import Captioner, DecodeOptions, load_captioner, tiny_captioner
+from .attribution import AttributionPass, PassSpec, Target
 from .cache import ImageCache, image_key
+from .captioners import Captioner, DecodeOptions, load_captioner, tiny_captioner
 from .device import resolve_device
 from .errors import QueryError
-from .grounding import ClipModel, Grounder
+from .grounding import ClipModel, Grounder, Grounding
 from .images import ImageInput, load_image
-from .maps import CrossAttentionMap, GradCAMMap, MapType, SaliencyMap
-from .perturbation import Occlusion
+from .maps import MAP_TYPES, MapContext, MapType
 from .results import Caption, Explanation, Heatmap, Word
-from .segmenters import Segmenter, load_segmenter, resolve_name
-from .verify import caption_region, composite_logprobs, verify
+from .schedule import Key, Plan, Priority, Publish, Scheduler
+from .segmenters import SEGMENTER_NAMES, Segmenter, load_segmenter, resolve_name
+from .settings import DEFAULTS, Settings
+from .verify import RegionCaption, caption_region, composite_logprobs, verify
 
 logger = logging.getLogger(__name__)
 
@@ -42,37 +49,6 @@ Query = int | str
 
 
 @dataclass(frozen=True)
-class MapSettings:
-    """Which maps to compute and from where. `cross_attention_layer=None` picks a late-middle decoder layer
-    (⌊2L/3⌋, 8 of 12 for BLIP-base, following LAVIS's choice for BLIP's cross-attention Grad-CAM)."""
-
-    cam_method: str = "GradCAM"
-    vision_layer: int = -1
-    cross_attention_layer: int | None = None
-    smoothgrad_samples: int = 0
-    smoothgrad_noise: float = 0.15
-    occlusion: Occlusion | None = None  #: also an occlusion map (one batched sweep shared by all words)
-
-    def map_types(self) -> list[MapType]:
-        return [GradCAMMap(self.cam_method), CrossAttentionMap(),
-                SaliencyMap(self.smoothgrad_samples, self.smoothgrad_noise)]
-
-
-@dataclass(frozen=True)
-class GroundingSettings:
-    """How the word is grounded. `segmenter=None` uses the explainer's default segmenter; `enabled=False`
-    skips grounding, verification and the CLIP map (attribution maps only)."""
-
-    segmenter: str | None = None
-    template: str = "a photo of {}"
-    stage2: bool = False
-    fusion_weight: float = 0.0
-    top_k: int = 5
-    verify: bool = True
-    enabled: bool = True
-
-
-@dataclass(frozen=True)
 class _Prepared:
     """A query's resolved target: the token sequence to teacher-force and the positions explained."""
 
@@ -80,6 +56,40 @@ class _Prepared:
     token_ids: tuple[int, ...]
     target: Target
     words: tuple[Word, ...]  #: the caption words explained; () for free text
+
+    @property
+    def text(self) -> str:
+        return " ".join(w.text for w in self.words) if self.words else str(self.query).strip()
+
+
+class _Maps(NamedTuple):
+    """What a maps stage publishes: the word's log-probability (None for stages that do not compute it),
+    its maps by key, and notes (a map type that failed, what a map cost)."""
+
+    logprob: float | None
+    maps: dict[str, Heatmap]
+    notes: list[str]
+
+
+class _Region(NamedTuple):
+    grounding: Grounding | None
+    segmenter: str
+    notes: list[str]
+
+
+class _Checks(NamedTuple):
+    """The model-heavy half of the trust numbers (cached per region; `verify` assembles the rest)."""
+
+    region_caption: RegionCaption | None
+    logprobs: Any
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class _Stage:
+    name: str  #: what the page says is still coming, e.g. "region"
+    keys: tuple[Key, ...]
+    work: Callable[[Publish], None]
 
 
 class Explainer:
@@ -92,9 +102,11 @@ class Explainer:
         self.default_segmenter = segmenter
         self.segmenter_options = segmenter_options or {}
         self.cache = ImageCache(cache_size)
+        self.scheduler = Scheduler(self.cache)
+        self.scheduler.on_idle(self._drop_pass)
         self._segmenters: dict[str, Segmenter] = {}
         self._lock = threading.Lock()  # segmenters load once, even when two users ask at the same time
-        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipag-precompute")
+        self._pass: tuple[tuple, AttributionPass] | None = None  # the worker's current forward (see `_attribution`)
 
     @classmethod
     def from_pretrained(cls, captioner: str = "Salesforce/blip-image-captioning-base",
@@ -123,26 +135,50 @@ class Explainer:
                    segmenter_options={"torchvision": {"pretrained": False}})  # random Mask R-CNN: no download
 
     def with_captioner(self, captioner: Captioner) -> "Explainer":
-        """An explainer for another captioner that shares this one's CLIP model, loaded segmenters and
-        background thread (so precomputing for several captioners never runs more than one job at a time)."""
+        """An explainer for another captioner that shares this one's CLIP model, loaded segmenters, cache and
+        worker (so precomputing for several captioners never runs more than one job at a time)."""
         other = Explainer(captioner, self.clip, self.default_segmenter, self.segmenter_options, self.cache.capacity)
-        other._segmenters, other._lock, other._background = self._segmenters, self._lock, self._background
+        other._segmenters, other._lock, other.cache, other.scheduler = (
+            self._segmenters, self._lock, self.cache, self.scheduler)
+        other.scheduler.on_idle(other._drop_pass)
         return other
+
+    def resolve(self, settings: Settings = DEFAULTS) -> Settings:
+        """`settings` with every default made concrete for these models (vision block and decoder layer as
+        non-negative indices, the segmenter's real name), so that equal computations get equal cache keys."""
+        captioner = self.captioner
+        layers, decoder = len(captioner.vision_layers), captioner.num_decoder_layers
+        cross = settings.cross_attention_layer
+        if cross is None:  # a late-middle layer, ⌊2L/3⌋ (8 of 12 for BLIP-base), LAVIS's choice for BLIP
+            cross = (2 * decoder) // 3 if decoder >= 3 else decoder - 1
+        segmenter = resolve_name(settings.segmenter or self.default_segmenter)
+        if segmenter not in SEGMENTER_NAMES:
+            raise ValueError(f"Unknown segmenter {settings.segmenter!r}; choose one of {', '.join(SEGMENTER_NAMES)}.")
+        return replace(settings, vision_layer=captioner.resolve_layer(settings.vision_layer, layers, "Vision layer"),
+                       cross_attention_layer=captioner.resolve_layer(cross, decoder, "Cross-attention layer"),
+                       segmenter=segmenter)
+
+    def clear_cache(self) -> None:
+        """Forget everything computed for every image (models stay loaded): the next request starts cold."""
+        self.cache.clear()
 
     # --- captioning -----------------------------------------------------------------------------------------
 
-    def caption(self, image: ImageInput, num_beams: int = 1, max_new_tokens: int = 20) -> Caption:
+    def caption(self, image: ImageInput, settings: Settings = DEFAULTS) -> Caption:
         """Generate a caption and align it to clickable words with their log-probabilities (cached)."""
         rgb = load_image(image)
-        options = DecodeOptions(num_beams, max_new_tokens)
+        options = DecodeOptions(settings.num_beams, settings.max_new_tokens)
+        key = (image_key(rgb), (self._id, "caption", options))
 
-        return self.cache.get_or_compute(image_key(rgb), ("caption", options),
-                                         lambda: self._caption_pixels(self.captioner.preprocess(rgb), options))
+        def work(publish: Publish) -> None:
+            publish(key, self._caption_pixels(self.captioner.preprocess(rgb), options))
 
-    def _caption_pixels(self, pixel_values: torch.Tensor, options: DecodeOptions = DecodeOptions()) -> Caption:
+        return self.scheduler.result(key, work, Priority.CAPTION)
+
+    def _caption_pixels(self, pixel_values, options: DecodeOptions) -> Caption:
         return self.caption_from_ids(pixel_values, *self.captioner.generate_scored(pixel_values, options))
 
-    def caption_from_ids(self, pixel_values: torch.Tensor, token_ids: Sequence[int],
+    def caption_from_ids(self, pixel_values, token_ids: Sequence[int],
                          logprobs: Sequence[float] | None = None) -> Caption:
         """Align a token sequence (starting with the start token) with the log-probabilities of its tokens
         after the first (scored here under teacher forcing when not given)."""
@@ -158,57 +194,71 @@ class Explainer:
     # --- explaining -----------------------------------------------------------------------------------------
 
     def explain(self, image: ImageInput, query: Query, caption: Caption | None = None,
-                settings: MapSettings = MapSettings(),
-                grounding: GroundingSettings = GroundingSettings()) -> Explanation:
-        """Explain one caption word (by index or text) or a free-text query; see `explain_many`."""
-        return self.explain_many(image, [query], caption, settings, grounding)[0]
+                settings: Settings = DEFAULTS) -> Explanation:
+        """Explain one caption word (by index or text) or a free-text query; see `explain_stages`."""
+        for explanation in self.explain_stages(image, query, caption, settings):
+            pass
+        return explanation
 
-    def explain_many(self, image: ImageInput, queries: Sequence[Query], caption: Caption | None = None,
-                     settings: MapSettings = MapSettings(),
-                     grounding: GroundingSettings = GroundingSettings()) -> list[Explanation]:
-        """Explain several queries; all caption words share one forward pass of the captioner.
+    def explain_stages(self, image: ImageInput, query: Query, caption: Caption | None = None,
+                       settings: Settings = DEFAULTS) -> Iterator[Explanation]:
+        """The explanation after each stage is ready (token maps, pixel maps, region, more maps, trust
+        numbers); the last one is complete, and each says in `pending` what is still coming.
 
         A query is a word index, a caption word or phrase (matched on tokens, first occurrence), or free
         text. Free text is explained as log p(query | image) after the neutral prompt
-        `captioner.neutral_prompt`, and the result says so. `caption` defaults to a fresh greedy caption.
+        `captioner.neutral_prompt`, and the result says so. `caption` defaults to the image's caption with
+        these settings. What was computed before (or by the background precompute) is reused.
         """
+        word = self._word(image, query, caption, settings)
+        stages = word.stages()
+        results: dict[Key, Any] = {}
+        for index, stage in enumerate(stages):
+            futures = self.scheduler.request(stage.keys, stage.work, Priority.CLICK)
+            for number, key in enumerate(stage.keys):
+                results[key] = futures[key].result()
+                later = [s.name for s in stages[index + 1:]]
+                yield word.assemble(results, ([stage.name] if number < len(stage.keys) - 1 else []) + later)
+
+    def explain_many(self, image: ImageInput, queries: Sequence[Query], caption: Caption | None = None,
+                     settings: Settings = DEFAULTS) -> list[Explanation]:
+        """Explain several queries. All stages of all queries are queued at once, every word's maps first,
+        so that the words of a caption share one forward pass of the captioner."""
         rgb = load_image(image)
-        key = image_key(rgb)
-        caption = caption or self.caption(rgb)
-        prepared = [self._prepare_query(query, caption) for query in queries]
-        found = {i: self.cache.get(key, self._result_key(item, settings, grounding)) for i, item in enumerate(prepared)}
-        missing = [i for i, hit in found.items() if hit is None]
-        # One forward for every target on the caption itself, one per free query.
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for index in missing:
-            groups.setdefault(prepared[index].token_ids, []).append(index)
-        pixel_values = self.captioner.preprocess(rgb) if missing else None
-        for token_ids, members in groups.items():
-            results = self._attribute(pixel_values, token_ids, [prepared[i].target for i in members], settings,
-                                      rgb.size)
-            for index, (logprob, maps, notes) in zip(members, results):  # each word cached as soon as it is done
-                result_key = self._result_key(prepared[index], settings, grounding)
-                found[index] = self.cache.get(key, result_key)  # a click may have finished it meanwhile
-                if found[index] is None:
-                    found[index] = self._finish(rgb, key, caption, prepared[index], logprob, maps, notes, grounding)
-                    self.cache.put(key, result_key, found[index])
-        return [found[i] for i in range(len(prepared))]
+        caption = caption or self.caption(rgb, settings)
+        words = [self._word(rgb, query, caption, settings) for query in queries]
+        futures = self._queue(words, Priority.CLICK)
+        return [word.assemble({key: futures[key].result() for key in word.keys()}, []) for word in words]
 
-    def precompute(self, image: ImageInput, caption: Caption, settings: MapSettings = MapSettings(),
-                   grounding: GroundingSettings = GroundingSettings()) -> list[Explanation]:
-        """Explain every caption word (one shared forward) so that later clicks are served from the cache."""
-        return self.explain_many(image, list(range(len(caption.words))), caption, settings, grounding)
+    def precompute(self, image: ImageInput, caption: Caption, settings: Settings = DEFAULTS) -> list[Explanation]:
+        """Explain every caption word (see `precompute_async`) and wait for all of them."""
+        return self.explain_many(image, list(range(len(caption.words))), caption, settings)
 
-    def precompute_async(self, image: ImageInput, caption: Caption, settings: MapSettings = MapSettings(),
-                         grounding: GroundingSettings = GroundingSettings()) -> Future:
-        """`precompute` on a background thread. A click meanwhile is not queued behind it: `explain`
-        computes a word that is not cached yet at once (the model's hooked forward is shared in turn)."""
-        return self._background.submit(self.precompute, load_image(image), caption, settings, grounding)
+    def precompute_async(self, image: ImageInput, caption: Caption, settings: Settings = DEFAULTS) -> Plan:
+        """Queue every caption word's stages in the background (every word's maps first, then regions, …) and
+        return the plan; `Plan.cancel()` drops what has not started (e.g. when the user changes a setting).
+        Clicks go before it, and a click on a word it has queued raises that word's tasks to the front."""
+        rgb = load_image(image)
+        words = [self._word(rgb, index, caption, settings) for index in range(len(caption.words))]
+        plan = self.scheduler.new_plan()
+        self._queue(words, Priority.BACKGROUND, plan)
+        return plan
 
-    @staticmethod
-    def _result_key(item: _Prepared, settings: MapSettings, grounding: GroundingSettings) -> tuple:
-        """What an explanation depends on besides the image: the sequence, the target and the settings."""
-        return ("explanation", item.token_ids, item.target.positions, settings, grounding)
+    def _queue(self, words: list["_Word"], priority: Priority, plan: Plan | None = None) -> dict[Key, Any]:
+        futures: dict[Key, Any] = {}
+        staged = [word.stages() for word in words]
+        for depth in range(max((len(stages) for stages in staged), default=0)):
+            for stages in staged:
+                if depth < len(stages):
+                    stage = stages[depth]
+                    futures |= self.scheduler.request(stage.keys, stage.work, priority, plan)
+        return futures
+
+    def _word(self, image: ImageInput, query: Query, caption: Caption | None, settings: Settings) -> "_Word":
+        rgb = load_image(image)
+        settings = self.resolve(settings)
+        caption = caption or self.caption(rgb, settings)
+        return _Word(self, rgb, image_key(rgb), caption, self._prepare_query(query, caption), settings)
 
     def _prepare_query(self, query: Query, caption: Caption) -> _Prepared:
         """Resolve a query to caption words (index, or a phrase found in the caption) or free-text tokens."""
@@ -242,93 +292,25 @@ class Explainer:
         return _Prepared(query, caption.token_ids, Target(tuple(p for w in words for p in w.token_positions)),
                          words)
 
-    def _attribute(self, pixel_values: torch.Tensor, token_ids: Sequence[int], targets: list[Target],
-                   settings: MapSettings,
-                   image_size: tuple[int, int]) -> Iterator[tuple[float, dict[str, Heatmap], list[str]]]:
-        """(log-probability, maps, notes) per target, one at a time as each backward pass finishes. A map type
-        that fails leaves a note, not a failure: the user still gets the other maps."""
-        layers = self.captioner.num_decoder_layers
-        attention_layer = settings.cross_attention_layer
-        if attention_layer is None:
-            attention_layer = (2 * layers) // 3 if layers >= 3 else layers - 1
-        map_types = settings.map_types()
-        occluded = (self._occlude(settings.occlusion, pixel_values, token_ids, targets, image_size)
-                    if settings.occlusion is not None else [({}, [])] * len(targets))
-        computed = target_gradients(self.captioner, pixel_values, token_ids, targets, settings.vision_layer,
-                                    attention_layer, settings.smoothgrad_samples, settings.smoothgrad_noise)
-        for (logprob, gradients), (occlusion_map, occlusion_notes) in zip(computed, occluded):
-            maps: dict[str, Heatmap] = {}
-            notes: list[str] = []
-            for map_type in map_types:
-                try:
-                    maps[map_type.key] = map_type.attribute(gradients, image_size)
-                except Exception as err:  # noqa: BLE001 — any failure of one map must not cost the others
-                    logger.exception("map %s failed", map_type.key)
-                    notes.append(f"The {map_type.key} map could not be computed ({type(err).__name__}: {err}).")
-            yield logprob, maps | occlusion_map, notes + occlusion_notes
+    # --- what the worker runs -------------------------------------------------------------------------------------
 
-    def _occlude(self, occlusion: Occlusion, pixel_values: torch.Tensor, token_ids: Sequence[int],
-                 targets: list[Target], image_size: tuple[int, int]) -> list[tuple[dict[str, Heatmap], list[str]]]:
-        """The occlusion map (one sweep serves every target) and a note with what it cost, per target."""
-        try:
-            heatmaps, cost = occlusion.attribute(self.captioner, pixel_values, token_ids, targets, image_size)
-        except Exception as err:  # noqa: BLE001 — like any map type: a note, not a failure
-            logger.exception("occlusion failed")
-            return [({}, [f"The occlusion map could not be computed ({type(err).__name__}: {err})."])] * len(targets)
-        note = (f"Occlusion cost: {cost.images} images in {cost.forward_passes} forward passes, "
-                f"{cost.seconds:.2f} s (one sweep for {len(targets)} word(s)).")
-        return [({Occlusion.key: heatmap}, [note]) for heatmap in heatmaps]
+    @property
+    def _id(self) -> str:
+        """Which captioner a cache key belongs to (explainers for several captioners share one cache)."""
+        return self.captioner.describe()
 
-    def _finish(self, rgb: Image.Image, key: str, caption: Caption, item: _Prepared, logprob: float,
-                maps: dict[str, Heatmap], notes: list[str], settings: GroundingSettings) -> Explanation:
-        """Assemble the explanation, with grounding, verification and the CLIP map where CLIP is loaded."""
-        tokens = tuple(self.captioner.token_strings([item.token_ids[p] for p in item.target.positions]))
-        text = " ".join(w.text for w in item.words) if item.words else str(item.query).strip()
-        context_ids = list(item.token_ids[: item.target.positions[0]])
-        context, _ = align(self.captioner.pieces(context_ids), context_ids, [0.0] * len(context_ids))
-        explanation = Explanation(
-            query=str(item.query), in_caption=bool(item.words), words=item.words, tokens=tokens,
-            token_positions=item.target.positions, context=context, word_logprob=logprob, maps=maps,
-            image_size=rgb.size, caption=caption, notes=notes)
-        if not item.words:
-            explanation.notes.append(f"'{text}' is not in the caption: explained as log p(query | image) after "
-                                     f"the neutral prompt '{self.captioner.neutral_prompt}'.")
-        if self.clip is not None and settings.enabled:
-            try:
-                self._ground(explanation, rgb, key, item, text, settings)
-            except Exception as err:  # noqa: BLE001 — the maps are still worth showing without a region
-                logger.exception("grounding failed")
-                explanation.notes.append(f"No region: grounding failed ({err})")
-        return explanation
+    def _attribution(self, rgb: Image.Image, key: str, token_ids: tuple[int, ...], spec: PassSpec) -> AttributionPass:
+        """The forward pass for this image, sequence and spec: the one kept from the previous word when it
+        matches (the words of a caption share it), else a new one replacing it. Only the worker calls this."""
+        wanted = (key, token_ids, spec)
+        if self._pass is None or self._pass[0] != wanted:
+            self._pass = None  # free the old graph before building the new one
+            self._pass = (wanted, AttributionPass(self.captioner, self.captioner.preprocess(rgb), token_ids, spec))
+        return self._pass[1]
 
-    def _ground(self, explanation: Explanation, rgb: Image.Image, key: str, item: _Prepared, text: str,
-                settings: GroundingSettings) -> None:
-        """Add the region, the CLIP relevance map and the verification numbers to `explanation`."""
-        maps = explanation.maps
-        grounder = Grounder(self.clip, template=settings.template, top_k=settings.top_k, stage2=settings.stage2,
-                            fusion_weight=settings.fusion_weight)
-        segmenter = resolve_name(settings.segmenter or self.default_segmenter)
-        prepared = self.cache.get_or_compute(
-            key, ("grounded", segmenter), lambda: grounder.prepare(rgb, self.segmenter(segmenter).segment(rgb)))
-        cam = maps["gradcam"].values if "gradcam" in maps else None
-        explanation.grounding = grounder.ground(prepared, text, cam=cam)
-        explanation.segmenter = prepared.segmenter
-        relevance = self.clip.relevance_map(rgb, explanation.grounding.prompt)  # its hooks are per thread
-        maps["clip_relevance"] = Heatmap(relevance, relevance, "CLIP relevance (Chefer et al. 2021)",
-                                         f"{self.clip.name} vision transformer, all blocks")
-        if settings.verify:  # several words often share one region: its forward passes are made once
-            mask = explanation.grounding.mask
-            region = image_key(Image.fromarray(mask))
-            region_caption = self.cache.get_or_compute(key, ("region caption", region),
-                                                       lambda: caption_region(self.captioner, rgb, mask))
-            logprobs = self.cache.get_or_compute(
-                key, ("region logprobs", region, item.token_ids),
-                lambda: composite_logprobs(self.captioner, rgb, mask, item.token_ids))
-            explanation.verification = verify(explanation.grounding, region_caption, logprobs, item.target,
-                                              [w.text for w in item.words] or text.split(),
-                                              explanation.word_logprob, maps)
-
-    # --- per-image caches -----------------------------------------------------------------------------------
+    def _drop_pass(self) -> None:
+        """Free the kept autograd graph (hundreds of MB for BLIP-base) once the worker has nothing to do."""
+        self._pass = None
 
     def segmenter(self, name: str | None = None) -> Segmenter:
         """The segmenter called `name` (default: the explainer's), loaded once and reused."""
@@ -340,9 +322,201 @@ class Explainer:
             return self._segmenters[name]
 
 
+@dataclass
+class _Word:
+    """One query of one image with resolved settings: the keys and work of its stages, and how to assemble
+    an explanation from their results."""
+
+    explainer: Explainer
+    rgb: Image.Image
+    image: str  #: the image's cache key
+    caption: Caption
+    item: _Prepared
+    settings: Settings
+    map_types: dict[str, list[MapType]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.map_types = {"tokens": [], "pixels": [], "own": []}
+        for map_type in MAP_TYPES:
+            chosen = map_type.from_settings(self.settings)
+            if chosen is not None and not (chosen.needs_clip and self.explainer.clip is None):
+                self.map_types[chosen.needs].append(chosen)
+
+    # --- stages and their keys ------------------------------------------------------------------------------
+
+    def _key(self, *parts: Any) -> Key:
+        item = self.item
+        return self.image, (self.explainer._id, *parts, item.token_ids, item.target.positions)
+
+    @property
+    def spec(self) -> PassSpec:
+        settings = self.settings
+        samples = settings.smoothgrad_samples if settings.saliency == "SmoothGrad" else 0
+        return PassSpec(settings.vision_layer, settings.cross_attention_layer, samples, settings.smoothgrad_noise)
+
+    @property
+    def grounded(self) -> bool:
+        return self.explainer.clip is not None and self.settings.grounding
+
+    def _maps_keys(self) -> tuple[Key, Key]:
+        """Where the token maps and the pixel maps of the word's backward pass go."""
+        return (self._key("token maps", self.spec, tuple(self.map_types["tokens"])),
+                self._key("pixel maps", self.spec, tuple(self.map_types["pixels"])))
+
+    def _own_key(self) -> Key:
+        return self._key("own maps", self.item.text, tuple(self.map_types["own"]))
+
+    def _region_key(self) -> Key:
+        """The region depends on the word's text and the grounding settings (and on its Grad-CAM if fused)."""
+        settings = self.settings
+        fused = self._maps_keys()[0][1] if settings.fusion_weight else None
+        return self.image, ("region", self.item.text, settings.key("grounding"), fused)
+
+    def _checks_key(self) -> Key:
+        return self._key("checks", self._region_key())
+
+    def stages(self) -> list[_Stage]:
+        """In the order a user wants them: the maps of the backward pass (the token maps, then saliency), the
+        region, the maps with passes of their own, the trust numbers. Names say what is still coming."""
+        stages = [_Stage("saliency", self._maps_keys(), self._gradient_maps)]
+        if self.grounded:
+            stages.append(_Stage("region", (self._region_key(),), self._region))
+        if self.map_types["own"]:
+            stages.append(_Stage("more maps", (self._own_key(),), self._own_maps))
+        if self.grounded and self.settings.verify:
+            stages.append(_Stage("trust numbers", (self._checks_key(),), self._checks))
+        return stages
+
+    def keys(self) -> list[Key]:
+        return [key for stage in self.stages() for key in stage.keys]
+
+    # --- work (run by the scheduler's worker) ----------------------------------------------------------------
+
+    def _context(self, **values: Any) -> MapContext:
+        explainer = self.explainer
+        return MapContext(self.rgb.size, captioner=explainer.captioner, token_ids=self.item.token_ids,
+                          target=self.item.target, image=self.rgb, text=self.item.text, clip=explainer.clip,
+                          memo=lambda key, compute: explainer.cache.get_or_compute(self.image, (explainer._id, key),
+                                                                                   compute), **values)
+
+    def _gradient_maps(self, publish: Publish) -> None:
+        token_key, pixel_key = self._maps_keys()
+        attribution = self.explainer._attribution(self.rgb, self.image, self.item.token_ids, self.spec)
+        logprob, gradients, vision_grad = attribution.token_gradients(self.item.target)
+        publish(token_key, _Maps(logprob, *_attribute(self.map_types["tokens"], self._context(gradients=gradients))))
+        if self.map_types["pixels"]:
+            gradients = attribution.pixel_gradients(self.item.target, gradients, vision_grad)
+        publish(pixel_key, _Maps(logprob, *_attribute(self.map_types["pixels"], self._context(gradients=gradients))))
+
+    def _own_maps(self, publish: Publish) -> None:
+        pixel_values = self.explainer.captioner.preprocess(self.rgb)
+        publish(self._own_key(), _Maps(None, *_attribute(self.map_types["own"], self._context(pixel_values=pixel_values))))
+
+    def _region(self, publish: Publish) -> None:
+        explainer, settings = self.explainer, self.settings
+        segmenter = settings.segmenter
+        try:
+            grounder = Grounder(explainer.clip, template=settings.template, top_k=settings.top_k,
+                                stage2=settings.stage2, fusion_weight=settings.fusion_weight)
+            prepared = explainer.cache.get_or_compute(
+                self.image, ("grounded", segmenter),
+                lambda: grounder.prepare(self.rgb, explainer.segmenter(segmenter).segment(self.rgb)))
+            cam = None
+            if settings.fusion_weight:
+                gradcam = explainer.scheduler.result(self._maps_keys()[0], self._gradient_maps).maps.get("gradcam")
+                cam = gradcam.at(prepared.pixels.shape[1::-1]) if gradcam is not None else None
+            result = _Region(grounder.ground(prepared, self.item.text, cam=cam), prepared.segmenter, [])
+        except Exception as err:  # noqa: BLE001 — the maps are still worth showing without a region
+            logger.exception("grounding failed")
+            result = _Region(None, segmenter, [f"No region: grounding failed ({err})"])
+        publish(self._region_key(), result)
+
+    def _checks(self, publish: Publish) -> None:
+        """The region's own caption and the caption's token log-probabilities with only the region / without
+        it, cached per region: several words often share one region, and its forward passes are made once."""
+        explainer = self.explainer
+        region = explainer.scheduler.result(self._region_key(), self._region)
+        key = self._checks_key()
+        if region.grounding is None:
+            publish(key, _Checks(None, None, []))
+            return
+        mask = region.grounding.mask
+        area = image_key(Image.fromarray(mask))
+        captioner = explainer.captioner
+        try:
+            checks = _Checks(
+                explainer.cache.get_or_compute(self.image, (explainer._id, "region caption", area),
+                                               lambda: caption_region(captioner, self.rgb, mask)),
+                explainer.cache.get_or_compute(
+                    self.image, (explainer._id, "region logprobs", area, self.item.token_ids),
+                    lambda: composite_logprobs(captioner, self.rgb, mask, self.item.token_ids)),
+                [])
+        except Exception as err:  # noqa: BLE001 — the region and maps stand without their trust numbers
+            logger.exception("verification failed")
+            checks = _Checks(None, None, [f"No trust numbers: the region check failed ({err})"])
+        publish(key, checks)
+
+    # --- the result -----------------------------------------------------------------------------------------------
+
+    def assemble(self, results: dict[Key, Any], pending: list[str]) -> Explanation:
+        """The explanation from the stage results computed so far (cheap: no model runs here)."""
+        item, captioner = self.item, self.explainer.captioner
+        found = [results[key] for key in self.keys() if key in results]
+        maps: dict[str, Heatmap] = {}
+        notes: list[str] = []
+        logprob = 0.0
+        region: _Region | None = None
+        checks: _Checks | None = None
+        for value in found:
+            if isinstance(value, _Maps):
+                maps |= value.maps
+                notes += value.notes
+                logprob = value.logprob if value.logprob is not None else logprob
+            elif isinstance(value, _Region):
+                region = value
+                notes += value.notes
+            else:
+                checks = value
+                notes += value.notes
+        if not item.words:
+            notes.append(f"'{item.text}' is not in the caption: explained as log p(query | image) after the "
+                         f"neutral prompt '{captioner.neutral_prompt}'.")
+        context_ids = list(item.token_ids[: item.target.positions[0]])
+        context, _ = align(captioner.pieces(context_ids), context_ids, [0.0] * len(context_ids))
+        grounding = region.grounding if region else None
+        verification = None
+        if grounding is not None and checks is not None and checks.region_caption is not None:
+            verification = verify(grounding, checks.region_caption, checks.logprobs, item.target,
+                                  [w.text for w in item.words] or item.text.split(), logprob, maps)
+        ordered = {map_type.key: maps[map_type.key] for map_type in MAP_TYPES if map_type.key in maps}
+        return Explanation(
+            query=str(item.query), in_caption=bool(item.words), words=item.words,
+            tokens=tuple(captioner.token_strings([item.token_ids[p] for p in item.target.positions])),
+            token_positions=item.target.positions, context=context, word_logprob=logprob, maps=ordered,
+            image_size=self.rgb.size, caption=self.caption, grounding=grounding, verification=verification,
+            segmenter=region.segmenter if region else "", notes=notes, settings=self.settings,
+            pending=tuple(pending))
+
+
+def _attribute(map_types: Sequence[MapType], context: MapContext) -> tuple[dict[str, Heatmap], list[str]]:
+    """Each map type's heatmap; one that fails leaves a note, not a failure: the user still gets the others."""
+    maps: dict[str, Heatmap] = {}
+    notes: list[str] = []
+    for map_type in map_types:
+        try:
+            maps[map_type.key] = map_type.attribute(context)
+            note = map_type.note(context)
+            if note:
+                notes.append(note)
+        except Exception as err:  # noqa: BLE001 — any failure of one map must not cost the others
+            logger.exception("map %s failed", map_type.key)
+            notes.append(f"The {map_type.title} map could not be computed ({type(err).__name__}: {err}).")
+    return maps, notes
+
+
 class Explainers:
-    """One explainer per captioner name, loaded on first use, all sharing one CLIP model and segmenters
-    (the playground's captioner choice and side-by-side comparison)."""
+    """One explainer per captioner name, loaded on first use, all sharing one CLIP model, segmenters, cache
+    and worker (the playground's captioner choice and side-by-side comparison)."""
 
     def __init__(self, first: Explainer, name: str, load: Callable[[str], Captioner]) -> None:
         self.default = name

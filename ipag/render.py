@@ -1,4 +1,8 @@
-"""Drawing explanations (kept apart from computing them, as Captum does): heatmap overlays and regions."""
+"""Drawing explanations (kept apart from computing them, as Captum does): heatmap overlays and regions.
+
+The page draws at most `DISPLAY_SIDE` pixels along the longer side (a browser shows less, and drawing a
+12-megapixel overlay per map would cost a click seconds); exports draw at the image's full size.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,13 @@ import numpy as np
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
+from .results import Explanation, Heatmap
+from .settings import Settings
+
 #: Colour maps offered in the UI (any matplotlib name works through the API).
 COLORMAPS = ("jet", "viridis", "inferno", "magma", "turbo", "gray")
+#: The longest side the page draws at.
+DISPLAY_SIDE = 1024
 
 
 def overlay(image: Image.Image, values: np.ndarray, colormap: str = "jet", opacity: float = 0.5) -> Image.Image:
@@ -17,11 +26,7 @@ def overlay(image: Image.Image, values: np.ndarray, colormap: str = "jet", opaci
         raise ValueError(f"Map of shape {values.shape} does not match the image size {image.size}.")
     if not 0.0 <= opacity <= 1.0:
         raise ValueError(f"Opacity must be in [0, 1], got {opacity}.")
-    try:
-        cmap = matplotlib.colormaps[colormap]
-    except KeyError as err:
-        raise ValueError(f"Unknown colour map '{colormap}'. Try one of: {', '.join(COLORMAPS)}.") from err
-    colours = cmap(np.clip(values, 0.0, 1.0))[..., :3]
+    colours = _colormap(colormap)(np.clip(values, 0.0, 1.0))[..., :3]
     base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     blended = (1.0 - opacity) * base + opacity * colours
     return Image.fromarray((blended * 255.0).round().astype(np.uint8))
@@ -29,7 +34,7 @@ def overlay(image: Image.Image, values: np.ndarray, colormap: str = "jet", opaci
 
 def heatmap_image(values: np.ndarray, colormap: str = "jet") -> Image.Image:
     """The map alone, coloured (for exports)."""
-    return Image.fromarray((matplotlib.colormaps[colormap](np.clip(values, 0, 1))[..., :3] * 255).astype(np.uint8))
+    return Image.fromarray((_colormap(colormap)(np.clip(values, 0, 1))[..., :3] * 255).astype(np.uint8))
 
 
 def region_image(image: Image.Image, mask: np.ndarray, dim: float = 0.55,
@@ -43,3 +48,39 @@ def region_image(image: Image.Image, mask: np.ndarray, dim: float = 0.55,
     shaded[border] = outline
     return Image.fromarray(shaded.round().astype(np.uint8))
 
+
+def display_size(size: tuple[int, int], max_side: int | None = DISPLAY_SIDE) -> tuple[int, int]:
+    """`size` = (width, height) scaled down so that its longer side is at most `max_side` (None: unchanged)."""
+    width, height = size
+    if max_side is None or max(width, height) <= max_side:
+        return size
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def draw_maps(image: Image.Image, explanation: Explanation, settings: Settings,
+              max_side: int | None = DISPLAY_SIDE) -> dict[str, Image.Image]:
+    """Every map of the explanation as an overlay on the image, with the settings' colour map and opacity."""
+    size = display_size(image.size, max_side)
+    shown = image if size == image.size else image.resize(size, Image.BILINEAR)
+    return {key: draw_map(shown, heatmap, settings) for key, heatmap in explanation.maps.items()}
+
+
+def draw_map(image: Image.Image, heatmap: Heatmap, settings: Settings) -> Image.Image:
+    return overlay(image, heatmap.at(image.size), settings.colormap, settings.opacity)
+
+
+def draw_region(image: Image.Image, mask: np.ndarray, max_side: int | None = DISPLAY_SIDE) -> Image.Image:
+    """The region on the image, drawn at most `max_side` pixels along the longer side."""
+    size = display_size(image.size, max_side)
+    if size != image.size:
+        image = image.resize(size, Image.BILINEAR)
+        mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
+    return region_image(image, mask)
+
+
+def _colormap(name: str) -> matplotlib.colors.Colormap:
+    try:
+        return matplotlib.colormaps[name]
+    except KeyError as err:
+        raise ValueError(f"Unknown colour map '{name}'. Try one of: {', '.join(COLORMAPS)}.") from err

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 
 from .grounding.result import Grounding
+from .images import normalize_map, resize_map
+from .settings import Settings
 
 
 @dataclass(frozen=True)
@@ -66,18 +68,31 @@ class Caption:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Heatmap:
-    """One attribution map: `values` is H×W float32 in [0, 1] at the input image's size.
+    """One attribution map, stored at the resolution it was computed at and drawn at any size on access.
 
-    `raw` keeps the unnormalised attribution at the model's resolution (a patch grid, or pixels) for
-    anyone who wants to post-process it differently, as Captum users expect.
+    `raw` is the method's unnormalised attribution at the model's resolution (a patch grid, the pixels of the
+    model's input, occlusion's window grid) for anyone who wants to post-process it, as Captum users expect.
+    `display` is what is drawn, at the model's resolution; `values` is it resized to the input image and
+    scaled to [0, 1] (H×W float32), computed when asked for: a full-size float map of a 12-megapixel photo is
+    ~50 MB, the stored ones are a few hundred KB at most.
     """
 
-    values: np.ndarray
     raw: np.ndarray
+    display: np.ndarray
+    size: tuple[int, int]  #: (width, height) of the input image
     method: str  #: e.g. "GradCAM", "cross-attention Grad-CAM", "saliency", "SmoothGrad"
     layer: str  #: which module it was taken from, e.g. "vision_model.encoder.layers.10"
+
+    @property
+    def values(self) -> np.ndarray:
+        """The map at the input image's size, in [0, 1] (H×W float32)."""
+        return self.at(self.size)
+
+    def at(self, size: tuple[int, int]) -> np.ndarray:
+        """The map resized to `size` = (width, height) and scaled to [0, 1] by its maximum."""
+        return normalize_map(resize_map(self.display, size))
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.method, "layer": self.layer, "raw_shape": list(self.raw.shape)}
@@ -134,6 +149,8 @@ class Explanation:
     verification: Verification | None = None
     segmenter: str = ""  #: which segmenter proposed the regions
     notes: list[str] = field(default_factory=list)
+    settings: Settings | None = None  #: the (resolved) settings it was computed with
+    pending: tuple[str, ...] = ()  #: what is still being computed, for a partial explanation (see `explain_stages`)
 
     @property
     def gradcam(self) -> np.ndarray:
@@ -170,4 +187,6 @@ class Explanation:
             "verification": self.verification.to_dict() if self.verification else None,
             "segmenter": self.segmenter,
             "notes": list(self.notes),
+            "captioner": self.caption.captioner if self.caption else None,
+            "settings": self.settings.to_dict() if self.settings else None,
         }

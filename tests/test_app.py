@@ -3,6 +3,7 @@
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 import playground
-from ipag import Explainer
+from ipag import Explainer, Settings
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -24,37 +25,57 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url():
-    """The playground in tiny mode, served on loopback for the tests of this module."""
-    demo = playground.build_app(Explainer.tiny(seed=0))
+def app():
+    """The playground in tiny mode, served on loopback for the tests of this module: (url, explainer)."""
+    explainer = Explainer.tiny(seed=0)
+    demo = playground.build_app(explainer)
     demo.queue(default_concurrency_limit=2)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
                             quiet=True, theme=playground.THEME)
-    yield url
+    yield url, explainer
     demo.close()
 
 
-def test_api_caption_and_explain_through_gradio_client(app_url):
-    client = Client(app_url, verbose=False)
-    caption = client.predict(handle_file(str(EXAMPLES / "coffee.jpg")), 1, 12, api_name="/caption")
+@pytest.fixture(scope="module")
+def app_url(app):
+    return app[0]
+
+
+def test_api_caption_and_explain_through_gradio_client(app, monkeypatch):
+    url, explainer = app
+    started = []
+    monkeypatch.setattr(explainer, "precompute_async", lambda *args: started.append(args))
+    client = Client(url, verbose=False)
+    photo = handle_file(str(EXAMPLES / "coffee.jpg"))
+    caption = client.predict(photo, 1, 12, api_name="/caption")
     assert caption["text"] and caption["words"]
     word = caption["words"][1]["text"]
-    details, region, gradcam, saliency, cross, relevance, occlusion = client.predict(
-        handle_file(str(EXAMPLES / "coffee.jpg")), word, api_name="/explain")
-    assert occlusion is None  # only when asked for
-    assert details["words"] == [word] and details["in_caption"]
-    assert details["grounding"]["candidates"]
-    assert client.predict(handle_file(str(EXAMPLES / "coffee.jpg")), word, "HiResCAM", api_name="/explain")[0][
-        "maps"]["gradcam"]["method"] == "HiResCAM"
+    occurrence = [w["text"] for w in caption["words"][:2]].count(word)  # tiny captions repeat words
+    result = client.predict(photo, text=word, occurrence=occurrence, settings={"max_new_tokens": 12},
+                            api_name="/explain")
+    details, images = result["explanation"], result["images"]
+    assert set(images) == {"region", "gradcam", "saliency", "cross_attention", "clip_relevance"}  # by name
+    assert details["words"] == [word] and details["in_caption"] and details["word_indices"] == [1]
+    assert details["grounding"]["candidates"] and details["settings"]["max_new_tokens"] == 12
     size = Image.open(EXAMPLES / "coffee.jpg").size
-    for path in (region, gradcam, saliency, cross, relevance):
-        assert Image.open(path).size == size
+    assert all(Image.open(path).size == size for path in images.values())
+    other = client.predict(photo, word=0, settings={"cam_method": "HiResCAM", "occlusion": True}, api_name="/explain")
+    assert other["explanation"]["maps"]["gradcam"]["method"] == "HiResCAM" and "occlusion" in other["images"]
+    assert other["explanation"]["word_indices"] == [0]
+    assert started == []  # the API starts nothing in the background unless asked
+    client.predict(photo, 1, 12, True, api_name="/caption")
+    assert len(started) == 1
 
 
 def test_api_reports_bad_input_as_an_error(app_url):
     client = Client(app_url, verbose=False)
-    with pytest.raises(Exception, match="empty"):
-        client.predict(handle_file(str(EXAMPLES / "coffee.jpg")), "   ", api_name="/explain")
+    photo = handle_file(str(EXAMPLES / "coffee.jpg"))
+    with pytest.raises(Exception, match="either a word position"):
+        client.predict(photo, text="   ", api_name="/explain")
+    with pytest.raises(Exception, match="Unknown setting"):
+        client.predict(photo, word=0, settings={"no_such_setting": 1}, api_name="/explain")
+    with pytest.raises(Exception, match="out of range"):
+        client.predict(photo, word=99, api_name="/explain")
 
 
 @pytest.fixture(scope="module")
@@ -71,24 +92,59 @@ def browser():
         browser.close()
 
 
-def test_click_a_word_in_a_real_browser(app_url, browser):
+def open_page(browser, url: str, errors: list[str] | None = None):
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
-    errors: list[str] = []
-    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(app_url)
+    if errors is not None:
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(url)
+    return page
 
-    page.locator("#image input[type=file]").set_input_files(str(EXAMPLES / "chelsea.jpg"))
+
+def upload(page, path: Path):
+    """Upload an image through the real widget and wait for its clickable caption."""
+    page.locator("#image input[type=file]").set_input_files(str(path))
     words = page.locator("#caption .token.highlighted")
     words.first.wait_for(timeout=60_000)
-    assert words.count() >= 1
+    return words
 
+
+def finished(page, timeout: float = 60_000) -> None:
+    """Wait until the status line reports a complete explanation (nothing still being computed)."""
+    page.wait_for_function("() => { const s = document.querySelector('#status')?.innerText || '';"
+                           " return s.includes('Explained') && !s.includes('Computing'); }", timeout=timeout)
+
+
+def wait_idle(explainer: Explainer, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not explainer.scheduler.idle():
+        assert time.monotonic() < deadline, "the background precompute did not finish"
+        time.sleep(0.05)
+
+
+def test_click_a_word_in_a_real_browser(app_url, browser):
+    errors: list[str] = []
+    page = open_page(browser, app_url, errors)
+    words = upload(page, EXAMPLES / "chelsea.jpg")
+    assert words.count() >= 1
+    # record every status line the page shows, to check that the outputs arrive stage by stage, in order
+    page.evaluate("""() => { window.statuses = [];
+        new MutationObserver(() => window.statuses.push(document.querySelector('#status').innerText))
+            .observe(document.querySelector('#status'), {childList: true, subtree: true, characterData: true}); }""")
     words.nth(min(1, words.count() - 1)).click()
-    page.locator("#status").get_by_text("Explained").wait_for(timeout=60_000)
-    for element in ("#region", "#map-gradcam", "#map-saliency"):
-        image = page.locator(f"{element} img")
-        image.wait_for(timeout=30_000)
-        assert page.evaluate("(img) => img.complete && img.naturalWidth > 0", image.element_handle())
+    finished(page)
+    pending = [set(s.split("Computing ")[1].split("…")[0].split(", "))
+               for s in page.evaluate("window.statuses") if "Computing" in s]
+    assert pending and "saliency" in pending[0]  # the first maps were shown before saliency and the rest
+    assert all(later <= earlier for earlier, later in zip(pending, pending[1:]))  # stages arrive in order
+    for key, title in playground.VIEWS.items():
+        page.get_by_role("tab", name=title, exact=True).click()
+        if key != "occlusion":  # off unless asked for
+            image = page.locator(f"#map-{key} img")
+            image.wait_for(timeout=30_000)
+            assert page.evaluate("(img) => img.complete && img.naturalWidth > 0", image.element_handle())
+        assert page.locator(f"#label-{key}").inner_text().strip()  # says which method made it, or why none
+    assert "GradCAM" in page.locator("#label-gradcam").inner_text()
     assert page.locator("#trust").get_by_text("Word probability").count() == 1
 
     page.locator("#query textarea, #query input").first.fill("red car")
@@ -99,6 +155,49 @@ def test_click_a_word_in_a_real_browser(app_url, browser):
     page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
     assert errors == [], errors
     page.close()
+
+
+def test_the_page_path_computes_each_word_once(app, browser):
+    """The page precomputes every word with the settings it shows: after that a click runs no backward pass; a
+    click during the precompute joins it (each word's backward runs once overall); a changed setting re-plans
+    the precompute, whose words are then served without a backward pass either."""
+    from ipag.attribution import AttributionPass
+
+    url, explainer = app
+    counts: dict[tuple, int] = {}
+    original = AttributionPass.token_gradients
+
+    def counted(attribution, target):
+        counts[target.positions] = counts.get(target.positions, 0) + 1
+        return original(attribution, target)
+
+    page = open_page(browser, url)
+    AttributionPass.token_gradients = counted
+    try:
+        words = upload(page, EXAMPLES / "rocket.jpg")
+        words.nth(words.count() - 1).click()  # at once: the precompute has barely started
+        finished(page)
+        wait_idle(explainer)
+        assert counts and set(counts.values()) == {1}, counts  # every word once, the clicked one included
+        counts.clear()
+        for index in range(words.count()):
+            words.nth(index).click()
+            finished(page)
+        assert counts == {}  # all served from the precompute
+
+        page.get_by_role("tab", name="Grad-CAM", exact=True).click()
+        page.locator("#settings-cam_method input").click()
+        page.get_by_role("option", name="HiResCAM").click()
+        page.locator("#label-gradcam").get_by_text("HiResCAM").wait_for(timeout=60_000)
+        wait_idle(explainer)
+        assert counts and set(counts.values()) == {1}  # re-planned for the new setting, each word once
+        counts.clear()
+        words.nth(0).click()
+        finished(page)
+        assert counts == {}
+    finally:
+        AttributionPass.token_gradients = original
+        page.close()
 
 
 # --- robustness and security of the running app (issue 6) ------------------------------------------------
@@ -112,9 +211,9 @@ def test_api_bad_input_battery(app_url, tmp_path):
     for path, message in ((not_image, "Cannot read"), (bomb, "megapixels")):
         with pytest.raises(Exception, match=message):
             client.predict(handle_file(str(path)), 1, 20, api_name="/caption")
-    for query, message in (("", "empty"), ("x" * 10_000, "too long"), ("🙂", "no word")):
+    for query, message in (("x" * 10_000, "too long"), ("🙂", "no word")):
         with pytest.raises(Exception, match=message):
-            client.predict(handle_file(str(EXAMPLES / "coffee.jpg")), query, api_name="/explain")
+            client.predict(handle_file(str(EXAMPLES / "coffee.jpg")), text=query, api_name="/explain")
     # and the app still works afterwards
     assert client.predict(handle_file(str(EXAMPLES / "rocket.jpg")), 1, 8, api_name="/caption")["words"]
 
@@ -154,14 +253,13 @@ def test_concurrent_clients_each_get_their_own_image(app_url, tmp_path):
     def one_client(path):
         client = Client(app_url, verbose=False)
         caption = client.predict(handle_file(str(path)), 1, 6, api_name="/caption")
-        result, region, gradcam, *_ = client.predict(handle_file(str(path)), caption["words"][0]["text"],
-                                                     api_name="/explain")
-        return path, caption, result, Image.open(gradcam).size
+        result = client.predict(handle_file(str(path)), word=0, settings={"max_new_tokens": 6}, api_name="/explain")
+        return path, caption, result["explanation"], Image.open(result["images"]["gradcam"]).size
 
     with ThreadPoolExecutor(max_workers=6) as pool:
         outcomes = list(pool.map(one_client, paths))
     for path, caption, result, size in outcomes:
-        expected = local.caption(Image.open(path), max_new_tokens=6)
+        expected = local.caption(Image.open(path), Settings(max_new_tokens=6))
         assert caption["text"] == expected.text
         assert size == Image.open(path).size and result["image_size"] == list(Image.open(path).size)
 
@@ -217,7 +315,7 @@ def test_webcam_capture_is_captioned_end_to_end(app_url, browser):
     words = page.locator("#caption .token.highlighted")
     words.first.wait_for(timeout=60_000)
     words.first.click()
-    page.locator("#status").get_by_text("Explained").wait_for(timeout=60_000)
-    assert page.locator("#map-gradcam img").count() == 1
+    finished(page)
+    page.locator("#map-region img").wait_for(timeout=30_000)  # the view shown first
     assert errors == []
     context.close()

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import BertConfig, GPT2Config, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
 
-from ipag import Explainer, MapSettings, ModelUnavailableError
+from ipag import Explainer, ModelUnavailableError, Settings
 from ipag.attribution import Target, target_gradients
 from ipag.captioners import (
     KNOWN_CAPTIONERS,
@@ -19,7 +19,7 @@ from ipag.captioners import (
     load_captioner,
     tiny_captioner,
 )
-from ipag.maps import CrossAttentionMap, GradCAMMap, SaliencyMap
+from ipag.maps import CrossAttentionMap, GradCAMMap, MapContext, SaliencyMap
 
 CPU = torch.device("cpu")
 NAMES = ["blip-base", "vit-gpt2"]  # blip-large is the same class as blip-base
@@ -79,20 +79,20 @@ def test_each_captioner_gives_gradients_for_every_map_type(captioner, photo):
     for gradient in (gradients.pixels, gradients.vision_gradients, gradients.attention_gradients):
         assert np.abs(gradient).max() > 1e-6  # every map type's input is really reached by the backward pass
     for map_type in (GradCAMMap(), CrossAttentionMap(), SaliencyMap()):
-        heatmap = map_type.attribute(gradients, (61, 47))
+        heatmap = map_type.attribute(MapContext((61, 47), gradients=gradients))
         assert heatmap.values.shape == (47, 61) and np.isfinite(heatmap.values).all()
 
 
 @pytest.mark.parametrize("image_seed", [0, 1])
-def test_greedy_generation_scores_equal_teacher_forcing(captioner, image_seed):
-    """A caption is scored from generation's own logits (no second forward): they must be the teacher-forced
-    log-probabilities; beam search's are not, so the caller scores those (None)."""
+@pytest.mark.parametrize("beams", [1, 3])
+def test_generation_scores_equal_teacher_forcing(captioner, image_seed, beams):
+    """A caption is scored from generation's own logits (no second forward), greedy or beam search (along the
+    winning beam): they must be the teacher-forced log-probabilities."""
     rng = np.random.default_rng(image_seed)
     pixels = captioner.preprocess(Image.fromarray((rng.random((40, 52, 3)) * 255).astype(np.uint8)))
-    ids, logprobs = captioner.generate_scored(pixels, DecodeOptions(max_new_tokens=8, min_new_tokens=3))
+    ids, logprobs = captioner.generate_scored(pixels, DecodeOptions(beams, max_new_tokens=8, min_new_tokens=3))
     assert len(ids) >= 4 and len(logprobs) == len(ids) - 1
     assert logprobs == pytest.approx(captioner.token_logprobs(pixels, ids), abs=1e-4)
-    assert captioner.generate_scored(pixels, DecodeOptions(num_beams=2, max_new_tokens=8))[1] is None
 
 
 def test_vit_gpt2_depends_on_the_image(vit_gpt2, photo):
@@ -214,8 +214,8 @@ def test_a_missing_friendly_named_model_gives_a_clear_error():
 def test_vit_gpt2_settings_pick_layers_by_index(vit_gpt2_explainer, photo):
     caption = vit_gpt2_explainer.caption(photo)
     explanation = vit_gpt2_explainer.explain(photo, 0, caption=caption,
-                                             settings=MapSettings(vision_layer=0, cross_attention_layer=0))
+                                             settings=Settings(vision_layer=0, cross_attention_layer=0))
     assert explanation.maps["gradcam"].layer == "encoder.layers.0"
     assert explanation.maps["cross_attention"].layer == "decoder layer 0 cross-attention"
     with pytest.raises(ValueError, match="out of range"):
-        vit_gpt2_explainer.explain(photo, 0, caption=caption, settings=MapSettings(vision_layer=2))
+        vit_gpt2_explainer.explain(photo, 0, caption=caption, settings=Settings(vision_layer=2))

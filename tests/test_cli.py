@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ipag import Explainer, cli, ui
+from ipag import Explainer, cli
+from ipag.maps import MAP_TITLES
 from ipag.evaluation import captions as caption_metrics
 from tests.fixtures.tiny_flickr import write_tiny_flickr
 
@@ -64,7 +65,7 @@ def test_explain_writes_pngs_and_json_for_every_word(photos, explained):
             assert details["word_logprob"] == pytest.approx(entry["word_logprob"])
             assert set(details["verification"]) >= {"clip_region", "region_says_word", "delta_logprob_blurred"}
             assert entry["verification"] == details["verification"]
-            for key in ui.MAP_TITLES:
+            for key in MAP_TITLES:
                 assert Image.open(folder / f"{key}_overlay.png").size == size
             assert Image.open(folder / "region.png").size == size
             assert not (folder / "image.png").exists()
@@ -107,7 +108,7 @@ def test_an_interrupted_image_is_not_finished(photos, tmp_path, monkeypatch, cap
     def crash(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "unpack_export", crash)
+    monkeypatch.setattr(cli, "write_files", crash)
     with pytest.raises(KeyboardInterrupt):
         cli.main(["explain", str(photos / "beach.jpg"), "--out", str(tmp_path), *TINY])
     assert not (tmp_path / "beach").exists() and (tmp_path / ".beach.partial").is_dir()

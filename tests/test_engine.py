@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ipag import Explainer, GroundingSettings, MapSettings, ModelUnavailableError, QueryError
+from ipag import Explainer, ModelUnavailableError, QueryError, Settings
 from ipag.attribution import Target, target_gradients
 from ipag.captioners import BlipCaptioner, DecodeOptions
 from ipag.maps import CAM_METHODS
@@ -114,7 +114,7 @@ def test_gradcam_and_cross_attention_match_an_independent_computation(explainer,
                                                 vision_layer=0, attention_layer=1)
     assert gradcam.max() > 0 and cross.max() > 0
     for method, expected in (("GradCAM", gradcam), ("HiResCAM", hirescam)):
-        settings = MapSettings(cam_method=method, vision_layer=0, cross_attention_layer=1)
+        settings = Settings(cam_method=method, vision_layer=0, cross_attention_layer=1)
         explanation = explainer.explain(photo, 2, caption=caption, settings=settings)
         np.testing.assert_allclose(explanation.maps["gradcam"].raw, expected, rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(explanation.maps["cross_attention"].raw, cross, rtol=1e-4, atol=1e-9)
@@ -125,7 +125,7 @@ def test_gradcam_and_cross_attention_match_an_independent_computation(explainer,
 
 @pytest.mark.parametrize("method", sorted(CAM_METHODS))
 def test_every_cam_method_gives_a_valid_map(explainer, photo, caption, method):
-    explanation = explainer.explain(photo, 0, caption=caption, settings=MapSettings(cam_method=method))
+    explanation = explainer.explain(photo, 0, caption=caption, settings=Settings(cam_method=method))
     values = explanation.gradcam
     assert values.shape == (47, 61) and values.dtype == np.float32
     assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1
@@ -150,7 +150,7 @@ def test_word_logprob_matches_the_caption(explainer, photo, caption):
 
 
 def test_smoothgrad_differs_from_plain_saliency_and_is_reproducible(explainer, photo, caption):
-    smooth = MapSettings(smoothgrad_samples=4)
+    smooth = Settings(saliency="SmoothGrad", smoothgrad_samples=4)
     first = explainer.explain(photo, 0, caption=caption, settings=smooth)
     uncached = Explainer(explainer.captioner, explainer.clip, "superpixels")
     second = uncached.explain(photo, 0, caption=caption, settings=smooth)
@@ -183,14 +183,14 @@ def test_half_precision_keeps_the_maps(photo, name):
     """GPUs run the captioner under bfloat16 autocast; CPU autocast runs the same dtype, so the claim that maps
     survive it is checked here: the same words, near-equal log-probabilities, maps correlated > 0.99."""
     explainer = Explainer.tiny(seed=0, captioner=name)
-    caption = explainer.caption(photo, max_new_tokens=6)
+    caption = explainer.caption(photo, Settings(max_new_tokens=6))
     words = range(len(caption.words))
-    grounding = GroundingSettings(enabled=False)
-    full = explainer.explain_many(photo, words, caption, grounding=grounding)
+    settings = Settings(grounding=False)
+    full = explainer.explain_many(photo, words, caption, settings)
     explainer.captioner.half_precision = torch.bfloat16
-    half = Explainer(explainer.captioner, None).explain_many(photo, words, caption, grounding=grounding)
+    half = Explainer(explainer.captioner, None).explain_many(photo, words, caption, settings)
     assert any(a.word_logprob != b.word_logprob for a, b in zip(full, half))  # autocast really ran
-    assert Explainer(explainer.captioner, None).caption(photo, max_new_tokens=6).text == caption.text
+    assert Explainer(explainer.captioner, None).caption(photo, Settings(max_new_tokens=6)).text == caption.text
     for a, b in zip(full, half):
         assert b.word_logprob == pytest.approx(a.word_logprob, abs=0.05 * max(1.0, abs(a.word_logprob)))
         for key in a.maps:
@@ -244,7 +244,7 @@ def test_no_weight_gradients_and_no_hooks_left(explainer, photo, caption, monkey
         return [(name, len(m._forward_hooks), len(m._backward_hooks)) for name, m in model.named_modules()]
 
     before = hooks()
-    explainer.explain(photo, 0, caption=caption, settings=MapSettings(smoothgrad_samples=2))
+    explainer.explain(photo, 0, caption=caption, settings=Settings(saliency="SmoothGrad", smoothgrad_samples=2))
     assert all(not p.requires_grad and p.grad is None for p in model.parameters())
     assert hooks() == before
 
@@ -257,24 +257,27 @@ def test_no_weight_gradients_and_no_hooks_left(explainer, photo, caption, monkey
     assert hooks() == before
 
 
-@pytest.mark.parametrize("settings, message", [
-    (MapSettings(cam_method="ScoreCAM"), "Unknown CAM method"),
-    (MapSettings(vision_layer=7), "out of range"),
-    (MapSettings(cross_attention_layer=-3), "out of range"),
-    (MapSettings(smoothgrad_samples=-1), "between 0 and 64"),
+@pytest.mark.parametrize("values, message", [
+    (dict(cam_method="ScoreCAM"), "Unknown CAM method"),
+    (dict(vision_layer=7), "out of range"),
+    (dict(cross_attention_layer=-3), "out of range"),
+    (dict(smoothgrad_samples=-1), "between 1 and 64"),
+    (dict(segmenter="sam"), "Unknown segmenter"),
+    (dict(template="no placeholder"), "must contain"),
+    (dict(saliency="IntegratedGradients"), "Unknown saliency"),
 ])
-def test_bad_settings_get_a_clear_message(explainer, photo, caption, settings, message):
+def test_bad_settings_get_a_clear_message(explainer, photo, caption, values, message):
     with pytest.raises(ValueError, match=message):
-        explainer.explain(photo, 0, caption=caption, settings=settings)
+        explainer.explain(photo, 0, caption=caption, settings=Settings.from_values(values))
 
 
 def test_decoding_options(explainer, photo):
-    short = explainer.caption(photo, max_new_tokens=3)
+    short = explainer.caption(photo, Settings(max_new_tokens=3))
     assert 1 <= len(short.token_ids) - 1 <= 3
-    beam = explainer.caption(photo, num_beams=3, max_new_tokens=5)
+    beam = explainer.caption(photo, Settings(num_beams=3, max_new_tokens=5))
     assert len(beam.words) >= 1
     with pytest.raises(ValueError, match="num_beams"):
-        explainer.caption(photo, num_beams=0)
+        explainer.caption(photo, Settings(num_beams=0))
 
 
 def test_tiny_model_saved_with_save_pretrained_loads_back(tmp_path, photo, caption):

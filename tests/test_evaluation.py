@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ipag import Settings
 from ipag.evaluation import (
     DatasetError,
     WordTarget,
@@ -250,7 +251,8 @@ def test_evaluate_faithfulness_on_tiny_models(explainer, tmp_path):
     broken = images / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     paths = [images / "1000_man.jpg", broken]
-    result = evaluate_faithfulness(explainer, paths, max_new_tokens=2, steps=4, road_percentiles=(50,))
+    result = evaluate_faithfulness(explainer, paths, settings=Settings(max_new_tokens=2), steps=4,
+                                   road_percentiles=(50,))
     assert [failure["image"] for failure in result["failed"]] == [str(broken)]
     words = result["words"]
     assert words and all(record["image"] == str(paths[0]) for record in words)

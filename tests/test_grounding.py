@@ -19,6 +19,7 @@ from ipag.errors import ModelUnavailableError, QueryError
 from ipag.grounding import ClipModel, Grounder, composite
 from ipag.grounding.clip import TINY_MODEL, recorded_attention
 from ipag.images import BACKGROUND, normalize_map, resize_map
+from ipag.maps import ClipRelevanceMap, MapContext
 from ipag.segmenters import Segment
 
 SIZE = 128
@@ -327,7 +328,7 @@ def test_bad_inputs_are_refused_with_clear_errors(scene):
     with pytest.raises(QueryError):
         grounder.ground(prepared, "   ")
     with pytest.raises(ValueError, match="CAM"):
-        grounder.ground(prepared, "red", cam=np.zeros((10, 10)))
+        grounder.ground(prepared, "red", cam=np.zeros((10, 10, 3)))
     with pytest.raises(ValueError, match="Segment 0"):
         grounder.prepare(image, [Segment(np.ones((5, 5), dtype=bool), "x", None, "test")])
     with pytest.raises(ValueError, match="template"):
@@ -423,7 +424,7 @@ def test_clip_receives_the_image_colours_unchanged(tiny_clip):
     try:
         tiny_clip.encode_images([red])
         Grounder(tiny_clip).prepare(red, [Segment(box(0, 0, 10, size=(50, 30)), "x", None, "test")])
-        tiny_clip.relevance_map(red, "red")
+        relevance_map(tiny_clip, red, "red")
     finally:
         handle.remove()
     assert len(received) == 3
@@ -434,13 +435,18 @@ def test_clip_receives_the_image_colours_unchanged(tiny_clip):
         torch.testing.assert_close(colours[:, 1:], torch.zeros_like(colours[:, 1:]), atol=2e-3, rtol=0)
 
 
+def relevance_map(clip: ClipModel, image: Image.Image, text: str) -> np.ndarray:
+    """CLIP relevance as the explainer computes it (the map type, `text` as the whole prompt), at the image size."""
+    return ClipRelevanceMap("{}").attribute(MapContext(image.size, image=image, text=text, clip=clip)).values
+
+
 def test_relevance_map_has_the_image_size_and_range(tiny_clip):
     image = Image.fromarray(np.random.default_rng(8).integers(0, 256, (23, 37, 3), dtype=np.uint8))
-    relevance = tiny_clip.relevance_map(image, "a photo of a cat")
+    relevance = relevance_map(tiny_clip, image, "a photo of a cat")
     assert relevance.shape == (23, 37) and relevance.dtype == np.float32
     assert np.isfinite(relevance).all() and relevance.min() >= 0 and relevance.max() == pytest.approx(1.0)
     assert relevance.std() > 0.01  # a real map, not a constant
-    other = tiny_clip.relevance_map(image, "a red car on a street")
+    other = relevance_map(tiny_clip, image, "a red car on a street")
     assert not np.allclose(relevance, other), "the map depends on the text"
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny_clip.model.modules())
 
@@ -452,7 +458,7 @@ def test_relevance_hooks_are_removed_even_when_it_fails(tiny_clip):
     handle = tiny_clip.model.visual.ln_post.register_forward_hook(fail)
     try:
         with pytest.raises(RuntimeError, match="boom"):
-            tiny_clip.relevance_map(Image.new("RGB", (8, 8)), "x")
+            relevance_map(tiny_clip, Image.new("RGB", (8, 8)), "x")
     finally:
         handle.remove()
     assert not any(m._forward_hooks for m in tiny_clip.model.modules())
@@ -514,11 +520,11 @@ def test_relevance_map_matches_a_reference_from_the_native_attention_weights(tin
         cam = (gradient.reshape(4, 17, 17) * attention.reshape(4, 17, 17)).clamp(min=0).mean(dim=0)
         relevance = relevance + cam @ relevance
     expected = normalize_map(resize_map(relevance[0, 1:].reshape(4, 4).detach().numpy(), image.size))
-    np.testing.assert_allclose(tiny_clip.relevance_map(image, text), expected, atol=1e-5)
+    np.testing.assert_allclose(relevance_map(tiny_clip, image, text), expected, atol=1e-5)
 
 
 def test_relevance_map_of_a_single_pixel_image(tiny_clip):
-    relevance = tiny_clip.relevance_map(Image.new("RGB", (1, 1), (10, 200, 30)), "green")
+    relevance = relevance_map(tiny_clip, Image.new("RGB", (1, 1), (10, 200, 30)), "green")
     assert relevance.shape == (1, 1) and 0.0 <= relevance[0, 0] <= 1.0
 
 

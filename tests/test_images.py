@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ipag import ImageError, load_image
+from ipag import ImageError, Settings, load_image
 
 
 def make(mode, size=(37, 23)):
@@ -86,7 +86,7 @@ def test_bad_files_are_rejected_clearly(tmp_path):
 @pytest.mark.parametrize("size", [(37, 23), (1, 1), (3, 50)])
 def test_maps_have_the_input_size_for_every_mode(explainer, mode, size):
     image = make(mode, size)
-    caption = explainer.caption(image, max_new_tokens=3)
+    caption = explainer.caption(image, Settings(max_new_tokens=3))
     explanation = explainer.explain(image, 0, caption=caption)
     for key, heatmap in explanation.maps.items():
         values = heatmap.values

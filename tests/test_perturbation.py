@@ -7,7 +7,7 @@ from torch import nn
 
 from ipag.attribution import Target
 from ipag.captioners import Captioner, DecodeOptions, tiny_captioner
-from ipag.perturbation import Occlusion
+from ipag.maps import Occlusion
 
 CPU = torch.device("cpu")
 ROWS, COLUMNS = slice(16, 24), slice(40, 48)  # the planted square, in 64 × 64 model-input pixels
@@ -71,7 +71,7 @@ def planted_pixels():
 
 @pytest.mark.parametrize("baseline", ["blur", "mean"])
 def test_the_planted_region_is_ranked_first(planted_pixels, baseline):
-    (heatmap,), _ = Occlusion(baseline=baseline).attribute(PlantedCaptioner(), planted_pixels, [0, 1], [WORD],
+    (heatmap,), _ = Occlusion(baseline=baseline).attribute_targets(PlantedCaptioner(), planted_pixels, [0, 1], [WORD],
                                                            image_size=(96, 64))
     assert heatmap.raw.shape == (15, 15)  # 8 px windows every 4 px
     assert np.unravel_index(heatmap.raw.argmax(), heatmap.raw.shape) == (4, 10)  # the window at (16, 40)
@@ -86,7 +86,7 @@ def test_the_planted_region_is_ranked_first(planted_pixels, baseline):
 
 
 def test_evidence_against_the_word_is_negative_and_not_shown(planted_pixels):
-    (heatmap,), _ = Occlusion(baseline="mean").attribute(PlantedCaptioner(sign=-1.0), planted_pixels, [0, 1],
+    (heatmap,), _ = Occlusion(baseline="mean").attribute_targets(PlantedCaptioner(sign=-1.0), planted_pixels, [0, 1],
                                                          [WORD], image_size=(64, 64))
     assert np.unravel_index(heatmap.raw.argmin(), heatmap.raw.shape) == (4, 10) and heatmap.raw.min() < -0.5
     assert heatmap.values.max() == 0.0  # occluding anything only made the word likelier
@@ -95,9 +95,9 @@ def test_evidence_against_the_word_is_negative_and_not_shown(planted_pixels):
 @pytest.mark.parametrize("batch_size, passes", [(1, 226), (7, 33), (256, 1)])
 def test_batching_changes_nothing_and_the_cost_is_reported(planted_pixels, batch_size, passes):
     captioner = PlantedCaptioner()
-    (reference,), _ = Occlusion(batch_size=16).attribute(captioner, planted_pixels, [0, 1], [WORD], (64, 64))
+    (reference,), _ = Occlusion(batch_size=16).attribute_targets(captioner, planted_pixels, [0, 1], [WORD], (64, 64))
     captioner.batch_sizes.clear()
-    (heatmap,), cost = Occlusion(batch_size=batch_size).attribute(captioner, planted_pixels, [0, 1], [WORD],
+    (heatmap,), cost = Occlusion(batch_size=batch_size).attribute_targets(captioner, planted_pixels, [0, 1], [WORD],
                                                                   (64, 64))
     np.testing.assert_allclose(heatmap.raw, reference.raw, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(heatmap.values, reference.values, rtol=1e-6, atol=1e-7)
@@ -116,7 +116,7 @@ def test_occlusion_matches_rescoring_each_occluded_image(name, photo):
     token_ids = captioner.generate(pixels, DecodeOptions(max_new_tokens=5))
     targets = [Target((1,)), Target((2, 3))]
     occlusion = Occlusion(patch=0.25, stride=1.0, baseline="mean", batch_size=5)
-    heatmaps, cost = occlusion.attribute(captioner, pixels, token_ids, targets, photo.size)
+    heatmaps, cost = occlusion.attribute_targets(captioner, pixels, token_ids, targets, photo.size)
     assert cost.images == 17 and cost.forward_passes == 4
     clean = captioner.token_logprobs(pixels, token_ids)
     mean = pixels.mean(dim=(-2, -1), keepdim=True)
@@ -144,4 +144,4 @@ def test_bad_settings_get_a_clear_message(settings, message):
 
 def test_bad_target_positions_get_a_clear_message(planted_pixels):
     with pytest.raises(ValueError, match="must lie in 1..1"):
-        Occlusion().attribute(PlantedCaptioner(), planted_pixels, [0, 1], [Target((2,))], (64, 64))
+        Occlusion().attribute_targets(PlantedCaptioner(), planted_pixels, [0, 1], [Target((2,))], (64, 64))

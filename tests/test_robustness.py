@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ipag import Explainer, ImageError, QueryError, load_image
+from ipag import Explainer, ImageError, QueryError, Settings, load_image
 from ipag.grounding import ClipModel
 from ipag.images import MAX_SIDE
 
@@ -74,7 +74,7 @@ def test_awkward_but_valid_images_work(explainer, tmp_path):
     }
     for name, image in cases.items():
         rgb = load_image(image)
-        caption = explainer.caption(rgb, max_new_tokens=3)
+        caption = explainer.caption(rgb, Settings(max_new_tokens=3))
         explanation = explainer.explain(rgb, 0, caption=caption)
         assert explanation.gradcam.shape == (rgb.height, rgb.width), name
         assert max(rgb.size) <= MAX_SIDE, name
@@ -102,7 +102,7 @@ def test_fuzzed_images_go_through_the_whole_pipeline(explainer, width, height, m
         image = Image.fromarray((np.stack([values] * 3, -1) * 255).astype(np.uint8)).convert(
             "RGB" if mode == "P" else mode)
         image = image.quantize(4) if mode == "P" else image
-    caption = explainer.caption(image, max_new_tokens=2)
+    caption = explainer.caption(image, Settings(max_new_tokens=2))
     query = 0 if caption.words else "dog"  # a random tiny model may caption only punctuation
     explanation = explainer.explain(image, query, caption=caption)
     for heatmap in explanation.maps.values():
@@ -149,11 +149,10 @@ def test_a_failing_map_type_leaves_the_others_and_a_note(explainer, photo, capti
 
 def test_a_missing_segmenter_is_a_note_with_the_fix(explainer, photo, caption, monkeypatch):
     from ipag import segmenters
-    from ipag.explainer import GroundingSettings
 
     monkeypatch.setattr(segmenters, "_detectron2_installed", lambda: False)
     explanation = Explainer(explainer.captioner, explainer.clip, "superpixels").explain(
-        photo, 0, caption=caption, grounding=GroundingSettings(segmenter="detectron2"))
+        photo, 0, caption=caption, settings=Settings(segmenter="detectron2"))
     assert explanation.grounding is None and "gradcam" in explanation.maps
     assert any("pip install" in note for note in explanation.notes)
 
@@ -166,7 +165,7 @@ def test_memory_stays_bounded_over_many_uploads(explainer):
     rss = []
     for seed in range(24):
         image = noise(96, 72, seed)
-        bounded.explain(image, 0, caption=bounded.caption(image, max_new_tokens=4))
+        bounded.explain(image, 0, caption=bounded.caption(image, Settings(max_new_tokens=4)))
         rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     assert len(bounded.cache.images()) == 3
     assert sum(len(m._forward_hooks) for m in model.modules()) == hooks_before

@@ -9,14 +9,16 @@ import pytest
 from PIL import Image
 
 import playground
-from ipag import ui
+from ipag import Settings, ui
+from ipag.maps import MAP_TITLES
 
 EXAMPLE = "examples/chelsea.jpg"
 
 
 @pytest.fixture(scope="module")
 def captioned(explainer):
-    segments, session, status = ui.caption_image(explainer, Image.open(EXAMPLE), 1, 12, ui.Session())
+    segments, session, status = ui.caption_image(explainer, Image.open(EXAMPLE), Settings(max_new_tokens=12),
+                                                 ui.Session(), precompute=False)
     return segments, session, status
 
 
@@ -42,13 +44,13 @@ def test_select_handler_explains_the_clicked_word(explainer, captioned):
     # Gradio calls the handler with a SelectData built from the browser event; build the same here.
     word_segment = next(i for i, (_, score) in enumerate(segments) if score is not None and i > 0)
     event = gr.SelectData(None, {"index": word_segment, "value": segments[word_segment][0], "selected": True})
-    session, rendered = ui.select_word(explainer, session, event.index, ui.View())
+    *_, (session, rendered) = ui.select_word(explainer, session, event.index, Settings())
     word = session.caption.words[ui.word_for_segment(session.caption, word_segment)]
     assert session.explanation.words == (word,)
     assert session.query == word.index
     size = session.image.size
     assert rendered.region.size == size
-    for key in ui.MAP_TITLES:
+    for key in MAP_TITLES:
         if key == "occlusion":
             assert rendered.maps[key] is None  # off unless asked for: ~200 extra images
         else:
@@ -65,28 +67,28 @@ def test_clicking_between_words_is_a_clear_message(explainer, captioned):
     if gap is None:
         pytest.skip("caption has no text between words")
     with pytest.raises(ui.UserError, match="not a word"):
-        ui.select_word(explainer, session, gap, ui.View())
+        list(ui.select_word(explainer, session, gap, Settings()))
 
 
 def test_typed_query_and_bad_queries(explainer, captioned):
     _, session, _ = captioned
-    session, rendered = ui.explain(explainer, session, "red car", ui.View())
+    *_, (session, rendered) = ui.explain(explainer, session, "red car", Settings())
     assert not session.explanation.in_caption and "prompt" in rendered.status
     for bad in ["", "   ", "x" * 5000]:
         with pytest.raises(ui.UserError):
-            ui.explain(explainer, session, bad, ui.View())
+            list(ui.explain(explainer, session, bad, Settings()))
 
 
 def test_user_text_is_escaped_in_the_status(explainer, captioned):
     _, session, _ = captioned
-    _, rendered = ui.explain(explainer, session, "<script>alert(1)</script> dog", ui.View())
+    *_, (_, rendered) = ui.explain(explainer, session, "<script>alert(1)</script> dog", Settings())
     assert "<script>" not in rendered.status and "&lt;script&gt;" in rendered.status
 
 
 def test_nothing_to_explain_before_an_image(explainer):
     with pytest.raises(ui.UserError, match="Upload an image"):
-        ui.explain(explainer, ui.Session(), "dog", ui.View())
-    segments, session, status = ui.caption_image(explainer, None, 1, 20, ui.Session())
+        list(ui.explain(explainer, ui.Session(), "dog", Settings()))
+    segments, session, status = ui.caption_image(explainer, None, Settings(), ui.Session())
     assert segments == [] and session.image is None and "Upload" in status
 
 
@@ -94,24 +96,24 @@ def test_bad_upload_is_a_clear_message(explainer, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
     with pytest.raises(ui.UserError, match="Cannot read"):
-        ui.caption_image(explainer, str(bad), 1, 20, ui.Session())
+        ui.caption_image(explainer, str(bad), Settings(), ui.Session())
 
 
 def test_redraw_changes_only_the_drawing(explainer, captioned):
     _, session, _ = captioned
-    session, first = ui.explain(explainer, session, 0, ui.View(opacity=0.2))
-    again = ui.render(session, ui.View(opacity=0.9, colormap="viridis"))
+    *_, (session, first) = ui.explain(explainer, session, 0, Settings(opacity=0.2))
+    again = ui.render(session, Settings(opacity=0.9, colormap="viridis"))
     assert np.asarray(first.maps["gradcam"]).tolist() != np.asarray(again.maps["gradcam"]).tolist()
     assert first.trust == again.trust
 
 
 def test_settings_reach_the_engine(explainer, captioned):
     _, session, _ = captioned
-    view = ui.View(cam_method="LayerCAM", vision_layer=0, cross_attention_layer=0, saliency="SmoothGrad",
-                   segmenter="superpixels", template="an image of {}", occlusion=True)
-    session, rendered = ui.explain(explainer, session, 0, view)
+    settings = Settings(cam_method="LayerCAM", vision_layer=0, cross_attention_layer=0, saliency="SmoothGrad",
+                        segmenter="superpixels", template="an image of {}", occlusion=True)
+    *_, (session, rendered) = ui.explain(explainer, session, 0, settings)
     maps = session.explanation.maps
-    assert rendered.maps["occlusion"].size == session.image.size
+    assert rendered.maps["occlusion"].size == session.image.size  # drawn at the image size (it is small)
     assert any("Occlusion cost" in note for note in session.explanation.notes)
     assert maps["gradcam"].method == "LayerCAM" and maps["gradcam"].layer.endswith("layers.0")
     assert maps["cross_attention"].layer.startswith("decoder layer 0")
@@ -121,10 +123,10 @@ def test_settings_reach_the_engine(explainer, captioned):
 
 def test_candidate_selection_shows_that_region(explainer, captioned):
     _, session, _ = captioned
-    session, rendered = ui.explain(explainer, session, 0, ui.View())
+    *_, (session, rendered) = ui.explain(explainer, session, 0, Settings())
     if len(rendered.candidates) < 2:
         pytest.skip("only one candidate")
-    second, shown = ui.select_candidate(session, rendered.candidates[1], ui.View())
+    second, shown = ui.select_candidate(session, rendered.candidates[1], Settings())
     assert second.candidate == 1
     assert np.asarray(shown.region).tolist() != np.asarray(rendered.region).tolist()
 
@@ -132,24 +134,47 @@ def test_candidate_selection_shows_that_region(explainer, captioned):
 def test_export_writes_pngs_and_json(explainer, captioned):
     _, session, _ = captioned
     with pytest.raises(ui.UserError, match="Explain a word first"):
-        ui.export(session, ui.View())
-    session, _ = ui.explain(explainer, session, 1, ui.View())
-    path = ui.export(session, ui.View())
+        ui.export(session, Settings())
+    *_, (session, _) = ui.explain(explainer, session, 1, Settings())
+    path = ui.export(session, Settings())
     with zipfile.ZipFile(path) as archive:
         names = set(archive.namelist())
         data = json.loads(archive.read("explanation.json"))
     assert {"explanation.json", "image.png", "region.png", "region_mask.png", "gradcam.png",
             "gradcam_overlay.png", "saliency_overlay.png", "cross_attention_overlay.png"} <= names
     assert data["words"] == [session.explanation.words[0].text]
+    assert data["captioner"] == session.caption.captioner and data["settings"]["cam_method"] == "GradCAM"
 
 
 def test_api_functions(explainer):
-    caption = ui.api_caption(explainer, Image.open(EXAMPLE), 1, 10)
+    settings = Settings(max_new_tokens=10)
+    caption = ui.api_caption(explainer, Image.open(EXAMPLE), settings)
     assert caption["text"] and caption["words"]
     word = caption["words"][0]["text"]
-    details, region, gradcam, *rest = ui.api_explain(explainer, Image.open(EXAMPLE), word)
-    assert details["words"] == [word] and details["in_caption"]
-    assert region.size == gradcam.size == Image.open(EXAMPLE).size
+    explanation, drawings = ui.api_explain(explainer, Image.open(EXAMPLE), text=word, settings=settings)
+    assert [w.text for w in explanation.words] == [word] and explanation.in_caption
+    assert {"region", "gradcam", "saliency", "cross_attention", "clip_relevance"} == set(drawings)
+    assert drawings["region"].size == drawings["gradcam"].size == Image.open(EXAMPLE).size
+    by_position, _ = ui.api_explain(explainer, Image.open(EXAMPLE), word=len(caption["words"]) - 1,
+                                    settings=settings)
+    assert by_position.words[0].index == len(caption["words"]) - 1
+    for bad in (dict(), dict(word=0, text="dog"), dict(text="   ")):
+        with pytest.raises(ui.UserError, match="either a word position"):
+            ui.api_explain(explainer, Image.open(EXAMPLE), settings=settings, **bad)
+
+
+def test_a_repeated_word_is_addressed_by_its_occurrence(explainer):
+    from ipag.ui import _occurrence
+
+    caption = explainer.caption_from_ids(None, explainer.captioner.start_ids() + explainer.captioner.tokenize(
+        "a dog and a cat"), [0.0] * 5)
+    assert [_occurrence(caption, "a", n) for n in (1, 2)] == [0, 3]
+    assert _occurrence(caption, "DOG", 1) == 1
+    assert _occurrence(caption, "red car", 1) == "red car"  # not a caption word: a phrase or free query
+    with pytest.raises(ui.UserError, match="2 time"):
+        _occurrence(caption, "a", 3)
+    with pytest.raises(ui.UserError, match="counts from 1"):
+        _occurrence(caption, "a", 0)
 
 
 def test_command_line_options():
@@ -166,13 +191,19 @@ def test_the_page_builds_with_named_api_endpoints(explainer):
     assert {"caption", "explain"} <= names
 
 
-def test_warm_examples_caches_every_word_of_every_example(explainer):
+def test_warm_examples_caches_every_word_of_every_example(explainer, monkeypatch):
+    import time
+
     from ipag import load_image
+    from ipag.attribution import AttributionPass
 
     fresh = type(explainer)(explainer.captioner, explainer.clip, "superpixels")
     ui.warm_examples(fresh, playground.EXAMPLES[:2])
-    fresh._background.submit(lambda: None).result(timeout=300)  # wait for the background queue to drain
-    fresh._attribute = lambda *args, **kwargs: pytest.fail("a warmed-up word was recomputed")
+    deadline = time.monotonic() + 300
+    while not fresh.scheduler.idle() and time.monotonic() < deadline:  # wait for the background work to drain
+        time.sleep(0.05)
+    monkeypatch.setattr(AttributionPass, "token_gradients",
+                        lambda *args: pytest.fail("a warmed-up word was recomputed"))
     for path in playground.EXAMPLES[:2]:
         image = load_image(path)
         caption = fresh.caption(image)
@@ -194,19 +225,21 @@ def test_the_captioner_choice_reaches_the_engine(explainer):
     gpt2 = explainers.get("vit-gpt2")
     assert loaded == ["vit-gpt2"] and explainers.get("vit-gpt2") is gpt2  # loaded once
     assert gpt2.captioner.name == "vit-gpt2" and gpt2.clip is explainer.clip  # CLIP shared
-    assert gpt2._background is explainer._background  # one background job at a time across captioners
+    assert gpt2.scheduler is explainer.scheduler  # one job at a time across captioners
     started = []
     for each in (explainer, gpt2):
         each.precompute_async = lambda *args, **kwargs: started.append(args)
     try:
-        rows = ui.compare_captions(explainers, ["blip-base", "vit-gpt2"], Image.open(EXAMPLE), 1, 8)
+        rows = ui.compare_captions(explainers, ["blip-base", "vit-gpt2"], Image.open(EXAMPLE),
+                                   Settings(max_new_tokens=8))
     finally:
         del explainer.precompute_async, gpt2.precompute_async
     assert started == []  # comparing does not queue a precompute per captioner
     assert len(rows) == 2
-    assert "".join(t for t, _ in rows[1]) == gpt2.caption(Image.open(EXAMPLE), max_new_tokens=8).text
-    _, session, _ = ui.caption_image(gpt2, Image.open(EXAMPLE), 1, 8, ui.Session())
-    session, rendered = ui.explain(gpt2, session, 0, ui.View())
+    assert "".join(t for t, _ in rows[1]) == gpt2.caption(Image.open(EXAMPLE), Settings(max_new_tokens=8)).text
+    _, session, _ = ui.caption_image(gpt2, Image.open(EXAMPLE), Settings(max_new_tokens=8), ui.Session(),
+                                     precompute=False)
+    *_, (session, rendered) = ui.explain(gpt2, session, 0, Settings())
     assert session.explanation.caption.captioner.startswith("vit-gpt2")
     with pytest.raises(ui.UserError, match="Upload an image"):
-        ui.compare_captions(explainers, ["blip-base"], None, 1, 8)
+        ui.compare_captions(explainers, ["blip-base"], None, Settings())

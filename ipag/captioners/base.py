@@ -164,25 +164,28 @@ class Captioner(ABC):
 
     @torch.no_grad()
     def generate_scored(self, pixel_values: torch.Tensor,
-                        options: DecodeOptions = DecodeOptions()) -> tuple[list[int], list[float] | None]:
-        """`generate`, and for greedy decoding log p(y_t | image, y_<t) of each generated token (t ≥ 1).
+                        options: DecodeOptions = DecodeOptions()) -> tuple[list[int], list[float]]:
+        """`generate`, and log p(y_t | image, y_<t) of each generated token (t ≥ 1), from generation's own logits.
 
-        Greedy generation's raw logits are the teacher-forced ones, so a caption needs no second forward
-        pass to be scored. Beam search's belong to beams that may have been dropped: None then.
+        The raw logits of the step (and, in beam search, of the beam) that produced each token are exactly the
+        teacher-forced ones, so a caption needs no second forward pass to be scored. `compute_transition_scores`
+        picks them along the winning beam; they are log-softmaxed here first, because the scores generation
+        ranks beams by have been through its logits processors (suppressed tokens, …), which the word's
+        probability under the model must not be.
         """
-        greedy = options.num_beams == 1
         with self.autocast():
             minimum = {} if options.min_new_tokens is None else {"min_new_tokens": options.min_new_tokens}
             output = self.model.generate(pixel_values=pixel_values, num_beams=options.num_beams,
                                          max_new_tokens=options.max_new_tokens, do_sample=False,
-                                         return_dict_in_generate=True, output_logits=greedy,
+                                         return_dict_in_generate=True, output_logits=True,
                                          **minimum, **self._generate_options(pixel_values))
         sequence = output.sequences[0].tolist()
         ids = sequence[: self._caption_end(sequence)]
-        if not greedy:
-            return ids, None
-        steps = torch.log_softmax(_at_least_float32(torch.cat(output.logits)), dim=-1)  # row k−1 predicts y_k
-        return ids, [float(steps[k - 1, ids[k]]) for k in range(1, len(ids))]
+        steps = [torch.log_softmax(_at_least_float32(logits), dim=-1) for logits in output.logits]
+        scores = self.model.compute_transition_scores(output.sequences, steps, getattr(output, "beam_indices", None),
+                                                      normalize_logits=False)[0].tolist()
+        offset = len(sequence) - len(scores)  # the positions before the first generated token
+        return ids, [scores[k - offset] for k in range(1, len(ids))]
 
     @torch.no_grad()
     def token_logprobs(self, pixel_values: torch.Tensor, token_ids: list[int]) -> list[float]:

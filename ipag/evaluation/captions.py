@@ -33,6 +33,7 @@ from tqdm import tqdm
 from ..explainer import Explainer
 from ..grounding import ClipModel
 from ..images import ImageError, load_image
+from ..settings import DEFAULTS, Settings
 from .bias import gender_bias
 from .report import summarize
 
@@ -110,7 +111,7 @@ def clip_metrics(clip: ClipModel, image_embeddings: Mapping[str, torch.Tensor], 
 
 
 def evaluate_captions(explainer: Explainer, images: Mapping[str, Path], references: Mapping[str, Sequence[str]],
-                      num_beams: int = 1, max_new_tokens: int = 20) -> dict[str, Any]:
+                      settings: Settings = DEFAULTS) -> dict[str, Any]:
     """Caption every image and score the captions: COCO metrics, CLIP metrics (when the explainer has a CLIP)
     and gender bias. An image that cannot be read is reported under "failed" and left out."""
     generated: dict[str, str] = {}
@@ -123,7 +124,7 @@ def evaluate_captions(explainer: Explainer, images: Mapping[str, Path], referenc
             failed.append({"image": name, "error": str(err)})
             tqdm.write(f"skipped {name}: {err}", file=sys.stderr)
             continue
-        generated[name] = explainer.caption(rgb, num_beams, max_new_tokens).text
+        generated[name] = explainer.caption(rgb, settings).text
         if explainer.clip is not None:
             embeddings[name] = explainer.clip.encode_images([rgb])[0]
     metrics: dict[str, Any] = {}

@@ -31,9 +31,10 @@ from tqdm import tqdm
 from ..attribution import Target
 from ..captioners import Captioner
 from ..errors import QueryError
-from ..explainer import Explainer, GroundingSettings, MapSettings
+from ..explainer import Explainer
 from ..grounding.composite import backdrop
-from ..images import ImageError, load_image, resize_map
+from ..images import ImageError, load_image
+from ..settings import DEFAULTS, Settings
 from .inputs import select_queries
 from .report import summarize
 
@@ -127,8 +128,7 @@ def word_faithfulness(score: Score, pixels: torch.Tensor, baseline: torch.Tensor
 
 
 def evaluate_faithfulness(explainer: Explainer, images: Sequence[Path], words: Sequence[str] | None = None,
-                          settings: MapSettings = MapSettings(), grounding: GroundingSettings = GroundingSettings(),
-                          num_beams: int = 1, max_new_tokens: int = 20, steps: int = 20,
+                          settings: Settings = DEFAULTS, steps: int = 20,
                           road_percentiles: Sequence[int] = ROAD_PERCENTILES, batch_size: int = 32,
                           seed: int = 0) -> dict[str, Any]:
     """Explain the caption words of every image and score each map type (plus a random map) on them; also the
@@ -140,8 +140,8 @@ def evaluate_faithfulness(explainer: Explainer, images: Sequence[Path], words: S
     for index, path in enumerate(tqdm(images, desc="Faithfulness", unit="image")):
         try:
             rgb = load_image(path)
-            caption = explainer.caption(rgb, num_beams, max_new_tokens)
-            explanations = explainer.explain_many(rgb, select_queries(caption, words), caption, settings, grounding)
+            caption = explainer.caption(rgb, settings)
+            explanations = explainer.explain_many(rgb, select_queries(caption, words), caption, settings)
         except (ImageError, QueryError) as err:
             failed.append({"image": str(path), "error": str(err)})
             tqdm.write(f"skipped {path}: {err}", file=sys.stderr)
@@ -154,7 +154,7 @@ def evaluate_faithfulness(explainer: Explainer, images: Sequence[Path], words: S
             if not explanation.in_caption:
                 notes.append(f"{path.name}: '{explanation.query}' is not in the caption, skipped.")
                 continue
-            maps = {key: resize_map(heatmap.values, size) for key, heatmap in explanation.maps.items()}
+            maps = {key: heatmap.at(size) for key, heatmap in explanation.maps.items()}
             maps["random"] = rng.random(size[::-1])
             target = WordTarget(explainer.captioner, caption.token_ids, explanation.token_positions, batch_size)
             check = explanation.verification

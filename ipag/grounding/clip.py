@@ -23,7 +23,7 @@ from torch import nn
 
 from ..device import resolve_device
 from ..errors import ModelUnavailableError
-from ..images import normalize_map, resize_map, to_rgb
+from ..images import to_rgb
 
 #: Name under which the tiny random CLIP is registered with open_clip.
 TINY_MODEL = "ipag-tiny-clip"
@@ -108,14 +108,13 @@ class ClipModel:
         tokens = self.tokenizer(list(texts)).to(self.device)
         return self.model.encode_text(tokens, normalize=True).float().cpu()
 
-    def relevance_map(self, image: Image.Image, text: str) -> np.ndarray:
+    def relevance(self, image: Image.Image, text: str) -> np.ndarray:
         """Where CLIP's image embedding matches `text`: Chefer et al.'s gradient-weighted attention rollout.
 
         For the cosine similarity s of the image and text embeddings and each vision block's attention
         probabilities A (heads × tokens × tokens): cam = mean over heads of ReLU(∂s/∂A ⊙ A), and the relevance
-        R = I + cam·R accumulates block by block. The CLS row of R over the patch tokens, on the patch grid,
-        is stretched to the image (H×W float32, scaled to [0, 1] by its maximum). `text` is used as given:
-        pass the prompt the region was chosen with (`Grounding.prompt`) to explain the same comparison.
+        R = I + cam·R accumulates block by block. Returns the CLS row of R over the patch tokens, on the patch
+        grid (non-negative float32; stretch it to the image, which CLIP saw squashed, to draw it).
         ("Generic Attention-model Explainability for Interpreting Bi-Modal and Encoder-Decoder
         Transformers", ICCV 2021; the map the seed system showed via CLIP_Explainability.)
         """
@@ -131,8 +130,7 @@ class ClipModel:
             cam = (gradient * attention).clamp(min=0).mean(dim=1)[0].float()
             relevance = relevance + cam @ relevance
         grid = self.model.visual.grid_size
-        patches = relevance[0, 1:].reshape(grid).detach().cpu().numpy()
-        return normalize_map(resize_map(patches, image.size))
+        return relevance[0, 1:].reshape(grid).detach().cpu().numpy()
 
 
 def register_tiny_config() -> None:

@@ -131,8 +131,8 @@ class Grounder:
     def ground(self, prepared: GroundedImage, query: str, cam: np.ndarray | None = None) -> Grounding:
         """The region of `prepared` that best matches `query`.
 
-        `cam` (H×W at the input size, e.g. the word's Grad-CAM) is fused into the choice when
-        `fusion_weight` is not 0; either way each candidate reports the share of its mass it holds.
+        `cam` (a 2-D map over the whole image at any resolution, e.g. the word's Grad-CAM) is fused into the
+        choice when `fusion_weight` is not 0; either way each candidate reports the share of its mass it holds.
         """
         query = query.strip()
         if not query:
@@ -191,9 +191,8 @@ class Grounder:
         """The CAM at the working size, scaled to a maximum of 1 (None without one)."""
         if cam is None:
             return None
-        width, height = prepared.image.size
-        if cam.shape != (height, width):
-            raise ValueError(f"The CAM must be H×W = {(height, width)} like the image; got {cam.shape}.")
+        if cam.ndim != 2 or not cam.size:
+            raise ValueError(f"The CAM must be a 2-D map over the image; got shape {cam.shape}.")
         return normalize_map(resize_map(cam, (prepared.pixels.shape[1], prepared.pixels.shape[0])))
 
     def _parts(self, prepared: GroundedImage, winner: int) -> tuple[tuple[Proposal, ...], np.ndarray]:

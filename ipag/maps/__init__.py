@@ -1,8 +1,19 @@
-"""Map types: how captured gradients become a heatmap. One file per type over `base.MapType`."""
+"""Map types: how a word's evidence becomes a heatmap. One file per type over `base.MapType`.
 
-from .base import MapType, TargetGradients
+`MAP_TYPES` is the registry, in the order the page shows them: a new map type is one file plus one line here.
+"""
+
+from .base import MapContext, MapType, TargetGradients
+from .clip_relevance import ClipRelevanceMap
 from .cross_attention import CrossAttentionMap
 from .gradcam import CAM_METHODS, GradCAMMap
+from .occlusion import Occlusion
 from .saliency import SaliencyMap
 
-__all__ = ["CAM_METHODS", "CrossAttentionMap", "GradCAMMap", "MapType", "SaliencyMap", "TargetGradients"]
+MAP_TYPES: tuple[type[MapType], ...] = (GradCAMMap, SaliencyMap, CrossAttentionMap, ClipRelevanceMap, Occlusion)
+
+#: The page's name for each map key.
+MAP_TITLES: dict[str, str] = {map_type.key: map_type.title for map_type in MAP_TYPES}
+
+__all__ = ["CAM_METHODS", "ClipRelevanceMap", "CrossAttentionMap", "GradCAMMap", "MAP_TITLES", "MAP_TYPES",
+           "MapContext", "MapType", "Occlusion", "SaliencyMap", "TargetGradients"]

@@ -1,48 +1,99 @@
-"""The shared plumbing of every map type: from captured gradients to a normalised map at image size.
+"""The shared plumbing of every map type: from what a method computes to a stored, drawable heatmap.
 
-Like Captum, every map type has one verb, `attribute(gradients, image_size)`; computing the gradients
-(one forward and one backward of the target, see `ipag.attribution`) is separate, and so is drawing.
-A map type implements `_raw`, the unnormalised attribution at the model's resolution.
+Like Captum, every map type has one verb, `attribute(context) -> Heatmap`, and computing is separate from
+drawing (`ipag.render`). A map type implements `_raw`, its unnormalised attribution at the model's
+resolution; the base class makes the `Heatmap`, which is stored at that resolution and resized to the image
+only when drawn or exported (`Heatmap.values`), so a cached explanation of a 12-megapixel photo stays small.
+
+Map types differ in what they need (`needs`): the gradients of the word's target with respect to the
+vision tokens and cross-attention ("tokens": Grad-CAM, cross-attention), with respect to the pixels
+("pixels": saliency), or passes of their own ("own": occlusion, CLIP relevance). The explainer computes the
+first two kinds from the word's one backward pass, in two steps, so the token maps are shown before the
+backward pass through the vision encoder finishes; "own" maps run after them.
+
+A new map type is one file with a `MapType` subclass plus one line in `ipag.maps.MAP_TYPES`; the page, the
+API, exports, the CLI and the benchmarks list `MAP_TYPES` and pick it up.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
+import torch
+from PIL import Image
 
-from ..images import normalize_map, resize_map
 from ..results import Heatmap
+
+if TYPE_CHECKING:
+    from ..attribution import Target
+    from ..captioners.base import Captioner
+    from ..grounding import ClipModel
+    from ..settings import Settings
+
+Needs = Literal["tokens", "pixels", "own"]
 
 
 @dataclass(frozen=True)
 class TargetGradients:
-    """What one target's forward and backward left behind, as numpy arrays (batch dimension removed).
+    """What one target's backward pass left behind, as numpy arrays (batch dimension removed).
 
-    `pixels` holds one input gradient per pass: (1, 3, S, S) normally, (n, 3, S, S) for SmoothGrad.
+    `pixels` holds one input gradient per pass: (1, 3, S, S) normally, (n + 1, 3, S, S) with SmoothGrad's n
+    noisy copies after the clean one; None until the backward pass through the vision encoder has run.
     `attention` / `attention_gradients` are the cross-attention rows that predict the target tokens,
     shape (heads, rows, patches); `vision_*` are the chosen block's patch tokens as (D, gh, gw).
     """
 
-    pixels: np.ndarray
     vision_activations: np.ndarray
     vision_gradients: np.ndarray
     attention: np.ndarray
     attention_gradients: np.ndarray
     vision_layer: str
     attention_layer: str
+    pixels: np.ndarray | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
         return self.vision_activations.shape[1], self.vision_activations.shape[2]
 
 
-class MapType(ABC):
-    """One kind of heatmap. Subclasses set `key` (the name in `Explanation.maps`) and implement `_raw`."""
+@dataclass(frozen=True)
+class MapContext:
+    """Everything a map type may use for one target. Gradient map types read `gradients`; map types with
+    passes of their own use the models and inputs, and `memo` to share work between the words of a caption
+    (occlusion scores every word from one sweep)."""
 
-    key: ClassVar[str]
+    image_size: tuple[int, int]  #: (width, height) of the input image
+    gradients: TargetGradients | None = None
+    captioner: "Captioner | None" = None
+    pixel_values: torch.Tensor | None = None  #: the captioner's input (1, 3, S, S)
+    token_ids: tuple[int, ...] = ()
+    target: "Target | None" = None
+    image: Image.Image | None = None
+    text: str = ""  #: the words explained (or the free query), e.g. for a CLIP prompt
+    clip: "ClipModel | None" = None
+    memo: Callable[[Hashable, Callable[[], Any]], Any] = lambda key, compute: compute()
+
+
+class MapType(ABC):
+    """One kind of heatmap. Subclasses set `key`, `title` and `needs`, and implement `method`, `layer`, `_raw`.
+
+    Instances are hashable values (frozen dataclasses) holding their parameters: an instance is part of the
+    cache key of the maps it made.
+    """
+
+    key: ClassVar[str]  #: the name in `Explanation.maps`, the API's result and export file names
+    title: ClassVar[str]  #: what the page calls it
+    needs: ClassVar[Needs] = "tokens"
+    needs_clip: ClassVar[bool] = False
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "MapType | None":
+        """The instance these settings ask for, or None when the settings switch this map off."""
+        return cls()
 
     @property
     @abstractmethod
@@ -50,15 +101,25 @@ class MapType(ABC):
         """Human-readable method name, shown next to the map."""
 
     @abstractmethod
-    def layer(self, gradients: TargetGradients) -> str:
+    def layer(self, context: MapContext) -> str:
         """Which module the map was taken from."""
 
     @abstractmethod
-    def _raw(self, gradients: TargetGradients) -> np.ndarray:
-        """The unnormalised, non-negative 2-D attribution at the model's resolution."""
+    def _raw(self, context: MapContext) -> np.ndarray:
+        """The unnormalised 2-D attribution at the model's resolution (non-negative unless `_display` says how
+        to show it)."""
 
-    def attribute(self, gradients: TargetGradients, image_size: tuple[int, int]) -> Heatmap:
-        """The map at `image_size` = (width, height), in [0, 1], plus its raw values and provenance."""
-        raw = np.maximum(np.nan_to_num(self._raw(gradients).astype(np.float32)), 0.0)
-        values = normalize_map(resize_map(raw, image_size))
-        return Heatmap(values=values, raw=raw, method=self.method, layer=self.layer(gradients))
+    def _display(self, raw: np.ndarray, context: MapContext) -> np.ndarray:
+        """What is drawn, at the model's resolution, before resizing to the image: by default the positive part
+        of `raw` (maps whose raw values live on another grid, like occlusion's windows, override this)."""
+        return raw if raw.size == 0 or raw.min() >= 0 else np.maximum(raw, 0.0)
+
+    def note(self, context: MapContext) -> str | None:
+        """Something the user should know about this map (e.g. what it cost), shown with the explanation."""
+        return None
+
+    def attribute(self, context: MapContext) -> Heatmap:
+        """The map for the context's target, with its raw values and provenance."""
+        raw = np.nan_to_num(np.asarray(self._raw(context), dtype=np.float32))
+        return Heatmap(raw=raw, display=self._display(raw, context), size=context.image_size,
+                       method=self.method, layer=self.layer(context))

@@ -3,20 +3,25 @@ much that look raised the word's log-probability (LAVIS's formula, adapted to ge
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from .base import MapType, TargetGradients
+from .base import MapContext, MapType
 
 
+@dataclass(frozen=True)
 class CrossAttentionMap(MapType):
     """mean over heads of A ⊙ ReLU(∂target/∂A), summed over the query rows that predict the word's tokens."""
 
     key = "cross_attention"
+    title = "Cross-attention"
     method = "cross-attention Grad-CAM"
 
-    def layer(self, gradients: TargetGradients) -> str:
-        return gradients.attention_layer
+    def layer(self, context: MapContext) -> str:
+        return context.gradients.attention_layer
 
-    def _raw(self, gradients: TargetGradients) -> np.ndarray:
+    def _raw(self, context: MapContext) -> np.ndarray:
+        gradients = context.gradients
         weighted = gradients.attention * np.maximum(gradients.attention_gradients, 0.0)
         return weighted.mean(axis=0).sum(axis=0).reshape(gradients.grid)

@@ -8,6 +8,7 @@ AblationCAM) would need extra forwards and are deliberately not offered.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -15,7 +16,8 @@ import pytorch_grad_cam as gc
 from pytorch_grad_cam.base_cam import BaseCAM
 from torch import nn
 
-from .base import MapType, TargetGradients
+from ..settings import Settings
+from .base import MapContext, MapType
 
 CAM_METHODS: dict[str, type[BaseCAM]] = {
     "GradCAM": gc.GradCAM,
@@ -34,25 +36,32 @@ def _weighting(method: str) -> BaseCAM:
     return CAM_METHODS[method](model=nn.Linear(1, 1), target_layers=[])
 
 
+@dataclass(frozen=True)
 class GradCAMMap(MapType):
     """Grad-CAM of the word's log-probability on a vision block's patch-token grid."""
 
     key = "gradcam"
+    title = "Grad-CAM"
+    cam_method: str = "GradCAM"
 
-    def __init__(self, method: str = "GradCAM") -> None:
-        if method not in CAM_METHODS:
-            raise ValueError(f"Unknown CAM method '{method}'. Choose one of: {', '.join(CAM_METHODS)}.")
-        self._method = method
+    def __post_init__(self) -> None:
+        if self.cam_method not in CAM_METHODS:
+            raise ValueError(f"Unknown CAM method '{self.cam_method}'. Choose one of: {', '.join(CAM_METHODS)}.")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "GradCAMMap":
+        return cls(settings.cam_method)
 
     @property
     def method(self) -> str:
-        return self._method
+        return self.cam_method
 
-    def layer(self, gradients: TargetGradients) -> str:
-        return gradients.vision_layer
+    def layer(self, context: MapContext) -> str:
+        return context.gradients.vision_layer
 
-    def _raw(self, gradients: TargetGradients) -> np.ndarray:
-        cam = _weighting(self._method).get_cam_image(
+    def _raw(self, context: MapContext) -> np.ndarray:
+        gradients = context.gradients
+        cam = _weighting(self.cam_method).get_cam_image(
             None, None, None, gradients.vision_activations[None], gradients.vision_gradients[None], False
         )
         return np.maximum(cam[0], 0.0)

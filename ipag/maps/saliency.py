@@ -2,34 +2,42 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from .base import MapType, TargetGradients
+from ..settings import Settings
+from .base import MapContext, MapType
 
 
+@dataclass(frozen=True)
 class SaliencyMap(MapType):
-    """Vanilla gradient saliency (`samples=0`) or SmoothGrad (`samples` noisy passes of std `noise`).
+    """Vanilla gradient saliency (`samples=0`) or SmoothGrad (`samples` noisy copies of std `noise`).
 
-    `noise` is relative to the model input's value range, as in Smilkov et al. (2017); the noisy passes
-    are batched into one extra forward and backward by `ipag.attribution`.
+    `noise` is relative to the model input's value range, as in Smilkov et al. (2017). The noisy copies go
+    through the model as one batch (`ipag.attribution`); their gradients follow the clean one in
+    `TargetGradients.pixels`, and SmoothGrad averages the noisy ones only.
     """
 
     key = "saliency"
+    title = "Saliency"
+    needs = "pixels"
+    samples: int = 0
+    noise: float = 0.15
 
-    def __init__(self, samples: int = 0, noise: float = 0.15) -> None:
-        if samples < 0 or samples > 64:
-            raise ValueError(f"SmoothGrad samples must be between 0 and 64, got {samples}.")
-        if not 0.0 < noise <= 1.0:
-            raise ValueError(f"SmoothGrad noise must be in (0, 1], got {noise}.")
-        self.samples = samples
-        self.noise = noise
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "SaliencyMap":
+        smooth = settings.saliency == "SmoothGrad"
+        return cls(settings.smoothgrad_samples if smooth else 0, settings.smoothgrad_noise)
 
     @property
     def method(self) -> str:
         return f"SmoothGrad (n={self.samples}, σ={self.noise:g})" if self.samples else "saliency"
 
-    def layer(self, gradients: TargetGradients) -> str:
+    def layer(self, context: MapContext) -> str:
         return "input pixels"
 
-    def _raw(self, gradients: TargetGradients) -> np.ndarray:
-        return np.abs(gradients.pixels).max(axis=1).mean(axis=0)
+    def _raw(self, context: MapContext) -> np.ndarray:
+        pixels = context.gradients.pixels
+        passes = pixels[1:] if self.samples else pixels[:1]
+        return np.abs(passes).max(axis=1).mean(axis=0)

@@ -18,16 +18,19 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from torchvision.transforms.v2.functional import gaussian_blur
 
-from .attribution import Target
-from .captioners.base import Captioner
-from .images import normalize_map, resize_map
-from .results import Heatmap
+from ..results import Heatmap
+from ..settings import Settings
+from .base import MapContext, MapType
+
+if TYPE_CHECKING:
+    from ..attribution import Target
+    from ..captioners.base import Captioner
 
 Baseline = Literal["blur", "mean"]
 
@@ -45,7 +48,20 @@ class PerturbationCost:
 
 
 @dataclass(frozen=True)
-class Occlusion:
+class Sweep:
+    """One occlusion sweep of a token sequence: log p of every token (row 0 unperturbed, then one row per
+    window), the windows' boxes on the model input, and what it cost. Every word of the sequence reads its
+    map from it."""
+
+    logprobs: np.ndarray
+    boxes: tuple[tuple[slice, slice, slice], ...]
+    grid: tuple[int, int]  #: window positions (rows, columns)
+    input_size: tuple[int, int]  #: (height, width) of the model input
+    cost: PerturbationCost
+
+
+@dataclass(frozen=True)
+class Occlusion(MapType):
     """Sliding-window occlusion maps (frozen and hashable, so it can be part of a cache key).
 
     `patch` is the window's side as a fraction of the model input's side, so a setting means the same
@@ -56,7 +72,9 @@ class Occlusion:
     the window with the image's mean colour.
     """
 
-    key: ClassVar[str] = "occlusion"
+    key = "occlusion"
+    title = "Occlusion"
+    needs = "own"
 
     patch: float = 0.125
     stride: float = 0.5
@@ -73,50 +91,63 @@ class Occlusion:
         if not 1 <= self.batch_size <= 256:
             raise ValueError(f"Occlusion batch size must be between 1 and 256, got {self.batch_size}.")
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Occlusion | None":
+        return cls() if settings.occlusion else None
+
     @property
     def method(self) -> str:
         return f"occlusion ({self.baseline}, patch {self.patch:g} of the side, stride {self.stride:g})"
 
-    def attribute(self, captioner: Captioner, pixel_values: torch.Tensor, token_ids: Sequence[int],
-                  targets: Sequence[Target], image_size: tuple[int, int]) -> tuple[list[Heatmap], PerturbationCost]:
-        """One map per target for the model input `pixel_values` (1, 3, S, S), and what the sweep cost.
+    def layer(self, context: MapContext) -> str:
+        return "input pixels"
 
-        Each map's `values` are in [0, 1] at `image_size` = (width, height) and show evidence for the word
-        only; its `raw` is the signed evidence per window on the (rows, columns) grid of window positions
-        (negative: hiding the window made the word more likely).
-        """
-        if not targets:
-            return [], PerturbationCost(images=0, forward_passes=0, seconds=0.0)
-        token_ids = list(token_ids)
-        for target in targets:
-            target.check(len(token_ids))
+    def _raw(self, context: MapContext) -> np.ndarray:
+        """The signed evidence per window on the (rows, columns) grid of window positions (negative: hiding the
+        window made the word more likely); one sweep serves every word of the token sequence."""
+        return self.evidence(self._shared_sweep(context), context.target)
+
+    def _display(self, raw: np.ndarray, context: MapContext) -> np.ndarray:
+        """Evidence for the word only, per pixel of the model input: the mean over the windows covering it."""
+        sweep = self._shared_sweep(context)
+        total, coverage = np.zeros(sweep.input_size), np.zeros(sweep.input_size)
+        for box, value in zip(sweep.boxes, raw.ravel()):
+            total[box[1:]] += value
+            coverage[box[1:]] += 1.0
+        return np.maximum(total / coverage, 0.0).astype(np.float16)
+
+    def note(self, context: MapContext) -> str:
+        cost = self._shared_sweep(context).cost
+        return (f"Occlusion cost: {cost.images} images in {cost.forward_passes} forward passes, "
+                f"{cost.seconds:.2f} s (one sweep for every word of the caption).")
+
+    def _shared_sweep(self, context: MapContext) -> Sweep:
+        return context.memo(("occlusion sweep", self, context.token_ids),
+                            lambda: self.sweep(context.captioner, context.pixel_values, context.token_ids))
+
+    def attribute_targets(self, captioner: Captioner, pixel_values: torch.Tensor, token_ids: Sequence[int],
+                          targets: Sequence[Target], image_size: tuple[int, int]) -> tuple[list[Heatmap], PerturbationCost]:
+        """One map per target for the model input `pixel_values` (1, 3, S, S) from one sweep, and its cost."""
+        sweep = self.sweep(captioner, pixel_values, token_ids)
+        contexts = [MapContext(image_size, captioner=captioner, pixel_values=pixel_values, token_ids=tuple(token_ids),
+                               target=target, memo=lambda key, compute: sweep) for target in targets]
+        return [self.attribute(context) for context in contexts], sweep.cost
+
+    @staticmethod
+    def evidence(sweep: Sweep, target: Target) -> np.ndarray:
+        """log p(word | image) − log p(word | window occluded), per window, on the window grid."""
+        target.check(sweep.logprobs.shape[1] + 1)
+        word = sweep.logprobs[:, target.rows].sum(axis=1)
+        return (word[0] - word[1:]).reshape(sweep.grid).astype(np.float32)
+
+    def sweep(self, captioner: Captioner, pixel_values: torch.Tensor, token_ids: Sequence[int]) -> Sweep:
+        """log p of every token (1 + windows, T − 1): the unperturbed image first, then one per occluded box."""
         height, width = pixel_values.shape[-2:]
         window = (_pixels(self.patch, height), _pixels(self.patch, width))
         rows, columns = _starts(height, window[0], self.stride), _starts(width, window[1], self.stride)
-        boxes = [(slice(None), slice(top, top + window[0]), slice(left, left + window[1]))
-                 for top in rows for left in columns]
-        logprobs, cost = self._sweep(captioner, pixel_values, token_ids, boxes)
-
-        coverage = np.zeros((height, width))
-        for box in boxes:
-            coverage[box[1:]] += 1.0
-        heatmaps = []
-        for target in targets:
-            word = logprobs[:, target.rows].sum(axis=1)
-            evidence = word[0] - word[1:]
-            total = np.zeros((height, width))
-            for box, value in zip(boxes, evidence):
-                total[box[1:]] += value
-            per_pixel = np.maximum(total / coverage, 0.0)  # every window covering the pixel, averaged
-            heatmaps.append(Heatmap(values=normalize_map(resize_map(per_pixel, image_size)),
-                                    raw=evidence.reshape(len(rows), len(columns)).astype(np.float32),
-                                    method=self.method, layer="input pixels"))
-        return heatmaps, cost
-
-    def _sweep(self, captioner: Captioner, pixel_values: torch.Tensor, token_ids: list[int],
-               boxes: list[tuple[slice, slice, slice]]) -> tuple[np.ndarray, PerturbationCost]:
-        """log p of every token (1 + windows, T − 1): the unperturbed image first, then one per occluded box."""
-        background = self._background(pixel_values, max(box[1].stop - box[1].start for box in boxes))
+        boxes = tuple((slice(None), slice(top, top + window[0]), slice(left, left + window[1]))
+                      for top in rows for left in columns)
+        background = self._background(pixel_values, window[0])
         started = time.perf_counter()
         scored = []
         for first in range(0, len(boxes) + 1, self.batch_size):
@@ -125,10 +156,10 @@ class Occlusion:
                 if first + row:  # image 0 stays unperturbed: the reference goes through the same batches
                     box = boxes[first + row - 1]
                     batch[row][box] = background[0][box]
-            scored.append(captioner.batch_token_logprobs(batch, token_ids).double().cpu())
+            scored.append(captioner.batch_token_logprobs(batch, list(token_ids)).double().cpu())
         cost = PerturbationCost(images=len(boxes) + 1, forward_passes=len(scored),
                                 seconds=time.perf_counter() - started)
-        return torch.cat(scored).numpy(), cost
+        return Sweep(torch.cat(scored).numpy(), boxes, (len(rows), len(columns)), (height, width), cost)
 
     def _background(self, pixel_values: torch.Tensor, window: int) -> torch.Tensor:
         """What an occluded window shows: the blurred image, or the image's mean colour (same shape as input)."""
