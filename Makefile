@@ -7,9 +7,12 @@ PY := $(VENV)/bin/python
 
 .PHONY: play test browser
 
-$(VENV)/.runtime: requirements.txt
+# The package itself is installed in editable mode (no dependencies: requirements.txt pins them), so that
+# `import ipag` works from any folder and always runs this checkout's code.
+$(VENV)/.runtime: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt

@@ -10,6 +10,7 @@ default and label come from `ipag.settings.Settings`.
 from __future__ import annotations
 
 import argparse
+from abc import ABCMeta
 import functools
 import html
 import inspect
@@ -43,28 +44,44 @@ THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
                        font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
 
 
-def friendly(fn: Callable) -> Callable:
-    """Turn the errors a user can act on into a message in the page (escaped: it may quote what they typed);
-    the app keeps running. Works for plain handlers and for generators (progressive outputs)."""
-    def message(err: Exception) -> gr.Error:
-        return gr.Error(html.escape(str(err)), print_exception=False)
+def friendly(outputs: int) -> Callable[[Callable], Callable]:
+    """Decorate a handler with `outputs` outputs so that the errors a user can act on become a message (escaped:
+    it may quote what they typed) while everything on the page stays as it was; the app keeps running. Works
+    for plain handlers and for generators (progressive outputs)."""
+    def unchanged(err: Exception) -> tuple:
+        gr.Warning(html.escape(str(err)))
+        return tuple(gr.skip() for _ in range(outputs)) if outputs > 1 else gr.skip()
 
-    if inspect.isgeneratorfunction(fn):
+    def decorate(fn: Callable) -> Callable:
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def stream(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    yield from fn(*args, **kwargs)
+                except (ui.UserError, ModelUnavailableError) as err:
+                    yield unchanged(err)
+            return stream
+
         @functools.wraps(fn)
-        def stream(*args: Any, **kwargs: Any) -> Any:
+        def plain(*args: Any, **kwargs: Any) -> Any:
             try:
-                yield from fn(*args, **kwargs)
+                return fn(*args, **kwargs)
             except (ui.UserError, ModelUnavailableError) as err:
-                raise message(err) from err
-        return stream
+                return unchanged(err)
+        return plain
+    return decorate
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (ui.UserError, ModelUnavailableError) as err:
-            raise message(err) from err
-    return wrapper
+
+def _upload_path(self: gr.Image, payload: Any) -> str | None:
+    return None if payload is None else payload.path
+
+
+#: The image widget, handing the uploaded file to our loader undecoded: Gradio's own decoding would fail on a
+#: broken file or a decompression bomb before our checks (and their clear messages) could run. Made with
+#: `ABCMeta.__new__` instead of a class statement, because Gradio's component metaclass writes a .pyi stub next
+#: to the module of every subclass; the front end is Gradio's image widget ("image").
+ImageInput = ABCMeta.__new__(type(gr.Image), "ImageInput", (gr.Image,), {
+    "__module__": __name__, "preprocess": _upload_path, "get_block_name": lambda self: "image"})
 
 
 @dataclass
@@ -84,7 +101,7 @@ class Page:
 
     def read(self, values: tuple) -> Settings:
         """The settings widgets' values (in `self.settings` order) as a `Settings`."""
-        return Settings.from_values(dict(zip(self.settings, values)))
+        return _settings(dict(zip(self.settings, values)))
 
     def outputs(self) -> list:
         """What an explanation updates: the session, the region and every map, their captions, the
@@ -97,7 +114,8 @@ class Page:
         images = {"region": rendered.region, **rendered.maps}
         labels = {key: _map_label(key, explanation) for key in VIEWS}
         candidate = rendered.candidates[session.candidate] if rendered.candidates else None
-        return (session, *(images[key] for key in VIEWS), *(labels[key] for key in VIEWS),
+        shown = [gr.update(value=images[key], visible=images[key] is not None) for key in VIEWS]  # no empty boxes
+        return (session, *shown, *(labels[key] for key in VIEWS),
                 gr.update(choices=rendered.candidates, value=candidate), rendered.trust, rendered.status,
                 rendered.details)
 
@@ -142,9 +160,10 @@ def build_app(explainers: Explainers | Explainer) -> gr.Blocks:
 
 def _image_panel(page: Page) -> None:
     # type="filepath": our loader decodes the upload, with its size checks (decompression bombs).
-    page.parts["image"] = gr.Image(type="filepath", sources=["upload", "webcam", "clipboard"], label="Image",
-                                   height=280, elem_id="image")
-    gr.Examples(EXAMPLES, inputs=page.image, label="Examples (public domain / CC0, see examples/)")
+    page.parts["image"] = ImageInput(type="filepath", sources=["upload", "webcam", "clipboard"], label="Image",
+                                     height=280, elem_id="image")
+    page.parts["examples"] = gr.Examples(EXAMPLES, inputs=page.image, label="Examples (public domain / CC0, see "
+                                         "examples/)")
     with gr.Accordion("Captioner and decoding", open=False):
         page.parts["captioner"] = gr.Dropdown(page.names, value=page.explainers.default, label="Captioner",
                                               elem_id="captioner")
@@ -160,7 +179,7 @@ def _caption_panel(page: Page) -> None:
         page.parts["query"] = gr.Textbox(placeholder="…or type a word or phrase and press Enter", show_label=False,
                                          max_lines=1, max_length=500, scale=4, elem_id="query")
         page.parts["explain"] = gr.Button("Explain", variant="primary", scale=1, elem_id="explain")
-    page.parts["status"] = gr.Markdown(ui.NO_WORD, elem_id="status")
+    page.parts["status"] = gr.HTML(ui.NO_WORD, elem_id="status")
 
 
 def _maps_panel(page: Page) -> None:
@@ -179,7 +198,7 @@ def _maps_panel(page: Page) -> None:
                                        max_height=1000, elem_id="trust")
     with gr.Row():
         page.parts["export"] = gr.Button("Export this explanation (PNGs + JSON)", elem_id="export")
-        page.parts["download"] = gr.File(label="Download", interactive=False, height=80, elem_id="download")
+        page.parts["download"] = gr.File(label="Download", interactive=False, visible=False, elem_id="download")
     with gr.Accordion("Raw result (JSON)", open=False):
         page.parts["details"] = gr.JSON()
 
@@ -220,53 +239,59 @@ def _compare_panel(page: Page) -> None:
 
 
 def _wire_explaining(page: Page) -> None:
-    """Uploads, clicks, typed queries, candidate picks, comparisons and exports."""
-    get, widgets = page.explainers.get, list(page.settings.values())
-    # Gradio finds its special arguments (event data, progress) only among the positional parameters,
-    # so they come before the *values of the settings widgets.
+    """Uploads, clicks, typed queries, candidate picks and exports."""
+    get, widgets, outputs = page.explainers.get, list(page.settings.values()), page.outputs()
+    # Gradio finds its special arguments (event data) only among the positional parameters, so they come
+    # before the *values of the settings widgets.
 
-    @friendly
     def on_image(picture, name, state, *values):
-        segments, state, message = ui.caption_image(get(name), picture, page.read(values), replace(
-            state, captioner=name))
-        return (segments, *page.show(state, replace(ui.render(state, page.read(values)), status=message)))
+        try:
+            segments, state, message = ui.caption_image(get(name), picture, page.read(values),
+                                                        replace(state, captioner=name))
+        except (ui.UserError, ModelUnavailableError) as err:  # keep the page as it was, the last good image too
+            gr.Warning(html.escape(str(err)))
+            return (state.source, *(gr.skip() for _ in range(len(outputs) + 1)))
+        return (gr.skip(), segments, *page.show(state, replace(ui.render(state, page.read(values)), status=message)))
 
-    @friendly
+    @friendly(len(outputs))
     def on_select(state, evt: gr.SelectData, *values):
         for shown in ui.select_word(get(state.captioner), state, evt.index, page.read(values)):
             yield page.show(*shown)
 
-    @friendly
+    @friendly(len(outputs))
     def on_query(text, state, *values):
         for shown in ui.explain(get(state.captioner), state, text, page.read(values)):
             yield page.show(*shown)
 
-    @friendly
+    @friendly(len(outputs))
     def on_candidate(label, state, *values):
-        return page.show(*ui.select_candidate(state, label, page.read(values)))
+        return page.show(*ui.select_candidate(get(state.captioner), state, label, page.read(values)))
 
-    gr.on([page.image.change, page.recaption.click, page.captioner.input], on_image,
-          [page.image, page.captioner, page.session, *widgets], [page.caption, *page.outputs()],
+    @friendly(1)
+    def on_export(state, *values):
+        return gr.update(value=ui.export(state, page.read(values)), visible=True)
+
+    upload = dict(fn=on_image, inputs=[page.image, page.captioner, page.session, *widgets],
+                  outputs=[page.image, page.caption, *outputs], api_visibility="private")
+    gr.on([page.image.upload, page.recaption.click, page.captioner.input], **upload)
+    page.examples.load_input_event.then(**upload)
+    page.caption.select(on_select, [page.session, *widgets], outputs, api_visibility="private")
+    gr.on([page.explain.click, page.query.submit], on_query, [page.query, page.session, *widgets], outputs,
           api_visibility="private")
-    page.caption.select(on_select, [page.session, *widgets], page.outputs(), api_visibility="private")
-    gr.on([page.explain.click, page.query.submit], on_query, [page.query, page.session, *widgets], page.outputs(),
-          api_visibility="private")
-    page.candidates.input(on_candidate, [page.candidates, page.session, *widgets], page.outputs(),
-                          api_visibility="private")
-    page.export.click(friendly(lambda state, *values: ui.export(state, page.read(values))), [page.session, *widgets],
-                      page.download, api_visibility="private")
+    page.candidates.input(on_candidate, [page.candidates, page.session, *widgets], outputs, api_visibility="private")
+    page.export.click(on_export, [page.session, *widgets], page.download, api_visibility="private")
     _wire_compare(page)
 
 
 def _wire_compare(page: Page) -> None:
-    get, widgets = page.explainers.get, list(page.settings.values())
+    get, widgets, outputs = page.explainers.get, list(page.settings.values()), page.outputs()
 
-    @friendly
+    @friendly(len(page.compared))
     def on_compare(state, *values):
         return ui.compare_captions(page.explainers, page.names, state.image, page.read(values))
 
     def on_compare_select(name):
-        @friendly
+        @friendly(len(outputs) + 2)
         def handler(state, evt: gr.SelectData, *values):
             settings = page.read(values)
             segments, state, _ = ui.caption_image(get(name), state.image, settings, replace(state, captioner=name))
@@ -276,18 +301,18 @@ def _wire_compare(page: Page) -> None:
 
     page.compare.click(on_compare, [page.session, *widgets], page.compared, api_visibility="private")
     for name, component in zip(page.names, page.compared):
-        component.select(on_compare_select(name), [page.session, *widgets],
-                         [page.caption, page.captioner, *page.outputs()], api_visibility="private")
+        component.select(on_compare_select(name), [page.session, *widgets], [page.caption, page.captioner, *outputs],
+                         api_visibility="private")
 
 
 def _wire_settings(page: Page) -> None:
     """A setting that changes what is computed re-plans the background work and re-explains the word on
     screen; drawing settings only redraw."""
-    get, widgets = page.explainers.get, list(page.settings.values())
+    get, widgets, outputs = page.explainers.get, list(page.settings.values()), page.outputs()
     drawing = {name for name, _ in DEFAULTS.key("draw")}
     decoding = {name for name, _ in DEFAULTS.key("caption")}
 
-    @friendly
+    @friendly(len(outputs))
     def on_settings(state, *values):
         settings = page.read(values)
         state = ui.replan(get(state.captioner), state, settings)
@@ -297,22 +322,23 @@ def _wire_settings(page: Page) -> None:
         for shown in ui.explain(get(state.captioner), state, state.query, settings):
             yield page.show(*shown)
 
-    @friendly
+    @friendly(len(outputs))
     def on_redraw(state, *values):
         return page.show(state, ui.render(state, page.read(values)))
 
     for name, widget in page.settings.items():
         if name in drawing:
-            widget.input(on_redraw, [page.session, *widgets], page.outputs(), api_visibility="private",
+            widget.input(on_redraw, [page.session, *widgets], outputs, api_visibility="private",
                          show_progress="hidden")
         elif name not in decoding:  # decoding options apply to the next caption ("Caption again")
-            widget.input(on_settings, [page.session, *widgets], page.outputs(), api_visibility="private")
+            widget.input(on_settings, [page.session, *widgets], outputs, api_visibility="private")
 
 
 def _api(explainer: Explainer) -> None:
     """The stateless API for `gradio_client` (see README): `/caption` and `/explain`. Nothing is started in the
     background unless asked (`precompute=True`); images come back as files, by name."""
 
+    @_api_errors
     def caption(image: FileData, num_beams: int = DEFAULTS.num_beams, max_new_tokens: int = DEFAULTS.max_new_tokens,
                 precompute: bool = False) -> dict:
         """The caption of an uploaded image: its text, and each word's span, tokens and log-probability."""
@@ -322,6 +348,7 @@ def _api(explainer: Explainer) -> None:
             explainer.precompute_async(_path(image), explainer.caption(_path(image), settings), settings)
         return result
 
+    @_api_errors
     def explain(image: FileData, word: int | None = None, text: str | None = None, occurrence: int = 1,
                 settings: dict | None = None) -> dict:
         """Explain caption word number `word` (0-based), or `text` (its `occurrence`-th appearance in the caption,
@@ -336,8 +363,19 @@ def _api(explainer: Explainer) -> None:
             files[name] = FileData(path=str(path)).model_dump()
         return {"explanation": explanation.to_dict(), "images": files}
 
-    gr.api(friendly(caption), api_name="caption")
-    gr.api(friendly(explain), api_name="explain")
+    gr.api(caption, api_name="caption")
+    gr.api(explain, api_name="explain")
+
+
+def _api_errors(fn: Callable) -> Callable:
+    """API errors a caller can act on become Gradio errors with the message (escaped, as the page shows it)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ui.UserError, ModelUnavailableError) as err:
+            raise gr.Error(html.escape(str(err)), print_exception=False) from err
+    return wrapper
 
 
 def _settings(values: dict) -> Settings:

@@ -6,7 +6,7 @@
 
 Every command takes the playground's model options (--tiny, --captioner, --clip, --segmenter, --device, …).
 Exit status: 0 when everything was done; 1 when some inputs failed (each is reported, the others are done);
-2 when a model or a metric cannot be loaded, or the arguments are wrong.
+2 when a model or a metric cannot be loaded, or the arguments are wrong; 130 when interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ from .settings import DEFAULTS, Settings
 #: The file that marks an image as finished. It is written last, inside a temporary folder that is renamed into
 #: place only when complete, so an interrupted run never leaves a folder that looks finished.
 INDEX = "image.json"
+#: The exit status after Ctrl-C (128 + SIGINT, as shells report it).
+INTERRUPTED = 130
 
 
 # --- shared options and model loading --------------------------------------------------------------------------
@@ -353,3 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelUnavailableError, MetricUnavailableError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was finished is kept; an image half written never looks finished
+        print("\ninterrupted; re-run the same command to resume (finished images are kept and skipped)",
+              file=sys.stderr)
+        return INTERRUPTED

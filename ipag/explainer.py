@@ -215,10 +215,11 @@ class Explainer:
         results: dict[Key, Any] = {}
         for index, stage in enumerate(stages):
             futures = self.scheduler.request(stage.keys, stage.work, Priority.CLICK)
-            for number, key in enumerate(stage.keys):
+            for key in stage.keys:
+                if results and not futures[key].done():  # show what there is before waiting for more
+                    yield word.assemble(results, [s.name for s in stages[index:]])
                 results[key] = futures[key].result()
-                later = [s.name for s in stages[index + 1:]]
-                yield word.assemble(results, ([stage.name] if number < len(stage.keys) - 1 else []) + later)
+        yield word.assemble(results, [])
 
     def explain_many(self, image: ImageInput, queries: Sequence[Query], caption: Caption | None = None,
                      settings: Settings = DEFAULTS) -> list[Explanation]:
@@ -243,6 +244,26 @@ class Explainer:
         plan = self.scheduler.new_plan()
         self._queue(words, Priority.BACKGROUND, plan)
         return plan
+
+    def choose_region(self, image: ImageInput, explanation: Explanation, index: int) -> Explanation:
+        """`explanation` with its candidate region `index` as the region, and the trust numbers recomputed for
+        that region (the model runs are cached per region, so picking a candidate twice costs nothing)."""
+        if explanation.grounding is None:
+            raise QueryError("This explanation has no region to choose from (grounding was off).")
+        rgb = load_image(image)
+        key = image_key(rgb)
+        grounding = explanation.grounding.choose(index)
+        token_ids = explanation.token_ids
+        checks_key = (key, (self._id, "region checks", image_key(Image.fromarray(grounding.mask)), token_ids))
+        checks = self.scheduler.result(checks_key, lambda publish: publish(
+            checks_key, self._region_checks(rgb, key, grounding.mask, token_ids)))
+        verification = None
+        if checks.region_caption is not None:
+            words = [w.text for w in explanation.words] or explanation.query.split()
+            verification = verify(grounding, checks.region_caption, checks.logprobs, Target(explanation.token_positions),
+                                  words, explanation.word_logprob, explanation.maps)
+        return replace(explanation, grounding=grounding, verification=verification,
+                       notes=explanation.notes + checks.notes)
 
     def _queue(self, words: list["_Word"], priority: Priority, plan: Plan | None = None) -> dict[Key, Any]:
         futures: dict[Key, Any] = {}
@@ -307,6 +328,22 @@ class Explainer:
             self._pass = None  # free the old graph before building the new one
             self._pass = (wanted, AttributionPass(self.captioner, self.captioner.preprocess(rgb), token_ids, spec))
         return self._pass[1]
+
+    def _region_checks(self, rgb: Image.Image, image: str, mask, token_ids: tuple[int, ...]) -> "_Checks":
+        """The region's own caption and the sequence's token log-probabilities with only the region / without
+        it, cached per region: several words often share one region, and its forward passes are made once."""
+        area = image_key(Image.fromarray(mask))
+        captioner = self.captioner
+        try:
+            return _Checks(
+                self.cache.get_or_compute(image, (self._id, "region caption", area),
+                                          lambda: caption_region(captioner, rgb, mask)),
+                self.cache.get_or_compute(image, (self._id, "region logprobs", area, token_ids),
+                                          lambda: composite_logprobs(captioner, rgb, mask, token_ids)),
+                [])
+        except Exception as err:  # noqa: BLE001 — the region and maps stand without their trust numbers
+            logger.exception("verification failed")
+            return _Checks(None, None, [f"No trust numbers: the region check failed ({err})"])
 
     def _drop_pass(self) -> None:
         """Free the kept autograd graph (hundreds of MB for BLIP-base) once the worker has nothing to do."""
@@ -432,29 +469,11 @@ class _Word:
         publish(self._region_key(), result)
 
     def _checks(self, publish: Publish) -> None:
-        """The region's own caption and the caption's token log-probabilities with only the region / without
-        it, cached per region: several words often share one region, and its forward passes are made once."""
-        explainer = self.explainer
-        region = explainer.scheduler.result(self._region_key(), self._region)
-        key = self._checks_key()
-        if region.grounding is None:
-            publish(key, _Checks(None, None, []))
-            return
-        mask = region.grounding.mask
-        area = image_key(Image.fromarray(mask))
-        captioner = explainer.captioner
-        try:
-            checks = _Checks(
-                explainer.cache.get_or_compute(self.image, (explainer._id, "region caption", area),
-                                               lambda: caption_region(captioner, self.rgb, mask)),
-                explainer.cache.get_or_compute(
-                    self.image, (explainer._id, "region logprobs", area, self.item.token_ids),
-                    lambda: composite_logprobs(captioner, self.rgb, mask, self.item.token_ids)),
-                [])
-        except Exception as err:  # noqa: BLE001 — the region and maps stand without their trust numbers
-            logger.exception("verification failed")
-            checks = _Checks(None, None, [f"No trust numbers: the region check failed ({err})"])
-        publish(key, checks)
+        """The trust numbers' model runs for the word's region (see `Explainer._region_checks`)."""
+        region = self.explainer.scheduler.result(self._region_key(), self._region)
+        checks = _Checks(None, None, []) if region.grounding is None else self.explainer._region_checks(
+            self.rgb, self.image, region.grounding.mask, self.item.token_ids)
+        publish(self._checks_key(), checks)
 
     # --- the result -----------------------------------------------------------------------------------------------
 
@@ -493,6 +512,7 @@ class _Word:
             query=str(item.query), in_caption=bool(item.words), words=item.words,
             tokens=tuple(captioner.token_strings([item.token_ids[p] for p in item.target.positions])),
             token_positions=item.target.positions, context=context, word_logprob=logprob, maps=ordered,
+            token_ids=item.token_ids,
             image_size=self.rgb.size, caption=self.caption, grounding=grounding, verification=verification,
             segmenter=region.segmenter if region else "", notes=notes, settings=self.settings,
             pending=tuple(pending))

@@ -13,7 +13,6 @@ from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps
-from skimage.transform import resize
 
 ImageInput = Union[Image.Image, np.ndarray, str, PathLike]
 
@@ -129,10 +128,11 @@ def resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     Maps are computed on the model's square input, which every processor here obtains by a plain resize of
     the whole image (no crop), so stretching back to the original size is the exact inverse geometry.
+    Pillow's float ("F") resampling: the same values as scikit-image's when enlarging, several times faster
+    (a click draws every map), and anti-aliased when shrinking.
     """
-    width, height = size
-    out = resize(values.astype(np.float32), (height, width), order=1, mode="edge", anti_aliasing=False)
-    return out.astype(np.float32)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(values, dtype=np.float32), "F").resize(
+        size, Image.BILINEAR), dtype=np.float32)
 
 
 def normalize_map(values: np.ndarray) -> np.ndarray:

@@ -6,6 +6,8 @@ The page draws at most `DISPLAY_SIDE` pixels along the longer side (a browser sh
 
 from __future__ import annotations
 
+import functools
+
 import matplotlib
 import numpy as np
 from PIL import Image
@@ -26,15 +28,23 @@ def overlay(image: Image.Image, values: np.ndarray, colormap: str = "jet", opaci
         raise ValueError(f"Map of shape {values.shape} does not match the image size {image.size}.")
     if not 0.0 <= opacity <= 1.0:
         raise ValueError(f"Opacity must be in [0, 1], got {opacity}.")
-    colours = _colormap(colormap)(np.clip(values, 0.0, 1.0))[..., :3]
-    base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    blended = (1.0 - opacity) * base + opacity * colours
-    return Image.fromarray((blended * 255.0).round().astype(np.uint8))
+    return Image.blend(image.convert("RGB"), heatmap_image(values, colormap), opacity)
 
 
 def heatmap_image(values: np.ndarray, colormap: str = "jet") -> Image.Image:
-    """The map alone, coloured (for exports)."""
-    return Image.fromarray((_colormap(colormap)(np.clip(values, 0, 1))[..., :3] * 255).astype(np.uint8))
+    """The map alone, coloured: its values in 256 levels through the colour map's table (as matplotlib does)."""
+    levels = (np.clip(values, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    return Image.fromarray(_table(colormap)[levels])
+
+
+@functools.lru_cache(maxsize=None)
+def _table(colormap: str) -> np.ndarray:
+    """The colour map as a 256 × 3 uint8 lookup table."""
+    try:
+        colours = matplotlib.colormaps[colormap](np.linspace(0.0, 1.0, 256))[:, :3]
+    except KeyError as err:
+        raise ValueError(f"Unknown colour map '{colormap}'. Try one of: {', '.join(COLORMAPS)}.") from err
+    return (colours * 255.0).round().astype(np.uint8)
 
 
 def region_image(image: Image.Image, mask: np.ndarray, dim: float = 0.55,
@@ -77,10 +87,3 @@ def draw_region(image: Image.Image, mask: np.ndarray, max_side: int | None = DIS
         image = image.resize(size, Image.BILINEAR)
         mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
     return region_image(image, mask)
-
-
-def _colormap(name: str) -> matplotlib.colors.Colormap:
-    try:
-        return matplotlib.colormaps[name]
-    except KeyError as err:
-        raise ValueError(f"Unknown colour map '{name}'. Try one of: {', '.join(COLORMAPS)}.") from err

@@ -139,10 +139,11 @@ class Explanation:
     in_caption: bool  #: False when the query is free text explained after a neutral prompt
     words: tuple[Word, ...]  #: the caption words explained (empty for free text)
     tokens: tuple[str, ...]
-    token_positions: tuple[int, ...]  #: positions of `tokens` in the teacher-forced sequence
+    token_positions: tuple[int, ...]  #: positions of `tokens` in the teacher-forced sequence `token_ids`
     context: str  #: the text the decoder was conditioned on before the explained tokens
     word_logprob: float
     maps: dict[str, Heatmap]
+    token_ids: tuple[int, ...]  #: the teacher-forced sequence (the caption's, or prompt + free query)
     image_size: tuple[int, int]  #: (width, height) of the input image
     caption: Caption | None = None
     grounding: Grounding | None = None  #: the region CLIP matches to the query (None without CLIP)
@@ -177,6 +178,7 @@ class Explanation:
             "word_indices": [w.index for w in self.words],
             "tokens": list(self.tokens),
             "token_positions": list(self.token_positions),
+            "token_ids": list(self.token_ids),
             "context": self.context,
             "word_logprob": self.word_logprob,
             "word_probability": self.word_probability,

@@ -15,10 +15,12 @@ answered without the worker.
 
 from __future__ import annotations
 
+import atexit
 import heapq
 import itertools
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
@@ -92,6 +94,8 @@ class Scheduler:
         self._plans = itertools.count(1)
         self._condition = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._closed = False
+        _SCHEDULERS.add(self)
 
     # --- asking for results ------------------------------------------------------------------------------------
 
@@ -145,6 +149,22 @@ class Scheduler:
                         self._owner.pop(key, None)
                         future.cancel()
 
+    def close(self, timeout: float = 120.0) -> None:
+        """Drop every queued task and let the running one finish; the worker then stops. Called at exit: a
+        thread still inside a model's forward pass when Python shuts down makes the process abort."""
+        with self._condition:
+            self._closed = True
+            for _, _, _, task in self._heap:
+                if task.state == "queued":
+                    task.state = "cancelled"
+                    for future in task.futures.values():
+                        future.cancel()
+            self._heap.clear()
+            self._owner.clear()
+            self._condition.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
     def idle(self) -> bool:
         """True when nothing is queued or running."""
         with self._condition:
@@ -161,15 +181,18 @@ class Scheduler:
         self._push(task)
 
     def _push(self, task: Task) -> None:
+        if self._closed:
+            raise RuntimeError("The explainer's worker has been shut down.")
         heapq.heappush(self._heap, (int(task.priority), -task.plan, next(self._order), task))
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="ipag-worker", daemon=True)
             self._thread.start()
         self._condition.notify()
 
-    def _next(self) -> Task:
+    def _next(self) -> Task | None:
+        """The next task to run, waiting for one; None once the scheduler is closed."""
         with self._condition:
-            while True:
+            while not self._closed:
                 while self._heap:
                     priority, _, _, task = heapq.heappop(self._heap)
                     if task.state != "queued" or priority != task.priority:
@@ -180,6 +203,7 @@ class Scheduler:
                 for callback in self._idle:
                     callback()
                 self._condition.wait()
+            return None
 
     def _answer_from_cache(self, task: Task) -> bool:
         """Finish `task` without running it when all its results were cached meanwhile (by another task that
@@ -194,8 +218,7 @@ class Scheduler:
         return True
 
     def _run(self) -> None:
-        while True:
-            task = self._next()
+        while (task := self._next()) is not None:
             try:
                 task.work(lambda key, value: self._publish(task, key, value))
                 missing = [key for key, future in task.futures.items() if not future.done()]
@@ -218,6 +241,16 @@ class Scheduler:
         future = task.futures.get(key)
         if future is not None and not future.done():
             future.set_result(value)
+
+
+#: Every scheduler, so that their workers are stopped before the interpreter shuts down (see `Scheduler.close`).
+_SCHEDULERS: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for scheduler in list(_SCHEDULERS):
+        scheduler.close()
 
 
 def _done(value: Any) -> Future:

@@ -30,7 +30,7 @@ from .results import Caption, Explanation
 from .schedule import Plan
 from .settings import DEFAULTS, Settings
 
-NO_WORD = "Click a caption word, or type a word and press Explain."
+NO_WORD = "Click a caption word, or type a word and press Explain."  #: plain text: fine as HTML too
 EXPORTS = Path(tempfile.gettempdir()) / "ipag-exports"
 
 
@@ -49,6 +49,7 @@ class Session:
     query: int | str | None = None  #: what `explanation` answers (a word index or typed text)
     candidate: int = 0  #: which of the explanation's candidate regions is shown
     plan: Plan | None = None  #: every word of the caption, queued in the background with the page's settings
+    source: str | None = None  #: the file the image came from (the page shows it again after a bad upload)
 
 
 @dataclass
@@ -105,7 +106,8 @@ def caption_image(explainer: Explainer, image: ImageInput | None, settings: Sett
     if session.plan is not None:
         session.plan.cancel()
     plan = explainer.precompute_async(rgb, caption, settings) if precompute else None
-    session = Session(image=rgb, caption=caption, captioner=session.captioner, plan=plan)
+    session = Session(image=rgb, caption=caption, captioner=session.captioner, plan=plan,
+                      source=str(image) if isinstance(image, (str, Path)) else None)
     if not caption.words:
         return caption_segments(caption), session, "The caption has no words to explain; type a query instead."
     return caption_segments(caption), session, f"{len(caption.words)} words. {NO_WORD}"
@@ -148,12 +150,16 @@ def select_word(explainer: Explainer, session: Session, segment: int,
     yield from explain(explainer, session, word, settings)
 
 
-def select_candidate(session: Session, label: str | None, settings: Settings) -> tuple[Session, Rendered]:
-    """Show another of the candidate regions (chosen from the list by its label)."""
+def select_candidate(explainer: Explainer, session: Session, label: str | None,
+                     settings: Settings) -> tuple[Session, Rendered]:
+    """Take another of the candidate regions (chosen from the list by its label) as the word's region: the
+    region shown, the status line and the trust numbers all follow it."""
     if session.explanation is None or session.explanation.grounding is None:
         raise UserError("Explain a word first.")
     labels = candidate_labels(session.explanation)
-    session = replace(session, candidate=labels.index(label) if label in labels else 0)
+    index = labels.index(label) if label in labels else 0
+    explanation = explainer.choose_region(session.image, session.explanation, index)
+    session = replace(session, explanation=explanation, candidate=index)
     return session, render(session, settings)
 
 
@@ -171,29 +177,27 @@ def render(session: Session, settings: Settings) -> Rendered:
         return Rendered(None, dict.fromkeys(MAP_TITLES), [], [], NO_WORD)
     drawn = draw_maps(image, explanation, settings)
     grounding = explanation.grounding
-    region = None
-    if grounding is not None:
-        shown = grounding.candidates[min(session.candidate, len(grounding.candidates) - 1)]
-        region = draw_region(image, shown.mask)
+    region = draw_region(image, grounding.mask) if grounding is not None else None
     return Rendered(region, {key: drawn.get(key) for key in MAP_TITLES}, candidate_labels(explanation),
                     trust_rows(explanation), status_line(explanation), explanation.to_dict())
 
 
 def status_line(explanation: Explanation) -> str:
-    """One sentence on what was explained, and what is still being computed; user text is escaped (it is
-    shown as Markdown)."""
+    """One sentence on what was explained, and what is still being computed, as HTML. Every text in it is
+    escaped (a query is whatever a visitor typed), and it is HTML rather than Markdown because Markdown turns
+    a typed address into a link even when it is escaped."""
     what = " ".join(w.text for w in explanation.words) if explanation.in_caption else explanation.query
-    where = "in the caption" if explanation.in_caption else f"after the prompt “{explanation.context}”"
-    line = (f"Explained **{html.escape(what)}** {where}: p = {explanation.word_probability:.3f} "
+    where = "in the caption" if explanation.in_caption else f"after the prompt “{html.escape(explanation.context)}”"
+    line = (f"Explained <strong>{html.escape(what)}</strong> {where}: p = {explanation.word_probability:.3f} "
             f"(log p = {explanation.word_logprob:.2f}).")
     grounding = explanation.grounding
     if grounding is not None:
-        line += (f" Region: **{html.escape(grounding.label)}** (p = {grounding.score:.2f}"
+        line += (f" Region: <strong>{html.escape(grounding.label)}</strong> (p = {grounding.score:.2f}"
                  f"{', the whole image won' if grounding.baseline_won else ''}).")
     if explanation.pending:
         line += f" Computing {', '.join(explanation.pending)}…"
     notes = [note for note in explanation.notes if "not in the caption" not in note]
-    return line + "".join(f"\n\n• {html.escape(note)}" for note in notes)
+    return f"<p>{line}</p>" + "".join(f"<p>• {html.escape(note)}</p>" for note in notes)
 
 
 def trust_rows(explanation: Explanation) -> list[list[Any]]:

@@ -109,10 +109,12 @@ def upload(page, path: Path):
     return words
 
 
-def finished(page, timeout: float = 60_000) -> None:
-    """Wait until the status line reports a complete explanation (nothing still being computed)."""
-    page.wait_for_function("() => { const s = document.querySelector('#status')?.innerText || '';"
-                           " return s.includes('Explained') && !s.includes('Computing'); }", timeout=timeout)
+def finished(page, containing: str = "Explained", timeout: float = 60_000) -> None:
+    """Wait until the status line reports a complete explanation (nothing still being computed) that mentions
+    `containing`."""
+    page.wait_for_function("(text) => { const s = document.querySelector('#status')?.innerText || '';"
+                           " return s.includes('Explained') && s.includes(text) && !s.includes('Computing'); }",
+                           arg=containing, timeout=timeout)
 
 
 def wait_idle(explainer: Explainer, timeout: float = 300) -> None:
@@ -135,8 +137,9 @@ def test_click_a_word_in_a_real_browser(app_url, browser):
     finished(page)
     pending = [set(s.split("Computing ")[1].split("…")[0].split(", "))
                for s in page.evaluate("window.statuses") if "Computing" in s]
-    assert pending and "saliency" in pending[0]  # the first maps were shown before saliency and the rest
-    assert all(later <= earlier for earlier, later in zip(pending, pending[1:]))  # stages arrive in order
+    pending = [p for i, p in enumerate(pending) if not i or p != pending[i - 1]]  # one entry per update
+    assert pending  # the first outputs were shown while the rest was still being computed…
+    assert all(later < earlier for earlier, later in zip(pending, pending[1:]))  # …and the stages came in order
     for key, title in playground.VIEWS.items():
         page.get_by_role("tab", name=title, exact=True).click()
         if key != "occlusion":  # off unless asked for
@@ -281,22 +284,91 @@ def test_auth_protects_page_and_api():
         demo.close()
 
 
-def test_typed_script_never_runs_in_the_page(app_url, browser):
-    page = browser.new_page()
-    dialogs: list[str] = []
+def test_typed_html_never_becomes_an_element_or_a_request(app_url, browser):
+    """HTML typed as a query is shown as text everywhere it appears: the status line, the error message, the
+    trust table; no element, no dialog and no request come of it."""
+    page = open_page(browser, app_url)
+    dialogs, requests = [], []
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
-    page.goto(app_url)
-    page.locator("#image input[type=file]").set_input_files(str(EXAMPLES / "coffee.jpg"))
-    page.locator("#caption .token.highlighted").first.wait_for(timeout=60_000)
-    attack = "<img src=x onerror=alert(1)><script>alert(2)</script> dog"
+    page.on("request", lambda request: requests.append(request.url))
+    upload(page, EXAMPLES / "coffee.jpg")
     box = page.locator("#query textarea, #query input").first
-    box.fill(attack)
+    for attack in ("<img src=x onerror=alert(1)><script>alert(2)</script> dog",
+                   "<a href='https://evil.example'>dog</a>"):
+        box.fill(attack)
+        box.press("Enter")
+        finished(page, containing=attack.split(">")[0] + ">")  # shown as text…
+        status = page.locator("#status")
+        assert status.locator("img, a, script").count() == 0  # …not as elements
+    box.fill("<img src=x onerror=alert(3)>")  # no known word: an error message quoting the query
     box.press("Enter")
-    page.locator("#status").get_by_text("Explained").wait_for(timeout=60_000)
+    message = page.locator(".toast-body").first
+    message.wait_for(timeout=30_000)
+    assert "<img" in message.inner_text() and message.locator("img").count() == 0
     page.wait_for_timeout(500)
     assert dialogs == []
-    assert "<script>" in page.locator("#status").inner_text()  # shown as text, not run
-    assert page.locator("#status img").count() == 0
+    assert not [url for url in requests if url.rstrip("/").endswith("/x") or "evil.example" in url]
+    page.close()
+
+
+def test_bad_uploads_get_a_message_and_keep_the_result(app_url, browser, tmp_path):
+    """Each bad file through the real upload widget: the loader's clear message, and the previous image, caption
+    and explanation stay on the page."""
+    not_image = tmp_path / "holiday.jpg"
+    not_image.write_text("this is a text file, renamed")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes((EXAMPLES / "coffee.jpg").read_bytes()[:2000])
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (9000, 9000)).save(bomb)
+    tiny = tmp_path / "one.png"
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(tiny)
+
+    page = open_page(browser, app_url)
+    words = upload(page, EXAMPLES / "coffee.jpg")
+    caption = page.locator("#caption").inner_text()
+    words.first.click()
+    finished(page)
+    status = page.locator("#status").inner_text()
+    for path, message in ((not_image, "Cannot read holiday.jpg"), (truncated, "Cannot read truncated.png"),
+                          (bomb, "megapixels")):
+        page.locator("#image input[type=file]").set_input_files(str(path))
+        toast = page.locator(".toast-body").filter(has_text=message)
+        toast.wait_for(timeout=60_000)
+        page.wait_for_timeout(300)
+        assert page.locator("#caption").inner_text() == caption and page.locator("#status").inner_text() == status
+        assert "Error" not in page.locator("#map-region").inner_text()  # no error badge over the result
+        assert page.locator("#image img").count() == 1  # the last good image is shown again
+    upload(page, tiny)  # 1×1 is odd but valid: it is captioned
+    page.close()
+
+
+def test_a_mistake_after_a_result_keeps_the_result(app_url, browser):
+    page = open_page(browser, app_url)
+    words = upload(page, EXAMPLES / "astronaut.jpg")
+    words.first.click()
+    finished(page)
+    status = page.locator("#status").inner_text()
+    page.locator("#explain").click()  # an empty query
+    page.locator(".toast-body").filter(has_text="empty").wait_for(timeout=30_000)
+    page.wait_for_timeout(300)
+    assert page.locator("#status").inner_text() == status
+    assert page.locator("#map-region img").count() == 1 and "Error" not in page.locator("#trust").inner_text()
+    page.close()
+
+
+def test_picking_another_candidate_region_updates_the_trust_numbers(app_url, browser):
+    page = open_page(browser, app_url)
+    words = upload(page, EXAMPLES / "rocket.jpg")
+    words.first.click()
+    finished(page)
+    before = page.locator("#trust").inner_text()
+    choices = page.locator("#candidates label")
+    assert choices.count() >= 2
+    label = choices.nth(1).inner_text().split("—")[0].split(". ", 1)[1].strip()
+    choices.nth(1).click()
+    page.locator("#status").get_by_text(f"Region: {label}").wait_for(timeout=60_000)
+    page.wait_for_function("(before) => document.querySelector('#trust').innerText !== before", arg=before,
+                           timeout=60_000)
     page.close()
 
 

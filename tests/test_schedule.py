@@ -172,18 +172,30 @@ def test_a_click_during_the_precompute_computes_each_word_once_overall(explainer
     assert set(counts.values()) == {1}
 
 
-def test_stages_arrive_in_order_and_say_what_is_still_coming(explainer, photo, caption):
+def test_stages_arrive_in_order_and_say_what_is_still_coming(explainer, photo, caption, monkeypatch):
+    """Each stage is shown as soon as it is ready, with what is still coming; a stage that is already done when
+    the previous one is shown does not cost an update of its own."""
+    import time
+
+    from ipag.grounding import Grounder
+
     engine = fresh(explainer)
+    for cls, name in ((AttributionPass, "pixel_gradients"), (Grounder, "ground"), (Grounder, "prepare")):
+        slow = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda *args, _slow=slow, **kwargs: time.sleep(0.3) or _slow(*args, **kwargs))
     stages = list(engine.explain_stages(photo, 0, caption, Settings(occlusion=True)))
     assert [sorted(s.maps) for s in stages[:2]] == [["cross_attention", "gradcam"],
                                                     ["cross_attention", "gradcam", "saliency"]]
-    assert stages[0].pending == ("saliency", "region", "more maps", "trust numbers")
-    assert [s.pending for s in stages[1:]] == [("region", "more maps", "trust numbers"),
-                                               ("more maps", "trust numbers"), ("trust numbers",), ()]
-    assert stages[2].grounding is not None and stages[2].verification is None
-    assert {"clip_relevance", "occlusion"} <= set(stages[3].maps)
-    assert stages[-1].verification is not None
+    names = ("saliency", "region", "more maps", "trust numbers")
+    pending = [s.pending for s in stages]
+    assert pending[:2] == [names, names[1:]] and pending[-1] == ()
+    assert all(p == names[len(names) - len(p):] for p in pending)  # what is still coming: the later stages
+    assert all(len(a) > len(b) for a, b in zip(pending, pending[1:]))  # each update brings something new
+    assert stages[0].grounding is None and stages[1].grounding is None and stages[-1].verification is not None
+    assert {"clip_relevance", "occlusion"} <= set(stages[-1].maps)
     assert all(s.word_logprob == stages[-1].word_logprob for s in stages)
+    cached = list(engine.explain_stages(photo, 0, caption, Settings(occlusion=True)))
+    assert len(cached) == 1 and cached[0].pending == ()  # all cached: one update, complete
 
 
 def test_equal_settings_make_equal_keys_however_they_were_asked_for(explainer, photo, caption):

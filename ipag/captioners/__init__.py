@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig
 
 from ..errors import ModelUnavailableError
+from ..hub import download_fix, require_hub
 from .base import Captioner, DecodeOptions, DecoderPass, Piece
 from .blip import BlipCaptioner
 from .vit_gpt2 import VitGpt2Captioner
@@ -34,20 +36,34 @@ TINY_CAPTIONERS: dict[str, Callable[[int, torch.device], Captioner]] = {
 
 
 def load_captioner(model: str, device: torch.device) -> Captioner:
-    """Load a captioner by friendly name, hub id or local folder, with a clear error when that fails."""
+    """Load a captioner by friendly name, hub id or local folder, with a clear error when that fails.
+
+    A local folder or a model already in the Hugging Face cache loads without touching the network; anything
+    else is downloaded (with progress) if the hub can be reached, and refused at once if it cannot.
+    """
     model_id = KNOWN_CAPTIONERS.get(model, model)
     try:
-        model_type = AutoConfig.from_pretrained(model_id).model_type
+        return _load(model_id, device, local_files_only=True)
+    except (OSError, ValueError) as err:
+        if Path(model_id).is_dir():
+            raise _unavailable(model_id, err) from err
+        if model_id.startswith(("/", ".", "~")):  # a path, not a hub id: nothing to download
+            raise ModelUnavailableError(f"No such model folder: {model_id}. Pass a folder written by "
+                                        "`save_pretrained`, a hub id, or try --synthetic or --tiny.") from err
+    require_hub(f"The captioner '{model_id}'", download_fix(model_id))
+    try:
+        return _load(model_id, device, local_files_only=False)
     except (OSError, ValueError) as err:
         raise _unavailable(model_id, err) from err
+
+
+def _load(model_id: str, device: torch.device, local_files_only: bool) -> Captioner:
+    model_type = AutoConfig.from_pretrained(model_id, local_files_only=local_files_only).model_type
     if model_type not in CAPTIONER_CLASSES:
         raise ModelUnavailableError(
             f"'{model_id}' is a '{model_type}' model, which the playground cannot explain. Supported model types: "
             f"{', '.join(CAPTIONER_CLASSES)} (friendly names: {', '.join(KNOWN_CAPTIONERS)}).")
-    try:
-        return CAPTIONER_CLASSES[model_type].load(model_id, device)
-    except (OSError, ValueError) as err:
-        raise _unavailable(model_id, err) from err
+    return CAPTIONER_CLASSES[model_type].load(model_id, device, local_files_only=local_files_only)
 
 
 def tiny_captioner(name: str, seed: int = 0, device: torch.device = torch.device("cpu")) -> Captioner:
@@ -59,12 +75,8 @@ def tiny_captioner(name: str, seed: int = 0, device: torch.device = torch.device
 
 def _unavailable(model_id: str, err: Exception) -> ModelUnavailableError:
     return ModelUnavailableError(
-        f"Could not load the captioner '{model_id}': it is not a local model folder, not in the Hugging "
-        f"Face cache, and could not be downloaded ({type(err).__name__}: {str(err).splitlines()[0]}). "
-        "Fix: connect to the internet once so it is cached (~/.cache/huggingface), or download it on "
-        "another machine (`huggingface-cli download "
-        f"{model_id}`) and pass the folder path; or run with --tiny to try the app on tiny random models."
-    )
+        f"Could not load the captioner '{model_id}' ({type(err).__name__}: {str(err).splitlines()[0]}). "
+        f"Fix: {download_fix(model_id)}")
 
 
 __all__ = ["BlipCaptioner", "CAPTIONER_CLASSES", "Captioner", "DecodeOptions", "DecoderPass", "KNOWN_CAPTIONERS",

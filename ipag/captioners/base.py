@@ -90,8 +90,9 @@ class Captioner(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, model_id: str, device: torch.device) -> "Captioner":
-        """Load from a hub id or a local folder (`load_captioner` picks the class from the model's config)."""
+    def load(cls, model_id: str, device: torch.device, local_files_only: bool = False) -> "Captioner":
+        """Load from a hub id or a local folder (`load_captioner` picks the class from the model's config);
+        `local_files_only` forbids downloading."""
 
     @property
     @abstractmethod

@@ -43,10 +43,10 @@ class BlipCaptioner(Captioner):
         self._suppressed = sorted({i for i in self.tokenizer.all_special_ids if i != self._sep} | {self._bos})
 
     @classmethod
-    def load(cls, model_id: str, device: torch.device) -> "BlipCaptioner":
+    def load(cls, model_id: str, device: torch.device, local_files_only: bool = False) -> "BlipCaptioner":
         """Load from a hub id or a local folder (cached by huggingface_hub, with download progress)."""
-        model = BlipForConditionalGeneration.from_pretrained(model_id)
-        processor = BlipProcessor.from_pretrained(model_id)
+        model = BlipForConditionalGeneration.from_pretrained(model_id, local_files_only=local_files_only)
+        processor = BlipProcessor.from_pretrained(model_id, local_files_only=local_files_only)
         return cls(model, processor, device, model_id)
 
     @classmethod

@@ -67,18 +67,20 @@ class VitGpt2Captioner(Captioner):
         self._end = model.config.decoder.eos_token_id
 
     @classmethod
-    def load(cls, model_id: str, device: torch.device) -> "VitGpt2Captioner":
+    def load(cls, model_id: str, device: torch.device, local_files_only: bool = False) -> "VitGpt2Captioner":
         """Load from a hub id or a local folder (cached by huggingface_hub, with download progress)."""
-        config = VisionEncoderDecoderConfig.from_pretrained(model_id)  # checked before any weight is read
+        offline = {"local_files_only": local_files_only}
+        config = VisionEncoderDecoderConfig.from_pretrained(model_id, **offline)  # checked before any weight
         found = {"encoder": config.encoder.model_type, "decoder": config.decoder.model_type}
         if found != SUPPORTED:
             raise ModelUnavailableError(
                 f"'{model_id}' is a vision-encoder-decoder model with a {found['encoder']} encoder and a "
                 f"{found['decoder']} decoder; the ViT-GPT2 captioner explains a vit encoder with a gpt2 decoder "
                 "(e.g. nlpconnect/vit-gpt2-image-captioning).")
-        model = VisionEncoderDecoderModel.from_pretrained(model_id, config=config, attn_implementation="eager")
-        image_processor = ViTImageProcessor.from_pretrained(model_id)
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        model = VisionEncoderDecoderModel.from_pretrained(model_id, config=config, attn_implementation="eager",
+                                                          **offline)
+        image_processor = ViTImageProcessor.from_pretrained(model_id, **offline)
+        tokenizer = AutoTokenizer.from_pretrained(model_id, **offline)
         return cls(model, image_processor, tokenizer, device, model_id)
 
     @classmethod

@@ -8,6 +8,7 @@ CLIP (a region there could never win), and the relevance map could not be stretc
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +24,7 @@ from torch import nn
 
 from ..device import resolve_device
 from ..errors import ModelUnavailableError
+from ..hub import cached_on_hub, download_fix, require_hub
 from ..images import to_rgb
 
 #: Name under which the tiny random CLIP is registered with open_clip.
@@ -63,7 +65,10 @@ class ClipModel:
         the embeddings would silently degrade.
         """
         target = resolve_device(device)
-        quick_gelu = bool(open_clip.get_pretrained_cfg(model, pretrained).get("quick_gelu", False))
+        tag = open_clip.get_pretrained_cfg(model, pretrained)
+        if tag and not _weights_cached(tag):
+            require_hub(f"The CLIP weights '{model}/{pretrained}'", download_fix(tag.get("hf_hub", pretrained)))
+        quick_gelu = bool(tag.get("quick_gelu", False))
         try:
             network, _, preprocess = open_clip.create_model_and_transforms(
                 model, pretrained=pretrained, force_quick_gelu=quick_gelu, image_resize_mode="squash")
@@ -131,6 +136,17 @@ class ClipModel:
             relevance = relevance + cam @ relevance
         grid = self.model.visual.grid_size
         return relevance[0, 1:].reshape(grid).detach().cpu().numpy()
+
+
+def _weights_cached(tag: dict) -> bool:
+    """Whether an open_clip pretrained tag's weights need no download: a URL download is quick to fail and is
+    left to open_clip; a hub file counts as cached in its .bin or .safetensors form (open_clip takes either)."""
+    if "hf_hub" not in tag:
+        return True
+    repo_id, filename = os.path.split(tag["hf_hub"])
+    filename = filename or "open_clip_pytorch_model.bin"
+    return cached_on_hub(repo_id, filename, filename.rsplit(".", 1)[0] + ".safetensors",
+                         "open_clip_model.safetensors")
 
 
 def register_tiny_config() -> None:

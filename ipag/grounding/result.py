@@ -5,7 +5,7 @@ Compared by identity (`eq=False`), like `Segment`: element-wise array equality h
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,15 @@ class Grounding:
     def clip_prefers_region(self) -> bool:
         """True when CLIP finds the region's composite closer to the prompt than the whole image."""
         return self.similarity > self.image_similarity
+
+    def choose(self, index: int) -> "Grounding":
+        """The same comparison with candidate `index` taken as the region (a user picking a runner-up)."""
+        if not 0 <= index < len(self.candidates):
+            raise ValueError(f"Candidate {index} does not exist: there are {len(self.candidates)}.")
+        chosen = self.candidates[index]
+        return replace(self, mask=chosen.mask, label=chosen.label, score=chosen.probability,
+                       similarity=chosen.similarity, baseline_won=not chosen.members, refined=chosen.refined,
+                       source=chosen.source)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (masks summarised as area fraction and bounding box, not inlined)."""
