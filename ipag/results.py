@@ -68,22 +68,43 @@ class Caption:
         }
 
 
+#: Arrays larger than this are stored in float16 (relative precision ~5e-4, far below what a drawn map shows);
+#: smaller ones — patch grids, window grids — stay float32, exactly as computed.
+COMPACT_ABOVE = 4096
+
+
 @dataclass(frozen=True, eq=False)
 class Heatmap:
     """One attribution map, stored at the resolution it was computed at and drawn at any size on access.
 
     `raw` is the method's unnormalised attribution at the model's resolution (a patch grid, the pixels of the
     model's input, occlusion's window grid) for anyone who wants to post-process it, as Captum users expect.
-    `display` is what is drawn, at the model's resolution; `values` is it resized to the input image and
-    scaled to [0, 1] (H×W float32), computed when asked for: a full-size float map of a 12-megapixel photo is
-    ~50 MB, the stored ones are a few hundred KB at most.
+    `display` is what is drawn, at the model's resolution (the positive part of `raw`, unless the method says
+    otherwise); `values` is it resized to the input image and scaled to [0, 1] (H×W float32), computed when
+    asked for: a full-size float map of a 12-megapixel photo is ~50 MB, a stored one a few hundred KB at most
+    (`make` keeps pixel-sized maps in float16, scaled so that small gradients do not underflow).
     """
 
-    raw: np.ndarray
-    display: np.ndarray
+    stored: np.ndarray  #: `raw / scale`, in a compact dtype
+    scale: float
     size: tuple[int, int]  #: (width, height) of the input image
     method: str  #: e.g. "GradCAM", "cross-attention Grad-CAM", "saliency", "SmoothGrad"
     layer: str  #: which module it was taken from, e.g. "vision_model.encoder.layers.10"
+    shown: np.ndarray | None = None  #: `display` when it is not the positive part of `raw` (compact too)
+
+    @classmethod
+    def make(cls, raw: np.ndarray, size: tuple[int, int], method: str, layer: str,
+             display: np.ndarray | None = None) -> "Heatmap":
+        stored, scale = _compact(raw)
+        return cls(stored, scale, size, method, layer, None if display is None else _compact(display, scaled=False)[0])
+
+    @property
+    def raw(self) -> np.ndarray:
+        return self.stored.astype(np.float32) * np.float32(self.scale)
+
+    @property
+    def display(self) -> np.ndarray:
+        return self.shown.astype(np.float32) if self.shown is not None else np.maximum(self.raw, 0.0)
 
     @property
     def values(self) -> np.ndarray:
@@ -94,8 +115,23 @@ class Heatmap:
         """The map resized to `size` = (width, height) and scaled to [0, 1] by its maximum."""
         return normalize_map(resize_map(self.display, size))
 
+    @property
+    def nbytes(self) -> int:
+        return self.stored.nbytes + (self.shown.nbytes if self.shown is not None else 0)
+
     def describe(self) -> dict[str, Any]:
-        return {"method": self.method, "layer": self.layer, "raw_shape": list(self.raw.shape)}
+        return {"method": self.method, "layer": self.layer, "raw_shape": list(self.stored.shape)}
+
+
+def _compact(values: np.ndarray, scaled: bool = True) -> tuple[np.ndarray, float]:
+    """(array, scale) with values ≈ array · scale: float32 as is when small, float16 divided by the largest
+    magnitude when large (so that the largest value is ±1 and nothing underflows that matters when drawn)."""
+    values = np.asarray(values, dtype=np.float32)
+    if values.size <= COMPACT_ABOVE:
+        return values, 1.0
+    peak = float(np.abs(values).max()) if scaled and values.size else 0.0
+    scale = peak if peak > 0 else 1.0
+    return (values / scale).astype(np.float16), scale
 
 
 @dataclass(frozen=True)

@@ -126,9 +126,14 @@ def test_candidate_selection_shows_that_region(explainer, captioned):
     *_, (session, rendered) = ui.explain(explainer, session, 0, Settings())
     if len(rendered.candidates) < 2:
         pytest.skip("only one candidate")
-    second, shown = ui.select_candidate(session, rendered.candidates[1], Settings())
+    second, shown = ui.select_candidate(explainer, session, rendered.candidates[1], Settings())
     assert second.candidate == 1
     assert np.asarray(shown.region).tolist() != np.asarray(rendered.region).tolist()
+    chosen = session.explanation.grounding.candidates[1]
+    assert second.explanation.grounding.label == chosen.label and chosen.label in shown.status
+    assert second.explanation.verification.clip_region == pytest.approx(chosen.similarity)
+    again, _ = ui.select_candidate(explainer, second, rendered.candidates[0], Settings())
+    assert again.explanation.verification == session.explanation.verification  # back to the chosen region
 
 
 def test_export_writes_pngs_and_json(explainer, captioned):

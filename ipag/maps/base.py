@@ -109,10 +109,10 @@ class MapType(ABC):
         """The unnormalised 2-D attribution at the model's resolution (non-negative unless `_display` says how
         to show it)."""
 
-    def _display(self, raw: np.ndarray, context: MapContext) -> np.ndarray:
-        """What is drawn, at the model's resolution, before resizing to the image: by default the positive part
-        of `raw` (maps whose raw values live on another grid, like occlusion's windows, override this)."""
-        return raw if raw.size == 0 or raw.min() >= 0 else np.maximum(raw, 0.0)
+    def _display(self, raw: np.ndarray, context: MapContext) -> np.ndarray | None:
+        """What is drawn, at the model's resolution, before resizing to the image; None: the positive part of
+        `raw` (maps whose raw values live on another grid, like occlusion's windows, override this)."""
+        return None
 
     def note(self, context: MapContext) -> str | None:
         """Something the user should know about this map (e.g. what it cost), shown with the explanation."""
@@ -121,5 +121,4 @@ class MapType(ABC):
     def attribute(self, context: MapContext) -> Heatmap:
         """The map for the context's target, with its raw values and provenance."""
         raw = np.nan_to_num(np.asarray(self._raw(context), dtype=np.float32))
-        return Heatmap(raw=raw, display=self._display(raw, context), size=context.image_size,
-                       method=self.method, layer=self.layer(context))
+        return Heatmap.make(raw, context.image_size, self.method, self.layer(context), self._display(raw, context))

@@ -114,7 +114,7 @@ class Occlusion(MapType):
         for box, value in zip(sweep.boxes, raw.ravel()):
             total[box[1:]] += value
             coverage[box[1:]] += 1.0
-        return np.maximum(total / coverage, 0.0).astype(np.float16)
+        return np.maximum(total / coverage, 0.0)
 
     def note(self, context: MapContext) -> str:
         cost = self._shared_sweep(context).cost
