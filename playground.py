@@ -26,7 +26,7 @@ from ipag import Explainer, Explainers, ModelUnavailableError
 from ipag import ui
 from ipag.captioners import KNOWN_CAPTIONERS, load_captioner, tiny_captioner
 from ipag.cli import add_model_arguments, load_explainer
-from ipag.maps import CAM_METHODS, MAP_TITLES
+from ipag.maps import CAM_METHODS
 from ipag.render import COLORMAPS
 from ipag.segmenters import available_segmenters
 from ipag.settings import DEFAULTS, SALIENCY_METHODS, Settings
@@ -36,8 +36,6 @@ INTRO = """# IPAG playground — why did the captioner say that?
 Upload a photo (or use the webcam, paste one, or pick an example). BLIP captions it; **click any caption word**
 (or type one) to see the image region CLIP matches to it, the Grad-CAM and saliency of BLIP's own
 log-probability for that word, and numbers that say how far to trust them."""
-#: The views of the map panel: the region first, then every registered map type.
-VIEWS = {"region": "Region", **MAP_TITLES}
 
 #: Local system fonts only: the page must not fetch anything from the internet (offline use, privacy).
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -104,34 +102,16 @@ class Page:
         return _settings(dict(zip(self.settings, values)))
 
     def outputs(self) -> list:
-        """What an explanation updates: the session, the region and every map, their captions, the
-        candidates, the trust table, the status line and the raw JSON."""
-        return [self.session, *self.views.values(), *self.labels.values(), self.candidates, self.trust,
-                self.status, self.details]
+        """What an explanation updates: the session, the large view and the line under it, the candidates, the
+        trust table, the status line, the raw JSON and the sanity check's table."""
+        return [self.session, self.picture, self.label, self.candidates, self.trust, self.status, self.details,
+                self.sanity]
 
     def show(self, session: ui.Session, rendered: ui.Rendered) -> tuple:
-        explanation = session.explanation
-        images = {"region": rendered.region, **rendered.maps}
-        labels = {key: _map_label(key, explanation) for key in VIEWS}
         candidate = rendered.candidates[session.candidate] if rendered.candidates else None
-        shown = [gr.update(value=images[key], visible=images[key] is not None) for key in VIEWS]  # no empty boxes
-        return (session, *shown, *(labels[key] for key in VIEWS),
-                gr.update(choices=rendered.candidates, value=candidate), rendered.trust, rendered.status,
-                rendered.details)
-
-
-def _map_label(key: str, explanation: Any) -> str:
-    """The line under a view: which method and layer made the map, or why there is none."""
-    if explanation is None:
-        return ""
-    if key == "region":
-        grounding = explanation.grounding
-        return (f"Chosen by CLIP among {explanation.segmenter} proposals: **{html.escape(grounding.label)}**"
-                if grounding else "No region (grounding is off, or still being computed).")
-    heatmap = explanation.maps.get(key)
-    if heatmap is None:
-        return "Still being computed…" if explanation.pending else "Not computed with these settings."
-    return f"{html.escape(heatmap.method)} · {html.escape(heatmap.layer)}"
+        return (session, gr.update(value=rendered.picture, visible=rendered.picture is not None),  # no empty box
+                rendered.label, gr.update(choices=rendered.candidates, value=candidate), rendered.trust,
+                rendered.status, rendered.details, gr.update(visible=False))  # a sanity check was for the last word
 
 
 def build_app(explainers: Explainers | Explainer) -> gr.Blocks:
@@ -183,19 +163,21 @@ def _caption_panel(page: Page) -> None:
 
 
 def _maps_panel(page: Page) -> None:
-    page.parts["views"], page.parts["labels"] = {}, {}
-    with gr.Tabs(elem_id="views"):
-        for key, title in VIEWS.items():
-            with gr.Tab(title, id=key, elem_id=f"tab-{key}"):
-                page.views[key] = gr.Image(show_label=False, interactive=False, height=480, format="jpeg",
-                                           elem_id=f"map-{key}")
-                page.labels[key] = gr.Markdown(elem_id=f"label-{key}")
-                if key == "region":
-                    page.parts["candidates"] = gr.Radio(label="Candidate regions (the chosen one first)",
-                                                        choices=[], elem_id="candidates")
+    page.parts["view"] = gr.Radio([(title, key) for key, title in ui.VIEWS.items()], value=ui.DEFAULT_VIEW,
+                                  show_label=False, elem_id="view")
+    page.parts["picture"] = gr.Image(show_label=False, interactive=False, height=480, format="jpeg",
+                                     elem_id="picture")
+    page.parts["label"] = gr.Markdown(elem_id="view-label")
+    page.parts["candidates"] = gr.Radio(label="Candidate regions (the chosen one first): pick one to take it as the "
+                                        "word's region", choices=[], elem_id="candidates")
     page.parts["trust"] = gr.Dataframe(headers=["Measure", "Value", "How to read it"], label="How far to trust this",
                                        interactive=False, wrap=True, column_widths=["32%", "14%", "54%"],
                                        max_height=1000, elem_id="trust")
+    page.parts["check"] = gr.Button("Sanity check: do these maps depend on what the model learned?",
+                                    elem_id="sanity-check")
+    page.parts["sanity"] = gr.Dataframe(headers=["Map", "Rank correlation with the top vision blocks re-initialised",
+                                                 "Verdict"], interactive=False, wrap=True, visible=False,
+                                        column_widths=["22%", "28%", "50%"], elem_id="sanity")
     with gr.Row():
         page.parts["export"] = gr.Button("Export this explanation (PNGs + JSON)", elem_id="export")
         page.parts["download"] = gr.File(label="Download", interactive=False, visible=False, elem_id="download")
@@ -215,6 +197,8 @@ def _settings_panel(page: Page) -> None:
                 value=resolved.cross_attention_layer)
         setting("saliency", gr.Radio, choices=list(SALIENCY_METHODS))
         setting("occlusion", gr.Checkbox)
+        setting("integrated_gradients", gr.Checkbox)
+        setting("ig_steps", gr.Slider, minimum=2, maximum=128, step=1)
     with gr.Accordion("Region", open=False):
         setting("segmenter", gr.Dropdown, choices=available_segmenters(), value=resolved.segmenter)
         setting("template", gr.Textbox, max_lines=1)
@@ -264,8 +248,16 @@ def _wire_explaining(page: Page) -> None:
             yield page.show(*shown)
 
     @friendly(len(outputs))
+    def on_view(view, state, *values):
+        return page.show(*ui.select_view(state, view, page.read(values)))
+
+    @friendly(len(outputs))
     def on_candidate(label, state, *values):
         return page.show(*ui.select_candidate(get(state.captioner), state, label, page.read(values)))
+
+    @friendly(1)
+    def on_sanity(state):
+        return gr.update(value=ui.sanity_check(get(state.captioner), state), visible=True)
 
     @friendly(1)
     def on_export(state, *values):
@@ -279,7 +271,10 @@ def _wire_explaining(page: Page) -> None:
     gr.on([page.explain.click, page.query.submit], on_query, [page.query, page.session, *widgets], outputs,
           api_visibility="private")
     page.candidates.input(on_candidate, [page.candidates, page.session, *widgets], outputs, api_visibility="private")
+    page.view.input(on_view, [page.view, page.session, *widgets], outputs, api_visibility="private",
+                    show_progress="hidden")
     page.export.click(on_export, [page.session, *widgets], page.download, api_visibility="private")
+    page.check.click(on_sanity, [page.session], page.sanity, api_visibility="private")
     _wire_compare(page)
 
 

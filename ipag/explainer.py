@@ -33,10 +33,11 @@ from .grounding import ClipModel, Grounder, Grounding
 from .images import ImageInput, load_image
 from .maps import MAP_TYPES, MapContext, MapType
 from .results import Caption, Explanation, Heatmap, Word
+from .sanity import SanityCheck, compare, randomize_top_blocks
 from .schedule import Key, Plan, Priority, Publish, Scheduler
 from .segmenters import SEGMENTER_NAMES, Segmenter, load_segmenter, resolve_name
 from .settings import DEFAULTS, Settings
-from .verify import RegionCaption, caption_region, composite_logprobs, verify
+from .verify import RegionCaption, blank_logprobs, caption_region, composite_logprobs, verify
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +79,14 @@ class _Region(NamedTuple):
 
 
 class _Checks(NamedTuple):
-    """The model-heavy half of the trust numbers (cached per region; `verify` assembles the rest)."""
+    """The model-heavy half of the trust numbers (cached per region and per sequence; `verify` and `assemble`
+    make the numbers): the region's own caption, the sequence's token log-probabilities with only the region /
+    without it, and with a blank image (the language prior)."""
 
     region_caption: RegionCaption | None
     logprobs: Any
     notes: list[str]
+    prior: Any = None
 
 
 @dataclass(frozen=True)
@@ -265,6 +269,27 @@ class Explainer:
         return replace(explanation, grounding=grounding, verification=verification,
                        notes=explanation.notes + checks.notes)
 
+    def sanity_check(self, image: ImageInput, explanation: Explanation, blocks: int | None = None) -> SanityCheck:
+        """Explain the same word again with the top `blocks` vision blocks re-initialised (default: the top half)
+        and compare each captioner map with the original (`ipag.sanity`); cached per word and settings."""
+        rgb = load_image(image)
+        total = len(self.captioner.vision_layers)
+        blocks = blocks or max(1, total // 2)
+        settings = replace(explanation.settings or self.resolve(), grounding=False, verify=False)
+        key = (image_key(rgb), (self._id, "sanity", explanation.token_ids, explanation.token_positions, settings,
+                                blocks))
+
+        def work(publish: Publish) -> None:
+            other = Explainer(randomize_top_blocks(self.captioner, blocks), self.clip, self.default_segmenter,
+                              self.segmenter_options)
+            try:
+                again = other.explain(rgb, _same_query(explanation), explanation.caption, settings)
+            finally:
+                other.scheduler.close()
+            publish(key, compare(explanation, again, blocks, total))
+
+        return self.scheduler.result(key, work)
+
     def _queue(self, words: list["_Word"], priority: Priority, plan: Plan | None = None) -> dict[Key, Any]:
         futures: dict[Key, Any] = {}
         staged = [word.stages() for word in words]
@@ -410,7 +435,7 @@ class _Word:
         return self.image, ("region", self.item.text, settings.key("grounding"), fused)
 
     def _checks_key(self) -> Key:
-        return self._key("checks", self._region_key())
+        return self._key("checks", self._region_key() if self.grounded else None)
 
     def stages(self) -> list[_Stage]:
         """In the order a user wants them: the maps of the backward pass (the token maps, then saliency), the
@@ -420,7 +445,7 @@ class _Word:
             stages.append(_Stage("region", (self._region_key(),), self._region))
         if self.map_types["own"]:
             stages.append(_Stage("more maps", (self._own_key(),), self._own_maps))
-        if self.grounded and self.settings.verify:
+        if self.settings.verify:
             stages.append(_Stage("trust numbers", (self._checks_key(),), self._checks))
         return stages
 
@@ -443,7 +468,8 @@ class _Word:
         publish(token_key, _Maps(logprob, *_attribute(self.map_types["tokens"], self._context(gradients=gradients))))
         if self.map_types["pixels"]:
             gradients = attribution.pixel_gradients(self.item.target, gradients, vision_grad)
-        publish(pixel_key, _Maps(logprob, *_attribute(self.map_types["pixels"], self._context(gradients=gradients))))
+        context = self._context(gradients=gradients, pixel_values=attribution.clean.pixel_values.detach())
+        publish(pixel_key, _Maps(logprob, *_attribute(self.map_types["pixels"], context)))
 
     def _own_maps(self, publish: Publish) -> None:
         pixel_values = self.explainer.captioner.preprocess(self.rgb)
@@ -469,11 +495,17 @@ class _Word:
         publish(self._region_key(), result)
 
     def _checks(self, publish: Publish) -> None:
-        """The trust numbers' model runs for the word's region (see `Explainer._region_checks`)."""
-        region = self.explainer.scheduler.result(self._region_key(), self._region)
-        checks = _Checks(None, None, []) if region.grounding is None else self.explainer._region_checks(
-            self.rgb, self.image, region.grounding.mask, self.item.token_ids)
-        publish(self._checks_key(), checks)
+        """The trust numbers' model runs: the language prior of the word's sequence (one forward, shared by
+        every word of a caption) and, when it has one, the checks of the word's region."""
+        explainer, token_ids = self.explainer, self.item.token_ids
+        prior = explainer.cache.get_or_compute(self.image, (explainer._id, "prior", token_ids),
+                                               lambda: blank_logprobs(explainer.captioner, self.rgb.size, token_ids))
+        checks = _Checks(None, None, [])
+        if self.grounded:
+            region = explainer.scheduler.result(self._region_key(), self._region)
+            if region.grounding is not None:
+                checks = explainer._region_checks(self.rgb, self.image, region.grounding.mask, token_ids)
+        publish(self._checks_key(), checks._replace(prior=prior))
 
     # --- the result -----------------------------------------------------------------------------------------------
 
@@ -503,11 +535,12 @@ class _Word:
         context_ids = list(item.token_ids[: item.target.positions[0]])
         context, _ = align(captioner.pieces(context_ids), context_ids, [0.0] * len(context_ids))
         grounding = region.grounding if region else None
+        ordered = {map_type.key: maps[map_type.key] for map_type in MAP_TYPES if map_type.key in maps}
         verification = None
         if grounding is not None and checks is not None and checks.region_caption is not None:
             verification = verify(grounding, checks.region_caption, checks.logprobs, item.target,
-                                  [w.text for w in item.words] or item.text.split(), logprob, maps)
-        ordered = {map_type.key: maps[map_type.key] for map_type in MAP_TYPES if map_type.key in maps}
+                                  [w.text for w in item.words] or item.text.split(), logprob, ordered)
+        prior = None if checks is None else float(checks.prior[item.target.rows].sum())
         return Explanation(
             query=str(item.query), in_caption=bool(item.words), words=item.words,
             tokens=tuple(captioner.token_strings([item.token_ids[p] for p in item.target.positions])),
@@ -515,7 +548,16 @@ class _Word:
             token_ids=item.token_ids,
             image_size=self.rgb.size, caption=self.caption, grounding=grounding, verification=verification,
             segmenter=region.segmenter if region else "", notes=notes, settings=self.settings,
-            pending=tuple(pending))
+            pending=tuple(pending), prior_logprob=prior)
+
+
+def _same_query(explanation: Explanation) -> Query:
+    """A query that asks for what `explanation` explains: its word by index, its caption phrase, or its free text."""
+    if not explanation.in_caption:
+        return explanation.query
+    if len(explanation.words) == 1:
+        return explanation.words[0].index
+    return " ".join(word.text for word in explanation.words)
 
 
 def _attribute(map_types: Sequence[MapType], context: MapContext) -> tuple[dict[str, Heatmap], list[str]]:

@@ -71,13 +71,19 @@ def display_size(size: tuple[int, int], max_side: int | None = DISPLAY_SIDE) -> 
 def draw_maps(image: Image.Image, explanation: Explanation, settings: Settings,
               max_side: int | None = DISPLAY_SIDE) -> dict[str, Image.Image]:
     """Every map of the explanation as an overlay on the image, with the settings' colour map and opacity."""
+    shown = _shrunk(image, max_side)
+    return {key: draw_map(shown, heatmap, settings, None) for key, heatmap in explanation.maps.items()}
+
+
+def draw_map(image: Image.Image, heatmap: Heatmap, settings: Settings,
+             max_side: int | None = DISPLAY_SIDE) -> Image.Image:
+    shown = _shrunk(image, max_side)
+    return overlay(shown, heatmap.at(shown.size), settings.colormap, settings.opacity)
+
+
+def _shrunk(image: Image.Image, max_side: int | None) -> Image.Image:
     size = display_size(image.size, max_side)
-    shown = image if size == image.size else image.resize(size, Image.BILINEAR)
-    return {key: draw_map(shown, heatmap, settings) for key, heatmap in explanation.maps.items()}
-
-
-def draw_map(image: Image.Image, heatmap: Heatmap, settings: Settings) -> Image.Image:
-    return overlay(image, heatmap.at(image.size), settings.colormap, settings.opacity)
+    return image if size == image.size else image.resize(size, Image.BILINEAR)
 
 
 def draw_region(image: Image.Image, mask: np.ndarray, max_side: int | None = DISPLAY_SIDE) -> Image.Image:

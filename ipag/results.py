@@ -188,6 +188,13 @@ class Explanation:
     notes: list[str] = field(default_factory=list)
     settings: Settings | None = None  #: the (resolved) settings it was computed with
     pending: tuple[str, ...] = ()  #: what is still being computed, for a partial explanation (see `explain_stages`)
+    prior_logprob: float | None = None  #: log p of the same tokens when the image is blank (the language prior)
+
+    @property
+    def image_evidence(self) -> float | None:
+        """log p(word | image) − log p(word | blank image): how much the picture, not the language model,
+        made the word likely (≤ 0: the captioner would have said it anyway)."""
+        return None if self.prior_logprob is None else self.word_logprob - self.prior_logprob
 
     @property
     def gradcam(self) -> np.ndarray:
@@ -218,6 +225,8 @@ class Explanation:
             "context": self.context,
             "word_logprob": self.word_logprob,
             "word_probability": self.word_probability,
+            "prior_logprob": self.prior_logprob,
+            "image_evidence": self.image_evidence,
             "maps": {name: heatmap.describe() for name, heatmap in self.maps.items()},
             "image_size": list(self.image_size),
             "caption": self.caption.text if self.caption else None,

@@ -42,6 +42,8 @@ class Settings:
     smoothgrad_noise: float = _setting(0.15, "gradients", "SmoothGrad noise (fraction of the input range)")
     # maps that need passes of their own
     occlusion: bool = _setting(False, "maps", "Occlusion map (model-agnostic: 225 occluded copies, slower)")
+    integrated_gradients: bool = _setting(False, "maps", "Integrated gradients (a forward and backward per step)")
+    ig_steps: int = _setting(16, "maps", "Integrated gradients: steps")
     # grounding the word in a region, and checking that region
     grounding: bool = _setting(True, "grounding", "Ground the word in a region (CLIP)")
     segmenter: str | None = _setting(None, "grounding", "Segmenter (region proposals)")
@@ -63,6 +65,7 @@ class Settings:
             (1 <= self.smoothgrad_samples <= 64,
              f"SmoothGrad samples must be between 1 and 64, got {self.smoothgrad_samples}."),
             (0.0 < self.smoothgrad_noise <= 1.0, f"SmoothGrad noise must be in (0, 1], got {self.smoothgrad_noise}."),
+            (2 <= self.ig_steps <= 256, f"Integrated gradients steps must be between 2 and 256, got {self.ig_steps}."),
             ("{}" in self.template,
              f"The prompt template must contain '{{}}' where the word goes; got {self.template!r}."),
             (self.top_k >= 1, f"top_k must be at least 1, got {self.top_k}."),

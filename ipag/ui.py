@@ -25,12 +25,15 @@ from .explainer import Explainer, Explainers
 from .export import export_files, safe_name, write_zip
 from .images import ImageError, ImageInput, load_image
 from .maps import MAP_TITLES
-from .render import draw_maps, draw_region
+from .render import draw_map, draw_maps, draw_region
 from .results import Caption, Explanation
 from .schedule import Plan
 from .settings import DEFAULTS, Settings
 
 NO_WORD = "Click a caption word, or type a word and press Explain."  #: plain text: fine as HTML too
+#: What the page can show in its large view: the region first, then every registered map type.
+VIEWS = {"region": "Region", **MAP_TITLES}
+DEFAULT_VIEW = "gradcam"
 EXPORTS = Path(tempfile.gettempdir()) / "ipag-exports"
 
 
@@ -49,15 +52,17 @@ class Session:
     query: int | str | None = None  #: what `explanation` answers (a word index or typed text)
     candidate: int = 0  #: which of the explanation's candidate regions is shown
     plan: Plan | None = None  #: every word of the caption, queued in the background with the page's settings
+    view: str = DEFAULT_VIEW  #: which of `VIEWS` the page shows large
     source: str | None = None  #: the file the image came from (the page shows it again after a bad upload)
 
 
 @dataclass
 class Rendered:
-    """Everything the output panel shows for one explanation."""
+    """Everything the output panel shows for one explanation: the session's view drawn large (None when there
+    is nothing to draw for it), the line under it, the candidate regions, the trust table, the status line."""
 
-    region: Image.Image | None
-    maps: dict[str, Image.Image | None]  #: every registered map key; None where there is no map
+    picture: Image.Image | None
+    label: str
     candidates: list[str]
     trust: list[list[Any]]
     status: str
@@ -163,6 +168,14 @@ def select_candidate(explainer: Explainer, session: Session, label: str | None,
     return session, render(session, settings)
 
 
+def select_view(session: Session, view: str, settings: Settings) -> tuple[Session, Rendered]:
+    """Show another view (the region or a map) large; drawing only."""
+    if view not in VIEWS:
+        raise UserError(f"Unknown view {view!r}; choose one of {', '.join(VIEWS)}.")
+    session = replace(session, view=view)
+    return session, render(session, settings)
+
+
 def candidate_labels(explanation: Explanation) -> list[str]:
     grounding = explanation.grounding
     if grounding is None:
@@ -171,15 +184,39 @@ def candidate_labels(explanation: Explanation) -> list[str]:
 
 
 def render(session: Session, settings: Settings) -> Rendered:
-    """Draw the session's explanation with the settings' colour map and opacity (no model is run)."""
+    """Draw the session's view of its explanation with the settings' colour map and opacity (no model is run;
+    only the view shown is drawn)."""
     explanation, image = session.explanation, session.image
     if explanation is None or image is None:
-        return Rendered(None, dict.fromkeys(MAP_TITLES), [], [], NO_WORD)
-    drawn = draw_maps(image, explanation, settings)
-    grounding = explanation.grounding
-    region = draw_region(image, grounding.mask) if grounding is not None else None
-    return Rendered(region, {key: drawn.get(key) for key in MAP_TITLES}, candidate_labels(explanation),
-                    trust_rows(explanation), status_line(explanation), explanation.to_dict())
+        return Rendered(None, "", [], [], NO_WORD)
+    return Rendered(draw_view(image, explanation, session.view, settings), view_label(session.view, explanation),
+                    candidate_labels(explanation), trust_rows(explanation), status_line(explanation),
+                    explanation.to_dict())
+
+
+def draw_view(image: Image.Image, explanation: Explanation, view: str, settings: Settings) -> Image.Image | None:
+    if view == "region":
+        return draw_region(image, explanation.grounding.mask) if explanation.grounding is not None else None
+    heatmap = explanation.maps.get(view)
+    return draw_map(image, heatmap, settings) if heatmap is not None else None
+
+
+def view_label(view: str, explanation: Explanation) -> str:
+    """The line under the large view: which method and layer made the map, or why there is none (Markdown;
+    no user text in it)."""
+    if view == "region":
+        grounding = explanation.grounding
+        if grounding is not None:
+            return f"Chosen by CLIP among {explanation.segmenter} proposals: **{html.escape(grounding.label)}**."
+        return "Still being computed…" if "region" in explanation.pending else "No region: grounding is off."
+    heatmap = explanation.maps.get(view)
+    if heatmap is not None:
+        return f"**{VIEWS[view]}**: {html.escape(heatmap.method)} · {html.escape(heatmap.layer)}"
+    if explanation.pending:
+        return "Still being computed…"
+    if view == "cross_attention" or view == "attention":
+        return "This captioner has no cross-attention, or the map failed (see the notes)."
+    return f"{VIEWS[view]} is not computed with these settings (see Settings)."
 
 
 def status_line(explanation: Explanation) -> str:
@@ -204,6 +241,11 @@ def trust_rows(explanation: Explanation) -> list[list[Any]]:
     """The trust panel: [measure, value, how to read it]; each reading follows its value."""
     rows: list[list[Any]] = [["Word probability", f"{explanation.word_probability:.3f}",
                               "How sure the captioner is of the word (teacher forcing)."]]
+    evidence = explanation.image_evidence
+    if evidence is not None:
+        rows.append(["Evidence from the image: Δlog p(word), photo vs blank image", f"{evidence:+.3f}",
+                     "Positive: the picture made the word likelier." if evidence > 0 else
+                     "Not positive: the captioner says it as readily without the picture (language prior)."])
     grounding, check = explanation.grounding, explanation.verification
     if grounding is not None:
         rows.append(["Region probability", f"{grounding.score:.3f}",
@@ -219,8 +261,29 @@ def trust_rows(explanation: Explanation) -> list[list[Any]]:
              "Negative: the word needed this region." if delta < 0 else
              "Not negative: the word did not need this region (it is as likely, or likelier, without it)."],
         ]
+        chance = f"a random map puts {grounding.mask.mean():.0%} there"
         rows += [[f"{MAP_TITLES.get(key, key)} inside region", f"{share:.0%}",
-                  "Share of the heatmap's mass inside the region."] for key, share in check.mass_inside.items()]
+                  f"Share of the heatmap's mass inside the region ({chance})."]
+                 for key, share in check.mass_inside.items()]
+    return rows
+
+
+def sanity_check(explainer: Explainer, session: Session) -> list[list[Any]]:
+    """The sanity check of the word on screen, as rows [map, rank correlation, verdict]."""
+    explanation = session.explanation
+    if explanation is None or session.image is None:
+        raise UserError("Explain a word first; then check its maps.")
+    check = explainer.sanity_check(session.image, explanation)
+    rows = []
+    for key in explanation.maps:
+        value = check.correlations.get(key)
+        if value is None:
+            rows.append([MAP_TITLES.get(key, key), "—", "Not a map of the captioner (its weights do not enter it)."])
+        else:
+            verdict = ("Barely depends on the learned weights: it explains the architecture or the image, not "
+                       "the model." if key in check.flagged else "Changes with the weights: it depends on what "
+                       "the model learned.")
+            rows.append([MAP_TITLES.get(key, key), f"{value:.2f}", verdict])
     return rows
 
 

@@ -18,6 +18,7 @@ from .align import align
 from .attribution import Target
 from .captioners import Captioner
 from .grounding import Grounding, composite
+from .images import BACKGROUND
 from .results import Heatmap, Verification
 
 
@@ -62,6 +63,13 @@ def composite_logprobs(captioner: Captioner, image: Image.Image, mask: np.ndarra
     pixels = torch.cat([captioner.preprocess(composite(image, mask, mode="grey")),
                         captioner.preprocess(composite(image, ~mask, mode="blur"))])
     return captioner.batch_token_logprobs(pixels, list(token_ids)).double().cpu().numpy()
+
+
+def blank_logprobs(captioner: Captioner, size: tuple[int, int], token_ids: Sequence[int]) -> np.ndarray:
+    """log p(y_t) of every token of the sequence when the image is blank (neutral grey): what the language model
+    says without any picture, for the language-prior score log p(word | image) − log p(word | blank)."""
+    blank = Image.new("RGB", size, BACKGROUND)
+    return captioner.batch_token_logprobs(captioner.preprocess(blank), list(token_ids))[0].double().cpu().numpy()
 
 
 def verify(grounding: Grounding, region_caption: RegionCaption, logprobs: np.ndarray, target: Target,

@@ -67,7 +67,8 @@ def test_explain_writes_pngs_and_json_for_every_word(photos, explained):
             assert details["word_logprob"] == pytest.approx(entry["word_logprob"])
             assert set(details["verification"]) >= {"clip_region", "region_says_word", "delta_logprob_blurred"}
             assert entry["verification"] == details["verification"]
-            for key in MAP_TITLES:
+            assert set(details["maps"]) == set(MAP_TITLES) - {"integrated_gradients"}  # off unless asked for
+            for key in details["maps"]:
                 assert Image.open(folder / f"{key}_overlay.png").size == size
             assert Image.open(folder / "region.png").size == size
             assert not (folder / "image.png").exists()

@@ -209,7 +209,8 @@ def test_verification_numbers_are_the_captioner_on_the_composites(photo, caption
                         or score(pixels, ids))
     explanations = fresh.explain_many(photo, range(len(caption.words)), caption)
     regions = {explanation.grounding.mask.tobytes() for explanation in explanations}
-    assert calls == [2] * len(regions)  # one batched forward (region only + blurred) per distinct region
+    assert calls.count(2) == len(regions)  # one batched forward (region only + blurred) per distinct region
+    assert calls.count(1) == 1  # and one for the language prior (blank image), shared by every word
     monkeypatch.undo()
     for explanation in explanations:
         check, mask, rows = explanation.verification, explanation.grounding.mask, Target(
@@ -315,7 +316,9 @@ def test_results_serialise_to_json(explainer, photo, caption):
     explanation = explainer.explain(photo, 0, caption=caption)
     data = json.loads(json.dumps(explanation.to_dict()))
     assert data["words"] == [caption.words[0].text]
-    assert set(data["maps"]) == {"gradcam", "cross_attention", "saliency", "clip_relevance"}
+    assert set(data["maps"]) == {"gradcam", "cross_attention", "saliency", "clip_relevance", "input_x_gradient",
+                                 "attention"}
+    assert data["image_evidence"] == pytest.approx(data["word_logprob"] - data["prior_logprob"])
     assert data["grounding"]["candidates"] and data["verification"]["mass_inside"]["gradcam"] >= 0
     assert json.loads(json.dumps(caption.to_dict()))["text"] == caption.text
 

@@ -257,7 +257,8 @@ def test_evaluate_faithfulness_on_tiny_models(explainer, tmp_path):
     words = result["words"]
     assert words and all(record["image"] == str(paths[0]) for record in words)
     for record in words:
-        assert set(record["maps"]) == {"gradcam", "cross_attention", "saliency", "clip_relevance", "random"}
+        assert set(record["maps"]) == {"gradcam", "cross_attention", "saliency", "clip_relevance", "input_x_gradient",
+                                       "attention", "random"}
         # The unperturbed start of the deletion curve is the explained target itself.
         assert record["maps"]["gradcam"]["deletion"][0] == pytest.approx(record["word_logprob"], abs=1e-4)
         assert isinstance(record["region_says_word"], bool)

@@ -184,8 +184,9 @@ def test_stages_arrive_in_order_and_say_what_is_still_coming(explainer, photo, c
         slow = getattr(cls, name)
         monkeypatch.setattr(cls, name, lambda *args, _slow=slow, **kwargs: time.sleep(0.3) or _slow(*args, **kwargs))
     stages = list(engine.explain_stages(photo, 0, caption, Settings(occlusion=True)))
-    assert [sorted(s.maps) for s in stages[:2]] == [["cross_attention", "gradcam"],
-                                                    ["cross_attention", "gradcam", "saliency"]]
+    assert [sorted(s.maps) for s in stages[:2]] == [["attention", "cross_attention", "gradcam"],
+                                                    ["attention", "cross_attention", "gradcam", "input_x_gradient",
+                                                     "saliency"]]
     names = ("saliency", "region", "more maps", "trust numbers")
     pending = [s.pending for s in stages]
     assert pending[:2] == [names, names[1:]] and pending[-1] == ()

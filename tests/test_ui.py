@@ -1,6 +1,7 @@
 """The playground's functions, without a browser: captioning, clicks, queries, settings, export."""
 
 import json
+from dataclasses import replace
 import zipfile
 
 import gradio as gr
@@ -49,15 +50,19 @@ def test_select_handler_explains_the_clicked_word(explainer, captioned):
     assert session.explanation.words == (word,)
     assert session.query == word.index
     size = session.image.size
-    assert rendered.region.size == size
-    for key in MAP_TITLES:
-        if key == "occlusion":
-            assert rendered.maps[key] is None  # off unless asked for: ~200 extra images
+    assert rendered.picture.size == size and session.view == ui.DEFAULT_VIEW
+    for key in ui.VIEWS:
+        session, shown = ui.select_view(session, key, Settings())
+        if key in ("occlusion", "integrated_gradients"):  # off unless asked for: they cost many extra passes
+            assert shown.picture is None and "not computed with these settings" in shown.label
         else:
-            assert rendered.maps[key].size == size, key
+            assert shown.picture.size == size and shown.label, key
+    with pytest.raises(ui.UserError, match="Unknown view"):
+        ui.select_view(session, "lrp", Settings())
     assert rendered.candidates and rendered.candidates[0].startswith("1. ")
     measures = [row[0] for row in rendered.trust]
     assert "Word probability" in measures and "CLIP: region vs whole image" in measures
+    assert any(m.startswith("Evidence from the image") for m in measures)
     assert word.text in rendered.status
 
 
@@ -103,7 +108,7 @@ def test_redraw_changes_only_the_drawing(explainer, captioned):
     _, session, _ = captioned
     *_, (session, first) = ui.explain(explainer, session, 0, Settings(opacity=0.2))
     again = ui.render(session, Settings(opacity=0.9, colormap="viridis"))
-    assert np.asarray(first.maps["gradcam"]).tolist() != np.asarray(again.maps["gradcam"]).tolist()
+    assert np.asarray(first.picture).tolist() != np.asarray(again.picture).tolist()
     assert first.trust == again.trust
 
 
@@ -113,7 +118,8 @@ def test_settings_reach_the_engine(explainer, captioned):
                         segmenter="superpixels", template="an image of {}", occlusion=True)
     *_, (session, rendered) = ui.explain(explainer, session, 0, settings)
     maps = session.explanation.maps
-    assert rendered.maps["occlusion"].size == session.image.size  # drawn at the image size (it is small)
+    session, shown = ui.select_view(session, "occlusion", settings)
+    assert shown.picture.size == session.image.size  # drawn at the image size (it is small)
     assert any("Occlusion cost" in note for note in session.explanation.notes)
     assert maps["gradcam"].method == "LayerCAM" and maps["gradcam"].layer.endswith("layers.0")
     assert maps["cross_attention"].layer.startswith("decoder layer 0")
@@ -123,12 +129,13 @@ def test_settings_reach_the_engine(explainer, captioned):
 
 def test_candidate_selection_shows_that_region(explainer, captioned):
     _, session, _ = captioned
+    session = replace(session, view="region")
     *_, (session, rendered) = ui.explain(explainer, session, 0, Settings())
     if len(rendered.candidates) < 2:
         pytest.skip("only one candidate")
     second, shown = ui.select_candidate(explainer, session, rendered.candidates[1], Settings())
     assert second.candidate == 1
-    assert np.asarray(shown.region).tolist() != np.asarray(rendered.region).tolist()
+    assert np.asarray(shown.picture).tolist() != np.asarray(rendered.picture).tolist()
     chosen = session.explanation.grounding.candidates[1]
     assert second.explanation.grounding.label == chosen.label and chosen.label in shown.status
     assert second.explanation.verification.clip_region == pytest.approx(chosen.similarity)
@@ -158,7 +165,8 @@ def test_api_functions(explainer):
     word = caption["words"][0]["text"]
     explanation, drawings = ui.api_explain(explainer, Image.open(EXAMPLE), text=word, settings=settings)
     assert [w.text for w in explanation.words] == [word] and explanation.in_caption
-    assert {"region", "gradcam", "saliency", "cross_attention", "clip_relevance"} == set(drawings)
+    assert {"region", "gradcam", "saliency", "input_x_gradient", "cross_attention", "attention",
+            "clip_relevance"} == set(drawings)
     assert drawings["region"].size == drawings["gradcam"].size == Image.open(EXAMPLE).size
     by_position, _ = ui.api_explain(explainer, Image.open(EXAMPLE), word=len(caption["words"]) - 1,
                                     settings=settings)

@@ -13,6 +13,7 @@ import unicodedata
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import ClassVar, Iterator, Literal
 
 import torch
@@ -200,7 +201,12 @@ class Captioner(ABC):
         Perturbation methods score one caption on many altered images; one batched forward costs far less
         than as many single ones.
         """
-        ids = torch.tensor([token_ids], device=self.device).expand(pixel_values.shape[0], -1)
+        return self.differentiable_token_logprobs(pixel_values, token_ids)
+
+    def differentiable_token_logprobs(self, pixel_values: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+        """`batch_token_logprobs` inside the autograd graph (for methods that differentiate a batch of
+        altered images, like integrated gradients)."""
+        ids = torch.tensor([list(token_ids)], device=self.device).expand(pixel_values.shape[0], -1)
         with self.autocast():
             logits, _ = self._forward(pixel_values, ids, self.num_decoder_layers - 1)
         logprobs = torch.log_softmax(_at_least_float32(logits[:, :-1]), dim=-1)

@@ -3,17 +3,23 @@
 `MAP_TYPES` is the registry, in the order the page shows them: a new map type is one file plus one line here.
 """
 
+from .attention import AttentionMap
 from .base import MapContext, MapType, TargetGradients
 from .clip_relevance import ClipRelevanceMap
 from .cross_attention import CrossAttentionMap
 from .gradcam import CAM_METHODS, GradCAMMap
+from .input_x_gradient import InputXGradientMap
+from .integrated_gradients import IntegratedGradientsMap
 from .occlusion import Occlusion
 from .saliency import SaliencyMap
 
-MAP_TYPES: tuple[type[MapType], ...] = (GradCAMMap, SaliencyMap, CrossAttentionMap, ClipRelevanceMap, Occlusion)
+MAP_TYPES: tuple[type[MapType], ...] = (
+    GradCAMMap, SaliencyMap, InputXGradientMap, CrossAttentionMap, AttentionMap, ClipRelevanceMap, Occlusion,
+    IntegratedGradientsMap)
 
 #: The page's name for each map key.
 MAP_TITLES: dict[str, str] = {map_type.key: map_type.title for map_type in MAP_TYPES}
 
-__all__ = ["CAM_METHODS", "ClipRelevanceMap", "CrossAttentionMap", "GradCAMMap", "MAP_TITLES", "MAP_TYPES",
-           "MapContext", "MapType", "Occlusion", "SaliencyMap", "TargetGradients"]
+__all__ = ["AttentionMap", "CAM_METHODS", "ClipRelevanceMap", "CrossAttentionMap", "GradCAMMap", "InputXGradientMap",
+           "IntegratedGradientsMap", "MAP_TITLES", "MAP_TYPES", "MapContext", "MapType", "Occlusion", "SaliencyMap",
+           "TargetGradients"]

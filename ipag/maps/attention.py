@@ -1,0 +1,30 @@
+"""Raw cross-attention: where the decoder's attention went while it predicted the word. No gradient.
+
+This is what attention captioners show as "where the model looked" (seed 004's per-word attention plots). It is
+attention, not an explanation: a head may attend to a patch whose content it then ignores, which is why the
+cross-attention Grad-CAM beside it weights the same probabilities by their gradient. Shown for comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import MapContext, MapType
+
+
+@dataclass(frozen=True)
+class AttentionMap(MapType):
+    """Mean over heads of the chosen decoder layer's cross-attention, summed over the rows predicting the word."""
+
+    key = "attention"
+    title = "Attention"
+    method = "cross-attention weights (attention, not an explanation)"
+
+    def layer(self, context: MapContext) -> str:
+        return context.gradients.attention_layer
+
+    def _raw(self, context: MapContext) -> np.ndarray:
+        gradients = context.gradients
+        return gradients.attention.mean(axis=0).sum(axis=0).reshape(gradients.grid)
