@@ -39,7 +39,6 @@ from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
 
 from . import ui
 from .attribution import Target, target_gradients
-from .cache import ImageCache
 from .captioners import DecodeOptions
 from .captioners.blip import TINY_WORDS, BlipCaptioner
 from .device import resolve_device
@@ -184,7 +183,7 @@ def caption_fixed(explainer: Explainer, rgb: Image.Image, token_ids: Sequence[in
 
 def cold(explainer: Explainer, step: Callable[[], T]) -> T:
     """`step()` after emptying every per-image cache, as for a never-seen image (models stay loaded)."""
-    explainer.cache = ImageCache(explainer.cache.capacity)
+    explainer.cache.clear()
     return step()
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 from .align import align, find_phrase
 from .attribution import Target, target_gradients
 from .captioners import Captioner, DecodeOptions, load_captioner, tiny_captioner
-from .cache import ImageCache, image_key
+from .cache import DEFAULT_CACHE_MB, ImageCache, image_key
 from .device import resolve_device
 from .errors import QueryError
 from .grounding import ClipModel, Grounder
@@ -86,12 +86,15 @@ class Explainer:
     """Captions images and explains, per word, why the captioner said it and where it is."""
 
     def __init__(self, captioner: Captioner, clip: ClipModel | None = None, segmenter: str = "auto",
-                 segmenter_options: dict | None = None, cache_size: int = 8) -> None:
+                 segmenter_options: dict | None = None, cache_mb: float = DEFAULT_CACHE_MB) -> None:
+        """`cache_mb` bounds the memory of what is kept for the images seen (captions, segments, explanations)
+        in MB (2²⁰ bytes): least recently used entries are evicted beyond it, and one image keeps at most a
+        quarter of it (`ipag.cache`)."""
         self.captioner = captioner
         self.clip = clip
         self.default_segmenter = segmenter
         self.segmenter_options = segmenter_options or {}
-        self.cache = ImageCache(cache_size)
+        self.cache = ImageCache(round(cache_mb * 2**20))
         self._segmenters: dict[str, Segmenter] = {}
         self._lock = threading.Lock()  # segmenters load once, even when two users ask at the same time
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipag-precompute")
@@ -99,7 +102,7 @@ class Explainer:
     @classmethod
     def from_pretrained(cls, captioner: str = "Salesforce/blip-image-captioning-base",
                         clip: str | None = "ViT-B-32/openai", segmenter: str = "auto",
-                        device: str = "auto") -> "Explainer":
+                        device: str = "auto", cache_mb: float = DEFAULT_CACHE_MB) -> "Explainer":
         """Load real models by hub id or local folder (downloaded once, then cached, with progress bars).
 
         `clip` is "architecture/pretrained-tag" (open_clip names) or "architecture/path/to/checkpoint";
@@ -112,21 +115,25 @@ class Explainer:
         if clip:
             architecture, _, pretrained = clip.partition("/")
             clip_model = ClipModel.from_pretrained(architecture, pretrained or "openai", resolved)
-        return cls(captioner_model, clip_model, segmenter)
+        return cls(captioner_model, clip_model, segmenter, cache_mb=cache_mb)
 
     @classmethod
-    def tiny(cls, seed: int = 0, device: str = "cpu", captioner: str = "blip-base") -> "Explainer":
+    def tiny(cls, seed: int = 0, device: str = "cpu", captioner: str = "blip-base",
+             cache_mb: float = DEFAULT_CACHE_MB) -> "Explainer":
         """The whole pipeline on tiny random models built from configs (a captioner by friendly name, CLIP)
         and scikit-image superpixels: offline, in seconds. For tests, CI and `playground.py --tiny`."""
         resolved = resolve_device(device)
         return cls(tiny_captioner(captioner, seed, resolved), ClipModel.tiny(seed, resolved), "superpixels",
-                   segmenter_options={"torchvision": {"pretrained": False}})  # random Mask R-CNN: no download
+                   segmenter_options={"torchvision": {"pretrained": False}},  # random Mask R-CNN: no download
+                   cache_mb=cache_mb)
 
     def with_captioner(self, captioner: Captioner) -> "Explainer":
-        """An explainer for another captioner that shares this one's CLIP model, loaded segmenters and
-        background thread (so precomputing for several captioners never runs more than one job at a time)."""
-        other = Explainer(captioner, self.clip, self.default_segmenter, self.segmenter_options, self.cache.capacity)
+        """An explainer for another captioner that shares this one's CLIP model, loaded segmenters,
+        background thread (so precomputing for several captioners never runs more than one job at a time) and
+        cache budget (its entries kept apart by captioner)."""
+        other = Explainer(captioner, self.clip, self.default_segmenter, self.segmenter_options)
         other._segmenters, other._lock, other._background = self._segmenters, self._lock, self._background
+        other.cache = self.cache.scoped(captioner)
         return other
 
     # --- captioning -----------------------------------------------------------------------------------------
@@ -204,6 +211,11 @@ class Explainer:
         """`precompute` on a background thread. A click meanwhile is not queued behind it: `explain`
         computes a word that is not cached yet at once (the model's hooked forward is shared in turn)."""
         return self._background.submit(self.precompute, load_image(image), caption, settings, grounding)
+
+    def wait_for_precompute(self) -> None:
+        """Block until every background precompute submitted so far is done (the stress check samples memory
+        then; the page never waits: its clicks are served meanwhile)."""
+        self._background.submit(lambda: None).result()
 
     @staticmethod
     def _result_key(item: _Prepared, settings: MapSettings, grounding: GroundingSettings) -> tuple:

@@ -1,13 +1,15 @@
-"""The cached path: same answers as a fresh computation, bounded memory, never another image's maps."""
+"""The cached path: same answers as a fresh computation, memory bounded in bytes, never another image's maps."""
 
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ipag import Explainer
-from ipag.cache import ImageCache, image_key
+from ipag.cache import ImageCache, image_key, nbytes
 
 
 def picture(seed: int, size=(40, 30)) -> Image.Image:
@@ -15,9 +17,9 @@ def picture(seed: int, size=(40, 30)) -> Image.Image:
     return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
 
 
-def fresh(explainer: Explainer, cache_size: int = 8) -> Explainer:
+def fresh(explainer: Explainer, cache_mb: float = 256) -> Explainer:
     """A new explainer (empty caches) over the same models."""
-    return Explainer(explainer.captioner, explainer.clip, "superpixels", cache_size=cache_size)
+    return Explainer(explainer.captioner, explainer.clip, "superpixels", cache_mb=cache_mb)
 
 
 def assert_same(a, b):
@@ -50,16 +52,82 @@ def test_settings_are_part_of_the_key(explainer):
     assert other is not first and other.maps["gradcam"].method == "HiResCAM"
 
 
-def test_the_cache_evicts_least_recently_used_images():
-    cache = ImageCache(capacity=2)
-    cache.put("a", "k", 1)
-    cache.put("b", "k", 2)
-    assert cache.get("a", "k") == 1  # touch a: b is now the oldest
-    cache.put("c", "k", 3)
-    assert cache.images() == ["a", "c"]
-    assert cache.get("b", "k") is None
-    with pytest.raises(ValueError):
-        ImageCache(capacity=0)
+def kilobyte(fill: int = 0) -> np.ndarray:
+    """A value of exactly 1000 bytes."""
+    return np.full(1000, fill, dtype=np.uint8)
+
+
+def test_the_cache_evicts_least_recently_used_entries_at_its_byte_budget():
+    cache = ImageCache(budget_bytes=3000, image_share=1.0)
+    cache.put("a", "k1", kilobyte(1))
+    cache.put("a", "k2", kilobyte(2))
+    cache.put("b", "k1", kilobyte(3))
+    assert cache.used_bytes() == 3000
+    assert cache.get("a", "k1")[0] == 1  # touch a/k1: a/k2 is now the least recently used entry
+    cache.put("c", "k1", kilobyte(4))
+    assert cache.images() == ["b", "a", "c"]  # by their most recent use: b, then a (touched above), then c
+    assert cache.get("a", "k2") is None  # one entry evicted, not image a
+    assert [cache.get(*key)[0] for key in (("a", "k1"), ("b", "k1"), ("c", "k1"))] == [1, 3, 4]
+    assert cache.used_bytes() == 3000 and cache.used_bytes("a") == 1000
+
+
+def test_one_image_keeps_at_most_its_share_and_cannot_push_out_others():
+    cache = ImageCache(budget_bytes=4000, image_share=0.5)
+    cache.put("other", "k", kilobyte())
+    for setting in range(5):  # one visitor trying every setting on one photo
+        cache.put("big", setting, kilobyte(setting))
+    assert cache.used_bytes("big") == 2000
+    assert [key for key in range(5) if cache.get("big", key) is not None] == [3, 4]  # the most recent kept
+    assert cache.get("other", "k") is not None
+
+
+def test_a_value_larger_than_an_images_share_is_returned_but_not_stored():
+    cache = ImageCache(budget_bytes=4000, image_share=0.5)
+    cache.put("a", "small", kilobyte())
+    assert cache.get_or_compute("a", "huge", lambda: np.zeros(2001, np.uint8)).nbytes == 2001
+    assert cache.get("a", "huge") is None and cache.get("a", "small") is not None
+    assert cache.used_bytes() == 1000
+
+
+def test_storing_a_key_again_replaces_its_bytes():
+    cache = ImageCache(budget_bytes=4000, image_share=1.0)
+    cache.put("a", "k", kilobyte())
+    cache.put("a", "k", np.zeros(1500, np.uint8))
+    assert cache.used_bytes() == 1500 and cache.get("a", "k").nbytes == 1500
+
+
+def test_scoped_views_keep_keys_apart_and_share_the_budget():
+    cache = ImageCache(budget_bytes=2000, image_share=1.0)
+    other = cache.scoped("another captioner")
+    cache.put("a", "caption", kilobyte(1))
+    other.put("a", "caption", kilobyte(2))
+    assert cache.get("a", "caption")[0] == 1 and other.get("a", "caption")[0] == 2
+    other.put("b", "caption", kilobyte(3))  # over the shared budget: the least recently used entry goes
+    assert cache.get("a", "caption") is None and cache.used_bytes() == other.used_bytes() == 2000
+
+
+@pytest.mark.parametrize("arguments", [{"budget_bytes": 0}, {"image_share": 0.0}, {"image_share": 1.5}])
+def test_a_bad_budget_is_refused(arguments):
+    with pytest.raises(ValueError, match="budget|share"):
+        ImageCache(**arguments)
+
+
+@dataclass
+class Record:
+    array: np.ndarray
+    same_array: np.ndarray
+    parts: dict
+    model: torch.nn.Module
+
+
+def test_nbytes_walks_containers_once_and_skips_models():
+    array = np.zeros((100, 100), dtype=np.float32)
+    tensor = torch.zeros(1000)
+    record = Record(array, array, {"tensor": tensor, "items": (array, [Image.new("L", (10, 10))])},
+                    torch.nn.Linear(1000, 1000))
+    counted = nbytes(record)
+    buffers = array.nbytes + 4 * 1000 + 100  # the array once, the tensor, the image
+    assert buffers < counted < buffers + 2000  # plus small Python objects; the model's 4 MB are not counted
 
 
 def test_a_value_being_computed_is_computed_once_for_concurrent_callers():
@@ -114,12 +182,17 @@ def test_a_failed_computation_reaches_its_waiters_and_is_not_cached():
     assert cache.get_or_compute("a", "k", lambda: "retried") == "retried"  # a later call tries again
 
 
-def test_explainer_memory_is_bounded_by_images(explainer):
-    bounded = fresh(explainer, cache_size=2)
-    images = [picture(seed) for seed in (3, 4, 5)]
+def test_explainer_memory_is_bounded_in_bytes(explainer):
+    one = fresh(explainer)
+    one.explain(picture(3), 0)
+    image_bytes = one.cache.used_bytes()  # its caption, segments and embeddings, one explanation
+    bounded = fresh(explainer, cache_mb=4.5 * image_bytes / 2**20)  # an image's share: 1.1 images
+    images = [picture(seed) for seed in (3, 4, 5, 11, 12, 13)]
     for image in images:
-        bounded.explain(image, 0)
-    assert bounded.cache.images() == [image_key(images[1]), image_key(images[2])]
+        last = bounded.explain(image, 0)
+        assert bounded.cache.used_bytes() <= bounded.cache.budget_bytes
+    assert bounded.cache.used_bytes(image_key(images[0])) == 0  # the oldest went first
+    assert bounded.explain(images[-1], 0) is last  # the newest is kept whole
 
 
 def test_background_precompute_never_serves_another_images_maps(explainer):
@@ -173,3 +246,4 @@ def test_equal_pixels_share_a_key_and_different_pixels_do_not():
     assert image_key(picture(8)) == image_key(picture(8))
     assert image_key(picture(8)) != image_key(picture(9))
     assert image_key(picture(8, (40, 30))) != image_key(picture(8, (30, 40)))
+
