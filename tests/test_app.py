@@ -3,6 +3,7 @@
 import os
 import shutil
 import socket
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 
 import playground
 from ipag import Explainer
+from scripts.stress import phone_photo, serve, soak
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -221,3 +223,21 @@ def test_webcam_capture_is_captioned_end_to_end(app_url, browser):
     assert page.locator("#map-gradcam img").count() == 1
     assert errors == []
     context.close()
+
+
+def test_memory_levels_off_with_phone_photos(tmp_path):
+    """Reduced `scripts/stress.py --photos phone`: 12-megapixel JPEGs (2048×1536 once loaded) uploaded through the
+    API, every word of each caption precomputed, on a small cache. Before the cache was bounded in bytes, memory
+    grew by ~50 MB a word of each photo."""
+    budget_mb = 64
+    explainer = Explainer.tiny(seed=0, cache_mb=budget_mb)
+    demo, url = serve(explainer)
+    try:
+        samples = soak(url, explainer, 5, partial(phone_photo, tmp_path), max_tokens=5)
+    finally:
+        demo.close()
+    assert all(sample.cache_mb <= budget_mb for sample in samples)
+    # From the second photo on (the first one sets the working set's peak, which the allocator keeps):
+    assert samples[-1].rss_mb - samples[1].rss_mb < budget_mb + 100  # MB: memory levels off...
+    outside = [sample.rss_mb - sample.cache_mb for sample in samples]
+    assert outside[-1] - outside[1] < 100  # ...and nothing grows but the cache, which counts what it holds
