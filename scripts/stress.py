@@ -109,6 +109,9 @@ def soak(url: str, explainer: Explainer, uploads: int, image: Callable[[int], Pa
         client.predict(handle_file(str(image(index))), 1, max_tokens, api_name="/caption")
         explainer.wait_for_precompute()
         samples.append(Sample(rss_mb(), explainer.cache.used_bytes() / MB))
+        if (index + 1) % 10 == 0:
+            print(f"  after {index + 1} uploads: RSS {samples[-1].rss_mb:.0f} MB, cache {samples[-1].cache_mb:.0f} MB",
+                  flush=True)
     return samples
 
 

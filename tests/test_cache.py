@@ -107,6 +107,17 @@ def test_scoped_views_keep_keys_apart_and_share_the_budget():
     assert cache.get("a", "caption") is None and cache.used_bytes() == other.used_bytes() == 2000
 
 
+def test_explainers_for_other_captioners_share_the_budget_and_keep_their_entries_apart(explainer):
+    first = fresh(explainer)
+    second = first.with_captioner(explainer.captioner)
+    image = picture(14)
+    first.caption(image)
+    one_caption = first.cache.used_bytes()
+    second.caption(image)  # computed again, not served from the first explainer's entry
+    assert first.cache.used_bytes() == second.cache.used_bytes() == 2 * one_caption
+    assert second.cache.budget_bytes == first.cache.budget_bytes
+
+
 @pytest.mark.parametrize("arguments", [{"budget_bytes": 0}, {"image_share": 0.0}, {"image_share": 1.5}])
 def test_a_bad_budget_is_refused(arguments):
     with pytest.raises(ValueError, match="budget|share"):
