@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from PIL import Image
 
-from .cache import image_key
+from .cache import DEFAULT_CACHE_MB, image_key
 from .captioners import KNOWN_CAPTIONERS
 from .errors import ModelUnavailableError, QueryError
 from .evaluation.captions import COCO_METRICS, MetricUnavailableError, evaluate_captions, require_java
@@ -67,6 +67,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--segmenter", default=None,
                        help="auto, detectron2, detectron2-maskrcnn, torchvision, superpixels (default: the models')")
     group.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, mps")
+    group.add_argument("--cache-mb", type=_positive, default=DEFAULT_CACHE_MB,
+                       help="memory for cached results (captions, regions, explanations) in MB; least recently used "
+                       f"ones are dropped beyond it (default {DEFAULT_CACHE_MB}, for a 16 GB machine)")
 
 
 def add_explanation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,10 +88,10 @@ def load_explainer(args: argparse.Namespace) -> Explainer:
     """The explainer the options describe (raises `ModelUnavailableError` with the fix in its message)."""
     if args.tiny:
         return Explainer.tiny(device=args.device, captioner=args.captioner if args.captioner in KNOWN_CAPTIONERS
-                              else "blip-base")
+                              else "blip-base", cache_mb=args.cache_mb)
     print(f"Loading {args.captioner} and CLIP {args.clip} (first run downloads them)…", file=sys.stderr, flush=True)
     return Explainer.from_pretrained(args.captioner, None if args.clip == "none" else args.clip,
-                                     args.segmenter or "auto", args.device)
+                                     args.segmenter or "auto", args.device, args.cache_mb)
 
 
 #: Command-line options that are `Settings` fields (the others choose models, inputs and outputs).

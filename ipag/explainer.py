@@ -25,7 +25,7 @@ from PIL import Image
 
 from .align import align, find_phrase
 from .attribution import AttributionPass, PassSpec, Target
-from .cache import ImageCache, image_key
+from .cache import DEFAULT_CACHE_MB, ImageCache, image_key
 from .captioners import Captioner, DecodeOptions, load_captioner, tiny_captioner
 from .device import resolve_device
 from .errors import QueryError
@@ -100,12 +100,15 @@ class Explainer:
     """Captions images and explains, per word, why the captioner said it and where it is."""
 
     def __init__(self, captioner: Captioner, clip: ClipModel | None = None, segmenter: str = "auto",
-                 segmenter_options: dict | None = None, cache_size: int = 8) -> None:
+                 segmenter_options: dict | None = None, cache_mb: float = DEFAULT_CACHE_MB) -> None:
+        """`cache_mb` bounds the memory of what is kept for the images seen (captions, segments, explanations)
+        in MB (2²⁰ bytes): least recently used entries are evicted beyond it, and one image keeps at most a
+        quarter of it (`ipag.cache`)."""
         self.captioner = captioner
         self.clip = clip
         self.default_segmenter = segmenter
         self.segmenter_options = segmenter_options or {}
-        self.cache = ImageCache(cache_size)
+        self.cache = ImageCache(round(cache_mb * 2**20))
         self.scheduler = Scheduler(self.cache)
         self.scheduler.on_idle(self._drop_pass)
         self._segmenters: dict[str, Segmenter] = {}
@@ -115,7 +118,7 @@ class Explainer:
     @classmethod
     def from_pretrained(cls, captioner: str = "Salesforce/blip-image-captioning-base",
                         clip: str | None = "ViT-B-32/openai", segmenter: str = "auto",
-                        device: str = "auto") -> "Explainer":
+                        device: str = "auto", cache_mb: float = DEFAULT_CACHE_MB) -> "Explainer":
         """Load real models by hub id or local folder (downloaded once, then cached, with progress bars).
 
         `clip` is "architecture/pretrained-tag" (open_clip names) or "architecture/path/to/checkpoint";
@@ -128,20 +131,23 @@ class Explainer:
         if clip:
             architecture, _, pretrained = clip.partition("/")
             clip_model = ClipModel.from_pretrained(architecture, pretrained or "openai", resolved)
-        return cls(captioner_model, clip_model, segmenter)
+        return cls(captioner_model, clip_model, segmenter, cache_mb=cache_mb)
 
     @classmethod
-    def tiny(cls, seed: int = 0, device: str = "cpu", captioner: str = "blip-base") -> "Explainer":
+    def tiny(cls, seed: int = 0, device: str = "cpu", captioner: str = "blip-base",
+             cache_mb: float = DEFAULT_CACHE_MB) -> "Explainer":
         """The whole pipeline on tiny random models built from configs (a captioner by friendly name, CLIP)
         and scikit-image superpixels: offline, in seconds. For tests, CI and `playground.py --tiny`."""
         resolved = resolve_device(device)
         return cls(tiny_captioner(captioner, seed, resolved), ClipModel.tiny(seed, resolved), "superpixels",
-                   segmenter_options={"torchvision": {"pretrained": False}})  # random Mask R-CNN: no download
+                   segmenter_options={"torchvision": {"pretrained": False}},  # random Mask R-CNN: no download
+                   cache_mb=cache_mb)
 
     def with_captioner(self, captioner: Captioner) -> "Explainer":
-        """An explainer for another captioner that shares this one's CLIP model, loaded segmenters, cache and
-        worker (so precomputing for several captioners never runs more than one job at a time)."""
-        other = Explainer(captioner, self.clip, self.default_segmenter, self.segmenter_options, self.cache.capacity)
+        """An explainer for another captioner that shares this one's CLIP model, loaded segmenters, cache (and its
+        budget: keys name their captioner) and worker (so precomputing for several captioners never runs more
+        than one job at a time)."""
+        other = Explainer(captioner, self.clip, self.default_segmenter, self.segmenter_options)
         other._segmenters, other._lock, other.cache, other.scheduler = (
             self._segmenters, self._lock, self.cache, self.scheduler)
         other.scheduler.on_idle(other._drop_pass)
@@ -161,6 +167,11 @@ class Explainer:
         return replace(settings, vision_layer=captioner.resolve_layer(settings.vision_layer, layers, "Vision layer"),
                        cross_attention_layer=captioner.resolve_layer(cross, decoder, "Cross-attention layer"),
                        segmenter=segmenter)
+
+    def wait_until_idle(self, timeout: float | None = None) -> bool:
+        """Block until the worker has nothing queued or running (every background precompute done); returns
+        False if `timeout` seconds passed first. The page never waits: its clicks are served meanwhile."""
+        return self.scheduler.wait_idle(timeout)
 
     def clear_cache(self) -> None:
         """Forget everything computed for every image (models stay loaded): the next request starts cold."""

@@ -78,9 +78,6 @@ class Plan:
                 except CancelledError:
                     pass
 
-    def done(self) -> bool:
-        return all(future.done() for task in self.tasks for future in task.futures.values())
-
 
 class Scheduler:
     """A priority queue of tasks and the one daemon thread that runs them (started on first use)."""
@@ -148,6 +145,7 @@ class Scheduler:
                     for key, future in task.futures.items():
                         self._owner.pop(key, None)
                         future.cancel()
+            self._condition.notify_all()  # for `wait_idle`
 
     def close(self, timeout: float = 120.0) -> None:
         """Drop every queued task and let the running one finish; the worker then stops. Called at exit: a
@@ -169,6 +167,11 @@ class Scheduler:
         """True when nothing is queued or running."""
         with self._condition:
             return not self._owner
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until nothing is queued or running (or `timeout` seconds passed); returns whether it is idle."""
+        with self._condition:
+            return self._condition.wait_for(lambda: not self._owner, timeout)
 
     # --- the worker ------------------------------------------------------------------------------------------------
 
@@ -215,6 +218,7 @@ class Scheduler:
             task.futures[key].set_result(value)
             self._owner.pop(key, None)
         task.state = "done"
+        self._condition.notify_all()  # for `wait_idle`
         return True
 
     def _run(self) -> None:
@@ -235,6 +239,7 @@ class Scheduler:
                     for key in task.keys:
                         if self._owner.get(key) is task:
                             del self._owner[key]
+                    self._condition.notify_all()  # for `wait_idle`
 
     def _publish(self, task: Task, key: Key, value: Any) -> None:
         self.cache.put(*key, value)

@@ -88,11 +88,8 @@ def upload(page: Any, path: Path) -> tuple[float, Any]:
 
 def wait_idle(explainer: Any, timeout: float = 900.0) -> float:
     """Block until the explainer's worker has nothing queued or running; returns when that happened."""
-    deadline = time.monotonic() + timeout
-    while not explainer.scheduler.idle():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the background precompute did not finish")
-        time.sleep(0.02)
+    if not explainer.wait_until_idle(timeout):
+        raise TimeoutError("the background precompute did not finish")
     return time.perf_counter()
 
 

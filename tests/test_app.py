@@ -4,6 +4,7 @@ import os
 import shutil
 import socket
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 
 import playground
 from ipag import Explainer, Settings, ui
+from scripts.stress import phone_photo, serve, soak
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -119,10 +121,7 @@ def finished(page, containing: str = "Explained", timeout: float = 60_000) -> No
 
 
 def wait_idle(explainer: Explainer, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not explainer.scheduler.idle():
-        assert time.monotonic() < deadline, "the background precompute did not finish"
-        time.sleep(0.05)
+    assert explainer.wait_until_idle(timeout), "the background precompute did not finish"
 
 
 def test_click_a_word_in_a_real_browser(app_url, browser, monkeypatch):
@@ -416,3 +415,21 @@ def test_webcam_capture_is_captioned_end_to_end(app_url, browser):
     page.locator("#picture img").wait_for(timeout=30_000)
     assert errors == []
     context.close()
+
+
+def test_memory_levels_off_with_phone_photos(tmp_path):
+    """Reduced `scripts/stress.py --photos phone`: 12-megapixel JPEGs (2048×1536 once loaded) uploaded through the
+    API, every word of each caption precomputed, on a small cache. Before the cache was bounded in bytes, memory
+    grew by ~50 MB a word of each photo."""
+    budget_mb = 64
+    explainer = Explainer.tiny(seed=0, cache_mb=budget_mb)
+    demo, url = serve(explainer)
+    try:
+        samples = soak(url, explainer, 5, partial(phone_photo, tmp_path), max_tokens=5)
+    finally:
+        demo.close()
+    assert all(sample.cache_mb <= budget_mb for sample in samples)
+    # From the second photo on (the first one sets the working set's peak, which the allocator keeps):
+    assert samples[-1].rss_mb - samples[1].rss_mb < budget_mb + 100  # MB: memory levels off...
+    outside = [sample.rss_mb - sample.cache_mb for sample in samples]
+    assert outside[-1] - outside[1] < 100  # ...and nothing grows but the cache, which counts what it holds

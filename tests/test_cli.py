@@ -1,6 +1,7 @@
 """The command line on tiny models: batch explanations (complete, resumable, bad files reported) and the
 evaluation commands' tables, JSON and exit statuses."""
 
+import argparse
 import json
 import runpy
 import shutil
@@ -172,11 +173,18 @@ def test_unavailable_model_exits_2_with_the_fix(photos, tmp_path, capsys):
     (["explain", "--cam-method", "NoCAM"], "invalid choice"),
     (["evaluate-faithfulness", "--road-percentiles", "0,50"], "strictly between 0 and 100"),
     (["evaluate-faithfulness", "--steps", "0"], "positive whole number"),
+    (["explain", "--cache-mb", "0"], "positive whole number"),
 ])
 def test_bad_arguments_exit_2(photos, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exited:
         cli.main([argv[0], str(photos), "--out", str(tmp_path), "--tiny", *argv[1:]])
     assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_cache_budget_option_reaches_the_explainer():
+    parser = argparse.ArgumentParser()
+    cli.add_model_arguments(parser)
+    assert cli.load_explainer(parser.parse_args([*TINY[:3], "--cache-mb", "64"])).cache.budget_bytes == 64 * 2**20
 
 
 def test_module_entry_point_returns_the_status(photos, tmp_path, monkeypatch):

@@ -89,9 +89,10 @@ def test_segment_orders_by_score_then_area_drops_empty_and_caps():
     assert [s.score for s in Fixed(regions, max_segments=2).segment(noise(4, 6))] == [0.9, 0.2]
 
 
-@pytest.mark.parametrize("mask", [np.ones((4, 5), dtype=bool), np.ones((4, 6), dtype=np.uint8)])
-def test_segment_rejects_masks_not_bool_at_input_size(mask):
-    with pytest.raises(ValueError, match="fixed"):
+@pytest.mark.parametrize(("mask", "message"), [(np.ones((4, 5), dtype=bool), "fixed"),  # names the segmenter
+                                               (np.ones((4, 6), dtype=np.uint8), "bool")])  # refused by Segment
+def test_segment_rejects_masks_not_bool_at_input_size(mask, message):
+    with pytest.raises(ValueError, match=message):
         Fixed([(mask, None)]).segment(noise(4, 6))
 
 

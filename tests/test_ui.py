@@ -205,16 +205,12 @@ def test_the_page_builds_with_named_api_endpoints(explainer):
 
 
 def test_warm_examples_caches_every_word_of_every_example(explainer, monkeypatch):
-    import time
-
     from ipag import load_image
     from ipag.attribution import AttributionPass
 
     fresh = type(explainer)(explainer.captioner, explainer.clip, "superpixels")
     ui.warm_examples(fresh, playground.EXAMPLES[:2])
-    deadline = time.monotonic() + 300
-    while not fresh.scheduler.idle() and time.monotonic() < deadline:  # wait for the background work to drain
-        time.sleep(0.05)
+    assert fresh.wait_until_idle(300)  # the background work drained
     monkeypatch.setattr(AttributionPass, "token_gradients",
                         lambda *args: pytest.fail("a warmed-up word was recomputed"))
     for path in playground.EXAMPLES[:2]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ..masks import MaskField
 from ..segmenters import Segment, Segmenter
 from .composite import check_mask
 
@@ -26,13 +27,14 @@ MIN_PART_FRACTION = 0.02
 
 @dataclass(frozen=True, eq=False)
 class Proposal:
-    """One region CLIP is asked about. `mask` is at the working size the composites are made at."""
+    """One region CLIP is asked about. `mask` is at the working size the composites are made at (stored packed:
+    an image has up to ~40 proposals, and stage II adds parts after its `GroundedImage` is cached)."""
 
     label: str
     source: str  #: the segmenter(s) its segments came from, or `WHOLE_IMAGE`
     members: tuple[int, ...]  #: indices of the segments it is made of; () for the whole image
     detector_score: float | None  #: the weakest member's score (a union is as sure as its least sure part)
-    mask: np.ndarray
+    mask: np.ndarray = MaskField()
     part_of: int | None = None  #: stage II: index of the proposal this is a superpixel part of
 
 
@@ -66,9 +68,11 @@ def segment_proposals(segments: Sequence[Segment], image_size: tuple[int, int], 
     So there are at most 1 + len(segments) + max_unions proposals. Empty masks and duplicates (including
     segments that cover the whole image) are dropped, so that no two proposals split one region's score.
     """
+    masks = []
     for index, segment in enumerate(segments):
-        check_mask(segment.mask, image_size, what=f"Segment {index}'s mask")
-    masks = [shrink_mask(segment.mask, size) for segment in segments]
+        mask = segment.mask  # unpacked once (segments store their masks packed)
+        check_mask(mask, image_size, what=f"Segment {index}'s mask")
+        masks.append(shrink_mask(mask, size))
     whole = np.ones((size[1], size[0]), dtype=bool)
     proposals = [Proposal(WHOLE_IMAGE, WHOLE_IMAGE, (), None, whole)]
     seen = {_key(whole)}

@@ -10,12 +10,15 @@ from typing import Any
 
 import numpy as np
 
+from ..masks import MaskField
+
 
 @dataclass(frozen=True, eq=False)
 class Candidate:
-    """One region that was compared, with its share of the softmax. Masks are H×W bool at the input size."""
+    """One region that was compared, with its share of the softmax. Masks are H×W bool at the input size
+    (stored packed, see `ipag.masks`)."""
 
-    mask: np.ndarray
+    mask: np.ndarray = MaskField()
     label: str
     probability: float  #: softmax over all regions compared (baseline included) of their (fused) logits
     similarity: float  #: CLIP cosine between this region's composite and the prompt
@@ -40,7 +43,7 @@ class Grounding:
 
     query: str
     prompt: str  #: the text CLIP compared against, e.g. "a photo of a dog"
-    mask: np.ndarray  #: H×W bool at the input size
+    mask: np.ndarray = MaskField()  #: H×W bool at the input size (stored packed, see `ipag.masks`)
     label: str
     score: float  #: the chosen region's probability
     similarity: float  #: CLIP cosine(composite of the chosen region, prompt)

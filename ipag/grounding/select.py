@@ -48,10 +48,11 @@ class GroundedImage:
     """Everything about one image that does not depend on the query (made by `Grounder.prepare`).
 
     Proposal masks and composites live at a working size (longer side ≤ `Grounder.work_size`): CLIP sees
-    224–336 px anyway. Masks at the input size are rebuilt from the segments only for the regions reported.
+    224–336 px anyway. Masks at the input size are rebuilt from the segments (stored packed) only for the
+    regions reported. The input image itself is not kept (12 MB for a 2048×1536 photo in Pillow): only its size.
     """
 
-    image: Image.Image  #: the input image, RGB
+    size: tuple[int, int]  #: (width, height) of the input image
     pixels: np.ndarray  #: the image at the working size, H'×W'×3 uint8
     background: np.ndarray  #: what replaces the outside of a region in composites, at the working size
     segments: tuple[Segment, ...]
@@ -67,13 +68,13 @@ class GroundedImage:
 
     def mask(self, proposal: Proposal) -> np.ndarray:
         """The proposal's region at the input size (exact segment outlines, not the working-size mask)."""
-        width, height = self.image.size
+        width, height = self.size
         if not proposal.members:
             return np.ones((height, width), dtype=bool)
         union = np.logical_or.reduce([self.segments[i].mask for i in proposal.members])
         if proposal.part_of is None:
             return union
-        return union & grow_mask(proposal.mask, self.image.size)
+        return union & grow_mask(proposal.mask, self.size)
 
 
 class Grounder:
@@ -125,7 +126,7 @@ class Grounder:
         pixels = np.asarray(work)
         background = backdrop(work, self.mode, self.sigma)
         proposals = tuple(segment_proposals(segments, image.size, size, self.max_unions))
-        return GroundedImage(image, pixels, background, tuple(segments), proposals,
+        return GroundedImage(image.size, pixels, background, tuple(segments), proposals,
                              self._embed(pixels, background, proposals))
 
     def ground(self, prepared: GroundedImage, query: str, cam: np.ndarray | None = None) -> Grounding:
