@@ -128,6 +128,8 @@ def _map_label(key: str, explanation: Any) -> str:
         grounding = explanation.grounding
         return (f"Chosen by CLIP among {explanation.segmenter} proposals: **{html.escape(grounding.label)}**"
                 if grounding else "No region (grounding is off, or still being computed).")
+    if key in explanation.unavailable_maps:  # e.g. a cross-attention map for a decoder without cross-attention
+        return html.escape(explanation.unavailable_maps[key])
     heatmap = explanation.maps.get(key)
     if heatmap is None:
         return "Still being computed…" if explanation.pending else "Not computed with these settings."
@@ -211,8 +213,8 @@ def _settings_panel(page: Page) -> None:
     with gr.Accordion("Maps", open=True):
         setting("cam_method", gr.Dropdown, choices=list(CAM_METHODS))
         setting("vision_layer", gr.Slider, minimum=-vision, maximum=vision - 1, step=1)
-        setting("cross_attention_layer", gr.Slider, minimum=0, maximum=decoder - 1, step=1,
-                value=resolved.cross_attention_layer)
+        setting("cross_attention_layer", gr.Slider, minimum=0, maximum=max(decoder - 1, 0), step=1,
+                value=resolved.cross_attention_layer or 0, interactive=decoder > 0)  # 0: no cross-attention
         setting("saliency", gr.Radio, choices=list(SALIENCY_METHODS))
         setting("occlusion", gr.Checkbox)
     with gr.Accordion("Region", open=False):

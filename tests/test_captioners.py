@@ -110,7 +110,7 @@ def test_vit_gpt2_cross_attention_is_eager_probabilities_in_the_graph(vit_gpt2, 
     token_ids = vit_gpt2.generate(pixels, DecodeOptions(max_new_tokens=5))
     decoded = vit_gpt2.forward_for_attribution(pixels, token_ids, vision_layer=0, cross_attention_layer=1)
     assert decoded.cross_attention.shape == (1, 4, len(token_ids), 65)  # CLS + 8×8 patches
-    assert decoded.cross_attention.requires_grad and decoded.vision_tokens.requires_grad
+    assert decoded.cross_attention.requires_grad and decoded.vision_output.requires_grad
     torch.testing.assert_close(decoded.cross_attention.sum(-1), torch.ones(1, 4, len(token_ids)))
     assert decoded.vision_layer == "encoder.layers.0" and decoded.grid == (8, 8)
     config = copy.deepcopy(vit_gpt2.model.config)  # _from_config would switch the shared config to SDPA
