@@ -112,7 +112,8 @@ class Explainer:
     def from_pretrained(cls, captioner: str = "Salesforce/blip-image-captioning-base",
                         clip: str | None = "ViT-B-32/openai", segmenter: str = "auto",
                         device: str = "auto") -> "Explainer":
-        """Load real models by hub id or local folder (downloaded once, then cached, with progress bars).
+        """Load real models by hub id or local folder, or a ClipCap checkpoint file (downloaded once, then cached,
+        with progress bars).
 
         `clip` is "architecture/pretrained-tag" (open_clip names) or "architecture/path/to/checkpoint";
         None disables grounding. Raises `ModelUnavailableError` naming the model and the fix when a model

@@ -234,7 +234,8 @@ def warm_examples(explainer: Explainer, paths: list[str], settings: Settings = D
 
 def compare_captions(explainers: Explainers, names: list[str], image: ImageInput | None,
                      settings: Settings) -> list[list[tuple[str, float | None]]]:
-    """Caption the same image with several captioners (seeds 002/004 compare them): clickable segments each."""
+    """Caption the same image with several captioners (seeds 002/004 compare them): clickable segments each.
+    A captioner that cannot be loaded (say, ClipCap without its checkpoint file) says why in its place."""
     if image is None:
         raise UserError("Upload an image first, then compare captioners.")
     results = []
@@ -243,7 +244,8 @@ def compare_captions(explainers: Explainers, names: list[str], image: ImageInput
             # no background precompute: one per captioner would slow down the click the user makes next
             _, session, _ = caption_image(explainers.get(name), image, settings, Session(), precompute=False)
         except ModelUnavailableError as err:
-            raise UserError(f"Captioner '{name}' is not available: {err}") from err
+            results.append([(f"Captioner '{name}' is not available: {err}", None)])
+            continue
         results.append(caption_segments(session.caption))
     return results
 
