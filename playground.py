@@ -26,7 +26,7 @@ from ipag import Explainer, Explainers, ModelUnavailableError
 from ipag import ui
 from ipag.captioners import KNOWN_CAPTIONERS, load_captioner, tiny_captioner
 from ipag.cli import add_model_arguments, load_explainer
-from ipag.maps import CAM_METHODS
+from ipag.maps import CAM_METHODS, CrossAttentionMap
 from ipag.render import COLORMAPS
 from ipag.segmenters import available_segmenters
 from ipag.settings import DEFAULTS, SALIENCY_METHODS, Settings
@@ -193,8 +193,10 @@ def _settings_panel(page: Page) -> None:
     with gr.Accordion("Maps", open=True):
         setting("cam_method", gr.Dropdown, choices=list(CAM_METHODS))
         setting("vision_layer", gr.Slider, minimum=-vision, maximum=vision - 1, step=1)
-        setting("cross_attention_layer", gr.Slider, minimum=0, maximum=decoder - 1, step=1,
-                value=resolved.cross_attention_layer)
+        # A captioner without cross-attention has no layer to choose (the setting is ignored): the slider says why.
+        no_layer = CrossAttentionMap().unavailable(explainer.captioner)
+        setting("cross_attention_layer", gr.Slider, minimum=0, maximum=max(decoder - 1, 1), step=1,
+                value=resolved.cross_attention_layer or 0, interactive=not no_layer, info=no_layer)
         setting("saliency", gr.Radio, choices=list(SALIENCY_METHODS))
         setting("occlusion", gr.Checkbox)
         setting("integrated_gradients", gr.Checkbox)

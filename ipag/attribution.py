@@ -5,12 +5,12 @@ For caption tokens y₁..y_T and a target covering positions a..b, the target is
 the captioner on the whole sequence serves every target (the decoder is causal, so later tokens do not
 change earlier predictions). Each target's backward pass runs in two steps, with no extra work:
 
-1. from the target to the chosen vision block's patch tokens and the decoder's cross-attention — for the
-   last block that is a backward through the decoder only, a small fraction of the whole — which is all
-   Grad-CAM and cross-attention Grad-CAM need, so they can be shown at once;
-2. from those tokens on through the rest of the vision encoder to the pixels (saliency): by the chain rule,
-   ∂target/∂pixels = (∂tokens/∂pixels)ᵀ · ∂target/∂tokens, because every path from the pixels to the target
-   goes through the block's output.
+1. from the target to the chosen vision layer's output (patch tokens or feature maps) and the decoder's
+   cross-attention, when it has any — for a late layer that is a backward through the decoder only, a small
+   fraction of the whole — which is all Grad-CAM and cross-attention Grad-CAM need, so they can be shown at once;
+2. from that output on through the rest of the vision encoder to the pixels (saliency): by the chain rule,
+   ∂target/∂pixels = (∂output/∂pixels)ᵀ · ∂target/∂output, because every path from the pixels to the target
+   goes through the layer's output.
 
 Weights are frozen, so no parameter gradient is ever computed. SmoothGrad's noisy copies go through the
 model as one extra batch.
@@ -51,7 +51,7 @@ class PassSpec:
     Layers are concrete indices (resolved by the explainer); `smoothgrad_samples=0` means no noisy batch."""
 
     vision_layer: int
-    attention_layer: int
+    attention_layer: int | None  #: None: no cross-attention (the captioner has none)
     smoothgrad_samples: int = 0
     smoothgrad_noise: float = 0.15
     seed: int = 0
@@ -64,6 +64,7 @@ class AttributionPass:
 
     def __init__(self, captioner: Captioner, pixel_values: torch.Tensor, token_ids: Sequence[int],
                  spec: PassSpec) -> None:
+        self.captioner = captioner
         self.token_ids = list(token_ids)
         self.spec = spec
         self.clean = captioner.forward_for_attribution(pixel_values, self.token_ids, spec.vision_layer,
@@ -78,19 +79,18 @@ class AttributionPass:
                                                            spec.attention_layer)
 
     def token_gradients(self, target: Target) -> tuple[float, TargetGradients, torch.Tensor]:
-        """Step 1: (log-probability, gradients without pixels, ∂target/∂vision tokens for step 2)."""
+        """Step 1: (log-probability, gradients without pixels, ∂target/∂vision output for step 2)."""
         target.check(len(self.token_ids))
         clean = self.clean
         value = _logprob(clean, self.token_ids, target)
-        vision_grad, attention_grad = torch.autograd.grad(value, [clean.vision_tokens, clean.cross_attention],
-                                                          retain_graph=True)
-        patches = clean.grid[0] * clean.grid[1]  # the last gh·gw tokens; the CLS token comes first
-        rows = target.rows
+        inputs = [clean.vision_output] + ([] if clean.cross_attention is None else [clean.cross_attention])
+        vision_grad, *attention_grad = torch.autograd.grad(value, inputs, retain_graph=True)
+        grid = self.captioner.vision_grid
         gradients = TargetGradients(
-            vision_activations=_grid(clean.vision_tokens, clean.grid),
-            vision_gradients=_grid(vision_grad, clean.grid),
-            attention=_numpy(clean.cross_attention[0][:, rows, -patches:]),
-            attention_gradients=_numpy(attention_grad[0][:, rows, -patches:]),
+            vision_activations=_numpy(grid(clean.vision_output)[0]),
+            vision_gradients=_numpy(grid(vision_grad)[0]),
+            attention=_patch_rows(clean.cross_attention, target, clean.grid),
+            attention_gradients=_patch_rows(next(iter(attention_grad), None), target, clean.grid),
             vision_layer=clean.vision_layer,
             attention_layer=clean.attention_layer,
         )
@@ -98,7 +98,7 @@ class AttributionPass:
 
     def pixel_gradients(self, target: Target, gradients: TargetGradients, vision_grad: torch.Tensor) -> TargetGradients:
         """Step 2: `gradients` with their pixel gradients (the clean pass's, then SmoothGrad's noisy copies')."""
-        (pixels,) = torch.autograd.grad(self.clean.vision_tokens, self.clean.pixel_values, grad_outputs=vision_grad,
+        (pixels,) = torch.autograd.grad(self.clean.vision_output, self.clean.pixel_values, grad_outputs=vision_grad,
                                         retain_graph=True)
         if self.noisy is not None:
             (noisy,) = torch.autograd.grad(_logprob(self.noisy, self.token_ids, target), self.noisy.pixel_values,
@@ -108,10 +108,12 @@ class AttributionPass:
 
 
 def target_gradients(captioner: Captioner, pixel_values: torch.Tensor, token_ids: Sequence[int],
-                     targets: Sequence[Target], vision_layer: int, attention_layer: int, smoothgrad_samples: int = 0,
+                     targets: Sequence[Target], vision_layer: int, attention_layer: int | None,
+                     smoothgrad_samples: int = 0,
                      smoothgrad_noise: float = 0.15, seed: int = 0) -> Iterator[tuple[float, TargetGradients]]:
     """(log-probability, complete gradients) for each target, sharing one forward pass (two with SmoothGrad),
-    yielded as each target's backward pass finishes. Layer indices may be negative (Python-style)."""
+    yielded as each target's backward pass finishes. Layer indices may be negative (Python-style); a captioner
+    without cross-attention ignores `attention_layer`."""
     if not targets:
         return
     spec = PassSpec(vision_layer, attention_layer, smoothgrad_samples, smoothgrad_noise, seed)
@@ -133,6 +135,9 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().float().cpu().numpy()
 
 
-def _grid(tokens: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
-    """(1, 1+N, D) block output → its N patch tokens as (D, gh, gw), the layout grad-cam's weighting expects."""
-    return _numpy(tokens[0, -grid[0] * grid[1]:].T.reshape(-1, *grid))
+def _patch_rows(attention: torch.Tensor | None, target: Target, grid: tuple[int, int]) -> np.ndarray | None:
+    """Cross-attention (or its gradient) in the rows that predict the target, over the gh·gw patch tokens (the
+    last ones; the CLS token comes first): (heads, rows, patches). None for a decoder without cross-attention."""
+    if attention is None:
+        return None
+    return _numpy(attention[0][:, target.rows, -grid[0] * grid[1]:])

@@ -60,8 +60,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("models")
     group.add_argument("--tiny", action="store_true", help="tiny random models: offline, for trying things out")
     group.add_argument("--captioner", default="blip-base",
-                       help=f"{', '.join(KNOWN_CAPTIONERS)}, or a hub id or local folder of a BLIP or ViT-GPT2 "
-                       "captioner")
+                       help=f"{', '.join(KNOWN_CAPTIONERS)}, a hub id or local folder of a BLIP or ViT-GPT2 "
+                       "captioner, or a ClipCap checkpoint file (.pt/.safetensors, see the README)")
     group.add_argument("--clip", default="ViT-B-32/openai",
                        help="open_clip 'architecture/pretrained' (tag or checkpoint path); 'none' disables grounding")
     group.add_argument("--segmenter", default=None,

@@ -119,7 +119,8 @@ class Explainer:
     def from_pretrained(cls, captioner: str = "Salesforce/blip-image-captioning-base",
                         clip: str | None = "ViT-B-32/openai", segmenter: str = "auto",
                         device: str = "auto", cache_mb: float = DEFAULT_CACHE_MB) -> "Explainer":
-        """Load real models by hub id or local folder (downloaded once, then cached, with progress bars).
+        """Load real models by hub id or local folder, or a ClipCap checkpoint file (downloaded once, then cached,
+        with progress bars).
 
         `clip` is "architecture/pretrained-tag" (open_clip names) or "architecture/path/to/checkpoint";
         None disables grounding. Raises `ModelUnavailableError` naming the model and the fix when a model
@@ -155,7 +156,8 @@ class Explainer:
 
     def resolve(self, settings: Settings = DEFAULTS) -> Settings:
         """`settings` with every default made concrete for these models (vision block and decoder layer as
-        non-negative indices, the segmenter's real name), so that equal computations get equal cache keys."""
+        non-negative indices, the segmenter's real name), so that equal computations get equal cache keys.
+        A captioner without cross-attention gets no decoder layer (None), whatever was asked."""
         captioner = self.captioner
         layers, decoder = len(captioner.vision_layers), captioner.num_decoder_layers
         cross = settings.cross_attention_layer
@@ -165,7 +167,9 @@ class Explainer:
         if segmenter not in SEGMENTER_NAMES:
             raise ValueError(f"Unknown segmenter {settings.segmenter!r}; choose one of {', '.join(SEGMENTER_NAMES)}.")
         return replace(settings, vision_layer=captioner.resolve_layer(settings.vision_layer, layers, "Vision layer"),
-                       cross_attention_layer=captioner.resolve_layer(cross, decoder, "Cross-attention layer"),
+                       # without cross-attention there is no layer to choose: the setting is ignored
+                       cross_attention_layer=captioner.resolve_layer(cross, decoder, "Cross-attention layer")
+                       if decoder else None,
                        segmenter=segmenter)
 
     def wait_until_idle(self, timeout: float | None = None) -> bool:
@@ -407,12 +411,19 @@ class _Word:
     item: _Prepared
     settings: Settings
     map_types: dict[str, list[MapType]] = field(init=False)
+    unavailable: dict[str, str] = field(init=False)  #: map key → why this captioner cannot have it
 
     def __post_init__(self) -> None:
         self.map_types = {"tokens": [], "pixels": [], "own": []}
+        self.unavailable = {}
         for map_type in MAP_TYPES:
             chosen = map_type.from_settings(self.settings)
-            if chosen is not None and not (chosen.needs_clip and self.explainer.clip is None):
+            if chosen is None or (chosen.needs_clip and self.explainer.clip is None):
+                continue
+            reason = chosen.unavailable(self.explainer.captioner)
+            if reason:
+                self.unavailable[chosen.key] = reason
+            else:
                 self.map_types[chosen.needs].append(chosen)
 
     # --- stages and their keys ------------------------------------------------------------------------------
@@ -543,6 +554,7 @@ class _Word:
         if not item.words:
             notes.append(f"'{item.text}' is not in the caption: explained as log p(query | image) after the "
                          f"neutral prompt '{captioner.neutral_prompt}'.")
+        notes += dict.fromkeys(self.unavailable.values())  # one note per reason
         context_ids = list(item.token_ids[: item.target.positions[0]])
         context, _ = align(captioner.pieces(context_ids), context_ids, [0.0] * len(context_ids))
         grounding = region.grounding if region else None
@@ -556,7 +568,7 @@ class _Word:
             query=str(item.query), in_caption=bool(item.words), words=item.words,
             tokens=tuple(captioner.token_strings([item.token_ids[p] for p in item.target.positions])),
             token_positions=item.target.positions, context=context, word_logprob=logprob, maps=ordered,
-            token_ids=item.token_ids,
+            unavailable_maps=dict(self.unavailable), token_ids=item.token_ids,
             image_size=self.rgb.size, caption=self.caption, grounding=grounding, verification=verification,
             segmenter=region.segmenter if region else "", notes=notes, settings=self.settings,
             pending=tuple(pending), prior_logprob=prior)

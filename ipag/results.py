@@ -182,6 +182,8 @@ class Explanation:
     token_ids: tuple[int, ...]  #: the teacher-forced sequence (the caption's, or prompt + free query)
     image_size: tuple[int, int]  #: (width, height) of the input image
     caption: Caption | None = None
+    #: Map key → why the captioner cannot have that map (no cross-attention map for a decoder without any).
+    unavailable_maps: dict[str, str] = field(default_factory=dict)
     grounding: Grounding | None = None  #: the region CLIP matches to the query (None without CLIP)
     verification: Verification | None = None
     segmenter: str = ""  #: which segmenter proposed the regions
@@ -228,6 +230,7 @@ class Explanation:
             "prior_logprob": self.prior_logprob,
             "image_evidence": self.image_evidence,
             "maps": {name: heatmap.describe() for name, heatmap in self.maps.items()},
+            "unavailable_maps": dict(self.unavailable_maps),
             "image_size": list(self.image_size),
             "caption": self.caption.text if self.caption else None,
             "grounding": self.grounding.to_dict() if self.grounding else None,

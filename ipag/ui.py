@@ -212,11 +212,11 @@ def view_label(view: str, explanation: Explanation) -> str:
     heatmap = explanation.maps.get(view)
     if heatmap is not None:
         return f"**{VIEWS[view]}**: {html.escape(heatmap.method)} · {html.escape(heatmap.layer)}"
+    if view in explanation.unavailable_maps:  # e.g. cross-attention maps of a decoder without cross-attention
+        return html.escape(explanation.unavailable_maps[view])
     if explanation.pending:
         return "Still being computed…"
-    if view == "cross_attention" or view == "attention":
-        return "This captioner has no cross-attention, or the map failed (see the notes)."
-    return f"{VIEWS[view]} is not computed with these settings (see Settings)."
+    return f"{VIEWS[view]} is not computed with these settings (see Settings), or it failed (see the notes)."
 
 
 def status_line(explanation: Explanation) -> str:
@@ -297,7 +297,8 @@ def warm_examples(explainer: Explainer, paths: list[str], settings: Settings = D
 
 def compare_captions(explainers: Explainers, names: list[str], image: ImageInput | None,
                      settings: Settings) -> list[list[tuple[str, float | None]]]:
-    """Caption the same image with several captioners (seeds 002/004 compare them): clickable segments each."""
+    """Caption the same image with several captioners (seeds 002/004 compare them): clickable segments each.
+    A captioner that cannot be loaded (say, ClipCap without its checkpoint file) says why in its place."""
     if image is None:
         raise UserError("Upload an image first, then compare captioners.")
     results = []
@@ -306,7 +307,8 @@ def compare_captions(explainers: Explainers, names: list[str], image: ImageInput
             # no background precompute: one per captioner would slow down the click the user makes next
             _, session, _ = caption_image(explainers.get(name), image, settings, Session(), precompute=False)
         except ModelUnavailableError as err:
-            raise UserError(f"Captioner '{name}' is not available: {err}") from err
+            results.append([(f"Captioner '{name}' is not available: {err}", None)])
+            continue
         results.append(caption_segments(session.caption))
     return results
 

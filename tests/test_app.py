@@ -156,9 +156,8 @@ def test_click_a_word_in_a_real_browser(app_url, browser, monkeypatch):
             continue
         expected = "Chosen by CLIP" if key == "region" else title
         page.locator("#view-label").get_by_text(expected).first.wait_for(timeout=30_000)
-        image = page.locator("#picture img")
-        image.wait_for(timeout=30_000)
-        assert page.evaluate("(img) => img.complete && img.naturalWidth > 0", image.element_handle())
+        page.wait_for_function("() => { const img = document.querySelector('#picture img');"
+                               " return img && img.complete && img.naturalWidth > 0; }", timeout=30_000)
     assert page.locator("#trust").get_by_text("Word probability").count() == 1
 
     page.locator("#query textarea, #query input").first.fill("red car")

@@ -14,15 +14,17 @@ from ipag.captioners import (
     KNOWN_CAPTIONERS,
     TINY_CAPTIONERS,
     BlipCaptioner,
+    ClipCapCaptioner,
     DecodeOptions,
     VitGpt2Captioner,
     load_captioner,
     tiny_captioner,
 )
+from ipag.captioners.clipcap import DEFAULT_CHECKPOINT
 from ipag.maps import MAP_TITLES, CrossAttentionMap, GradCAMMap, MapContext, SaliencyMap
 
 CPU = torch.device("cpu")
-NAMES = ["blip-base", "vit-gpt2"]  # blip-large is the same class as blip-base
+NAMES = ["blip-base", "vit-gpt2", "clipcap"]  # blip-large is the same class as blip-base
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -43,11 +45,13 @@ def vit_gpt2_explainer(vit_gpt2):
 def test_friendly_names_and_their_tiny_stand_ins():
     assert KNOWN_CAPTIONERS == {"blip-base": "Salesforce/blip-image-captioning-base",
                                 "blip-large": "Salesforce/blip-image-captioning-large",
-                                "vit-gpt2": "nlpconnect/vit-gpt2-image-captioning"}
+                                "vit-gpt2": "nlpconnect/vit-gpt2-image-captioning",
+                                "clipcap": str(DEFAULT_CHECKPOINT)}
     assert set(TINY_CAPTIONERS) == set(KNOWN_CAPTIONERS)
     assert isinstance(tiny_captioner("blip-large"), BlipCaptioner)
     assert isinstance(tiny_captioner("vit-gpt2"), VitGpt2Captioner)
-    with pytest.raises(ValueError, match="Choose one of: blip-base, blip-large, vit-gpt2"):
+    assert isinstance(tiny_captioner("clipcap"), ClipCapCaptioner)
+    with pytest.raises(ValueError, match="Choose one of: blip-base, blip-large, vit-gpt2, clipcap"):
         tiny_captioner("gpt-4")
 
 
@@ -60,12 +64,16 @@ def test_each_captioner_captions_and_explains_every_map_type(captioner, photo):
         assert caption.text[word.span[0]:word.span[1]] == word.text and word.logprob < 0
     explanation = explainer.explain(photo, 1, caption=caption, settings=Settings(occlusion=True,
                                                                                 integrated_gradients=True))
-    assert set(explanation.maps) == {key for key in MAP_TITLES if key != "clip_relevance"}  # no CLIP: no CLIP map
-    for heatmap in explanation.maps.values():
+    cross = {"cross_attention", "attention"} if captioner.num_decoder_layers else set()  # ClipCap's GPT-2 has none
+    assert set(explanation.maps) == {key for key in MAP_TITLES if key not in ("clip_relevance", "cross_attention",
+                                                                            "attention")} | cross  # no CLIP map
+    assert set(explanation.unavailable_maps) == {"cross_attention", "attention"} - cross
+    for key, heatmap in explanation.maps.items():
         assert heatmap.values.shape == (47, 61) and heatmap.values.dtype == np.float32
         assert heatmap.values.min() >= 0 and heatmap.values.max() == pytest.approx(1.0)
-    assert explanation.maps["gradcam"].raw.shape == explanation.maps["cross_attention"].raw.shape == (8, 8)
-    assert explanation.maps["saliency"].raw.shape == (64, 64)
+        grids = {"occlusion": (15, 15)}  # its windows; pixel maps at the input's size, the others on the patch grid
+        expected = grids.get(key, (64, 64) if heatmap.layer == "input pixels" else (8, 8))
+        assert heatmap.raw.shape == expected, key
     assert explanation.word_logprob == pytest.approx(caption.words[1].logprob, abs=1e-5)
 
 
@@ -76,10 +84,14 @@ def test_each_captioner_gives_gradients_for_every_map_type(captioner, photo):
     assert value < 0
     assert gradients.pixels.shape == (1, 3, 64, 64)
     assert gradients.vision_activations.shape == gradients.vision_gradients.shape == (32, 8, 8)
-    assert gradients.attention.shape == gradients.attention_gradients.shape == (4, 2, 64)  # heads, rows, patches
+    if captioner.num_decoder_layers:
+        assert gradients.attention.shape == gradients.attention_gradients.shape == (4, 2, 64)  # heads, rows, patches
+    else:
+        assert gradients.attention is gradients.attention_gradients is gradients.attention_layer is None
     for gradient in (gradients.pixels, gradients.vision_gradients, gradients.attention_gradients):
-        assert np.abs(gradient).max() > 1e-6  # every map type's input is really reached by the backward pass
-    for map_type in (GradCAMMap(), CrossAttentionMap(), SaliencyMap()):
+        assert gradient is None or np.abs(gradient).max() > 1e-6  # every map's input is reached by the backward
+    map_types = [GradCAMMap(), SaliencyMap()] + [CrossAttentionMap()] * (gradients.attention is not None)
+    for map_type in map_types:
         heatmap = map_type.attribute(MapContext((61, 47), gradients=gradients))
         assert heatmap.values.shape == (47, 61) and np.isfinite(heatmap.values).all()
 
@@ -111,7 +123,7 @@ def test_vit_gpt2_cross_attention_is_eager_probabilities_in_the_graph(vit_gpt2, 
     token_ids = vit_gpt2.generate(pixels, DecodeOptions(max_new_tokens=5))
     decoded = vit_gpt2.forward_for_attribution(pixels, token_ids, vision_layer=0, cross_attention_layer=1)
     assert decoded.cross_attention.shape == (1, 4, len(token_ids), 65)  # CLS + 8×8 patches
-    assert decoded.cross_attention.requires_grad and decoded.vision_tokens.requires_grad
+    assert decoded.cross_attention.requires_grad and decoded.vision_output.requires_grad
     torch.testing.assert_close(decoded.cross_attention.sum(-1), torch.ones(1, 4, len(token_ids)))
     assert decoded.vision_layer == "encoder.layers.0" and decoded.grid == (8, 8)
     config = copy.deepcopy(vit_gpt2.model.config)  # _from_config would switch the shared config to SDPA

@@ -178,7 +178,7 @@ def test_a_caption_phrase_typed_as_text_is_explained_in_context(explainer, photo
     assert explanation.words == (first, second)
     assert explanation.word_logprob == pytest.approx(first.logprob + second.logprob, abs=1e-5)
 
-@pytest.mark.parametrize("name", ["blip-base", "vit-gpt2"])
+@pytest.mark.parametrize("name", ["blip-base", "vit-gpt2", "clipcap"])
 def test_half_precision_keeps_the_maps(photo, name):
     """GPUs run the captioner under bfloat16 autocast; CPU autocast runs the same dtype, so the claim that maps
     survive it is checked here: the same words, near-equal log-probabilities, maps correlated > 0.99."""

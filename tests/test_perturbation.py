@@ -42,7 +42,7 @@ class PlantedCaptioner(Captioner):
     vision_layers = []
     num_decoder_layers = 1
 
-    def _generate_options(self, pixel_values):
+    def _generate_inputs(self, pixel_values):
         raise NotImplementedError
 
     def _caption_end(self, sequence):

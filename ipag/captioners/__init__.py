@@ -12,13 +12,16 @@ from ..errors import ModelUnavailableError
 from ..hub import download_fix, require_hub
 from .base import Captioner, DecodeOptions, DecoderPass, Piece
 from .blip import BlipCaptioner
+from .clipcap import DEFAULT_CHECKPOINT, ClipCapCaptioner, is_clipcap_checkpoint
 from .vit_gpt2 import VitGpt2Captioner
 
-#: Friendly names for the captioners the playground offers; any hub id or local folder works too.
+#: Friendly names for the captioners the playground offers; any hub id or local folder works too, and any
+#: ClipCap checkpoint file (see `ipag.captioners.clipcap`).
 KNOWN_CAPTIONERS = {
     "blip-base": "Salesforce/blip-image-captioning-base",
     "blip-large": "Salesforce/blip-image-captioning-large",
     "vit-gpt2": "nlpconnect/vit-gpt2-image-captioning",
+    "clipcap": str(DEFAULT_CHECKPOINT),
 }
 
 #: Which class runs a model, by the `model_type` of its config (so a local folder needs no naming convention).
@@ -32,16 +35,21 @@ TINY_CAPTIONERS: dict[str, Callable[[int, torch.device], Captioner]] = {
     "blip-base": BlipCaptioner.tiny,
     "blip-large": BlipCaptioner.tiny,
     "vit-gpt2": VitGpt2Captioner.tiny,
+    "clipcap": ClipCapCaptioner.tiny,
 }
 
 
 def load_captioner(model: str, device: torch.device) -> Captioner:
-    """Load a captioner by friendly name, hub id or local folder, with a clear error when that fails.
+    """Load a captioner by friendly name, hub id, local folder or ClipCap checkpoint, with a clear error when
+    that fails.
 
     A local folder or a model already in the Hugging Face cache loads without touching the network; anything
-    else is downloaded (with progress) if the hub can be reached, and refused at once if it cannot.
+    else is downloaded (with progress) if the hub can be reached, and refused at once if it cannot. A ClipCap
+    checkpoint (no transformers config to dispatch on) goes to ClipCap, which finds its parts the same way.
     """
     model_id = KNOWN_CAPTIONERS.get(model, model)
+    if is_clipcap_checkpoint(model_id):
+        return ClipCapCaptioner.load(model_id, device)
     try:
         return _load(model_id, device, local_files_only=True)
     except (OSError, ValueError) as err:
@@ -79,5 +87,5 @@ def _unavailable(model_id: str, err: Exception) -> ModelUnavailableError:
         f"Fix: {download_fix(model_id)}")
 
 
-__all__ = ["BlipCaptioner", "CAPTIONER_CLASSES", "Captioner", "DecodeOptions", "DecoderPass", "KNOWN_CAPTIONERS",
-           "Piece", "TINY_CAPTIONERS", "VitGpt2Captioner", "load_captioner", "tiny_captioner"]
+__all__ = ["BlipCaptioner", "CAPTIONER_CLASSES", "Captioner", "ClipCapCaptioner", "DecodeOptions", "DecoderPass",
+           "KNOWN_CAPTIONERS", "Piece", "TINY_CAPTIONERS", "VitGpt2Captioner", "load_captioner", "tiny_captioner"]

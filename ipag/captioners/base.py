@@ -1,9 +1,11 @@
 """What the explainer needs from any captioner, and the plumbing they all share.
 
-A captioner is an image encoder (a ViT whose patch tokens we can take Grad-CAM on) and a text decoder
-that cross-attends to those tokens. A new captioner subclasses `Captioner` and implements the handful of
-abstract methods below (model loading, preprocessing, generation, one teacher-forced forward, how its
-tokenizer marks word pieces); everything else — caption alignment, attribution, grounding — is shared.
+A captioner is an image encoder whose activations we can take Grad-CAM on — a ViT's patch tokens or a CNN's
+feature maps (`vision_grid` makes a grid of either) — and a text decoder, which may cross-attend to the image
+tokens (BLIP, ViT-GPT2) or not (ClipCap, whose GPT-2 sees the image as a prefix: `num_decoder_layers` is 0 and
+`no_cross_attention` says why). A new captioner subclasses `Captioner` and implements the handful of abstract
+methods below (model loading, preprocessing, generation, one teacher-forced forward, how its tokenizer marks
+word pieces); everything else — caption alignment, attribution, grounding — is shared.
 """
 
 from __future__ import annotations
@@ -54,24 +56,29 @@ class Piece:
 class DecoderPass:
     """Everything one teacher-forced forward exposes to attribution, still attached to the autograd graph.
 
-    `vision_tokens` is the chosen vision block's output (B, 1+N, D) and `cross_attention` the chosen decoder
-    layer's cross-attention probabilities (B, heads, T, 1+N): both keep the CLS token, because gradients
-    exist only for tensors of the graph itself (a slice taken afterwards would get none).
+    `vision_output` is the chosen vision layer's output as the layer returned it (ViT tokens with their CLS
+    token, or CNN feature maps; `Captioner.vision_grid` arranges it, or its gradient, as a grid) and
+    `cross_attention` the chosen decoder layer's cross-attention probabilities (B, heads, T, 1+N), None for a
+    decoder without cross-attention. Both are kept whole, because gradients exist only for tensors of the
+    graph itself (a slice taken afterwards would get none).
     """
 
-    vision_layer: str  #: qualified module name of the vision block
-    attention_layer: str
+    vision_layer: str  #: qualified module name of the vision layer
+    attention_layer: str | None
     pixel_values: torch.Tensor
     logprobs: torch.Tensor  #: (1, T, vocab) log-softmax of the decoder's logits
-    vision_tokens: torch.Tensor
-    cross_attention: torch.Tensor
-    grid: tuple[int, int]
+    vision_output: torch.Tensor
+    cross_attention: torch.Tensor | None
+    grid: tuple[int, int]  #: (gh, gw) of `vision_grid(vision_output)`
 
 
 class Captioner(ABC):
     """Base class: subclasses hold a frozen model and say how to run it; see the module docstring."""
 
     name: ClassVar[str]
+    #: Why the decoder has no cross-attention to the image, for a captioner without it (`num_decoder_layers` 0);
+    #: shown where the cross-attention map would be.
+    no_cross_attention: ClassVar[str | None] = None
     #: Neutral text a free query is appended to, so log p(query | image) is a caption-like continuation.
     neutral_prompt: ClassVar[str] = "a picture of"
 
@@ -98,25 +105,26 @@ class Captioner(ABC):
     @property
     @abstractmethod
     def vision_layers(self) -> list[nn.Module]:
-        """The vision encoder's transformer blocks, first to last (Grad-CAM can use any of them)."""
+        """The vision encoder's layers Grad-CAM can use, first to last (transformer blocks, or a CNN's stages)."""
 
     @property
     @abstractmethod
     def num_decoder_layers(self) -> int:
-        """How many decoder layers have cross-attention."""
+        """How many decoder layers have cross-attention (0: none, see `no_cross_attention`)."""
 
     @abstractmethod
-    def _generate_options(self, pixel_values: torch.Tensor) -> dict:
-        """This model's extra arguments to `model.generate` (token suppression, attention masks)."""
+    def _generate_inputs(self, pixel_values: torch.Tensor) -> dict:
+        """The image and this model's other arguments to `generator.generate` (token suppression, masks)."""
 
     @abstractmethod
     def _caption_end(self, sequence: list[int]) -> int:
-        """Where the caption in `model.generate`'s output `sequence` (start token first) ends: its length."""
+        """Where the caption in `sequence` (the start token, then what generation wrote) ends: its length."""
 
     @abstractmethod
-    def _forward(self, pixel_values: torch.Tensor, token_ids: torch.Tensor, cross_attention_layer: int) -> tuple:
-        """Teacher-forced forward of a batch of images on one sequence (`token_ids` is (B, T)):
-        (logits (B, T, V), cross-attention probs (B, heads, T, 1+N) or (B, heads, T, N))."""
+    def _forward(self, pixel_values: torch.Tensor, token_ids: torch.Tensor,
+                 cross_attention_layer: int | None) -> tuple:
+        """Teacher-forced forward of a batch of images on one sequence (`token_ids` is (B, T)): (logits (B, T, V),
+        that decoder layer's cross-attention probs (B, heads, T, 1+N) or (B, heads, T, N); None for no layer)."""
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:
@@ -138,6 +146,19 @@ class Captioner(ABC):
 
     def describe(self) -> str:
         return f"{self.name} ({self.model_id})"
+
+    @property
+    def generator(self) -> nn.Module:
+        """The transformers model whose `generate` writes the captions."""
+        return self.model
+
+    def vision_grid(self, output: torch.Tensor) -> torch.Tensor:
+        """A vision layer's output, or its gradient (same layout), as the (B, D, gh, gw) grid grad-cam's weighting
+        expects. This default is for ViT blocks: tokens (B, 1+N, D), a CLS token and N patches on a square grid."""
+        side = int(round((output.shape[1] - 1) ** 0.5))
+        if side * side != output.shape[1] - 1:
+            raise ValueError(f"Vision tokens ({output.shape[1]}) are not a CLS token plus a square patch grid.")
+        return output[:, 1:].transpose(1, 2).reshape(output.shape[0], -1, side, side)
 
     def module_name(self, module: nn.Module) -> str:
         return next(name for name, candidate in self.model.named_modules() if candidate is module)
@@ -177,17 +198,19 @@ class Captioner(ABC):
         """
         with self.autocast():
             minimum = {} if options.min_new_tokens is None else {"min_new_tokens": options.min_new_tokens}
-            output = self.model.generate(pixel_values=pixel_values, num_beams=options.num_beams,
-                                         max_new_tokens=options.max_new_tokens, do_sample=False,
-                                         return_dict_in_generate=True, output_logits=True,
-                                         **minimum, **self._generate_options(pixel_values))
-        sequence = output.sequences[0].tolist()
-        ids = sequence[: self._caption_end(sequence)]
+            output = self.generator.generate(num_beams=options.num_beams, max_new_tokens=options.max_new_tokens,
+                                             do_sample=False, return_dict_in_generate=True, output_logits=True,
+                                             **minimum, **self._generate_inputs(pixel_values))
+        # The generated tokens are the sequence's last ones (before them: the start token, or nothing when the
+        # model started from input embeddings); every caption is read as the start token followed by them.
+        generated = output.sequences[0, output.sequences.shape[1] - len(output.logits):].tolist()
+        sequence = self.start_ids() + generated
+        end = self._caption_end(sequence)
         steps = [torch.log_softmax(_at_least_float32(logits), dim=-1) for logits in output.logits]
-        scores = self.model.compute_transition_scores(output.sequences, steps, getattr(output, "beam_indices", None),
-                                                      normalize_logits=False)[0].tolist()
-        offset = len(sequence) - len(scores)  # the positions before the first generated token
-        return ids, [scores[k - offset] for k in range(1, len(ids))]
+        scores = self.generator.compute_transition_scores(output.sequences, steps,
+                                                          getattr(output, "beam_indices", None),
+                                                          normalize_logits=False)[0].tolist()
+        return sequence[:end], scores[: end - 1]
 
     @torch.no_grad()
     def token_logprobs(self, pixel_values: torch.Tensor, token_ids: list[int]) -> list[float]:
@@ -208,32 +231,31 @@ class Captioner(ABC):
         altered images, like integrated gradients)."""
         ids = torch.tensor([list(token_ids)], device=self.device).expand(pixel_values.shape[0], -1)
         with self.autocast():
-            logits, _ = self._forward(pixel_values, ids, self.num_decoder_layers - 1)
+            logits, _ = self._forward(pixel_values, ids, None)
         logprobs = torch.log_softmax(_at_least_float32(logits[:, :-1]), dim=-1)
         return logprobs.gather(2, ids[:, 1:, None])[..., 0]
 
-    def forward_for_attribution(
-        self, pixel_values: torch.Tensor, token_ids: list[int], vision_layer: int, cross_attention_layer: int
-    ) -> DecoderPass:
-        """One forward whose pixel input, vision patch tokens and cross-attention keep their gradients."""
+    def forward_for_attribution(self, pixel_values: torch.Tensor, token_ids: list[int], vision_layer: int,
+                                cross_attention_layer: int | None) -> DecoderPass:
+        """One forward whose pixel input, vision layer output and cross-attention keep their gradients.
+        `cross_attention_layer` None keeps no cross-attention; a captioner without any ignores it."""
         block = self.vision_layers[self.resolve_layer(vision_layer, len(self.vision_layers), "Vision layer")]
-        layer = self.resolve_layer(cross_attention_layer, self.num_decoder_layers, "Cross-attention layer")
+        layer = None
+        if cross_attention_layer is not None and self.num_decoder_layers:
+            layer = self.resolve_layer(cross_attention_layer, self.num_decoder_layers, "Cross-attention layer")
         pixel_values = pixel_values.detach().clone().requires_grad_(True)
         ids = torch.tensor([token_ids], device=self.device).expand(pixel_values.shape[0], -1)
         with torch.enable_grad(), self.autocast(), _capture_output(block) as captured:
             logits, attention = self._forward(pixel_values, ids, layer)
-        tokens = captured[0]
-        side = int(round((tokens.shape[1] - 1) ** 0.5))
-        if side * side != tokens.shape[1] - 1:
-            raise ValueError(f"Vision tokens ({tokens.shape[1]}) are not a CLS token plus a square patch grid.")
+        output = captured[0]
         return DecoderPass(
             vision_layer=self.module_name(block),
-            attention_layer=f"decoder layer {layer} cross-attention",
+            attention_layer=None if layer is None else f"decoder layer {layer} cross-attention",
             pixel_values=pixel_values,
             logprobs=torch.log_softmax(_at_least_float32(logits), dim=-1),
-            vision_tokens=tokens,
+            vision_output=output,
             cross_attention=attention,
-            grid=(side, side),
+            grid=tuple(self.vision_grid(output).shape[-2:]),
         )
 
 

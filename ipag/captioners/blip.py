@@ -84,24 +84,25 @@ class BlipCaptioner(Captioner):
     def num_decoder_layers(self) -> int:
         return self.model.config.text_config.num_hidden_layers
 
-    def _generate_options(self, pixel_values: torch.Tensor) -> dict:
-        return {"suppress_tokens": self._suppressed}
+    def _generate_inputs(self, pixel_values: torch.Tensor) -> dict:
+        return {"pixel_values": pixel_values, "suppress_tokens": self._suppressed}
 
     def _caption_end(self, sequence: list[int]) -> int:
         """At the first [SEP] (end) or [PAD] (a finished beam's filler)."""
         ends = [index for index, token in enumerate(sequence) if token in (self._sep, self.tokenizer.pad_token_id)]
         return ends[0] if ends else len(sequence)
 
-    def _forward(self, pixel_values: torch.Tensor, token_ids: torch.Tensor, cross_attention_layer: int) -> tuple:
+    def _forward(self, pixel_values: torch.Tensor, token_ids: torch.Tensor,
+                 cross_attention_layer: int | None) -> tuple:
         image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
         out = self.model.text_decoder(
             input_ids=token_ids,
             attention_mask=torch.ones_like(token_ids),
             encoder_hidden_states=image_embeds,
-            output_attentions=True,
+            output_attentions=cross_attention_layer is not None,
             return_dict=True,
         )
-        return out.logits, out.cross_attentions[cross_attention_layer]
+        return out.logits, None if cross_attention_layer is None else out.cross_attentions[cross_attention_layer]
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids

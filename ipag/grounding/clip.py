@@ -58,28 +58,15 @@ class ClipModel:
     @classmethod
     def from_pretrained(cls, model: str = "ViT-B-32", pretrained: str = "openai",
                         device: str | torch.device = "cpu") -> "ClipModel":
-        """Load an open_clip architecture with weights from a pretrained tag or a local checkpoint file.
-
-        Tags are downloaded once and cached by open_clip (in the Hugging Face cache). Tags trained with
-        QuickGELU (OpenAI's, among others) get it switched on: open_clip only warns about the mismatch, and
-        the embeddings would silently degrade.
-        """
-        target = resolve_device(device)
-        tag = open_clip.get_pretrained_cfg(model, pretrained)
-        if tag and not _weights_cached(tag):
-            require_hub(f"The CLIP weights '{model}/{pretrained}'", download_fix(tag.get("hf_hub", pretrained)))
-        quick_gelu = bool(tag.get("quick_gelu", False))
+        """Load an open_clip architecture with weights from a pretrained tag or a local checkpoint file
+        (`load_open_clip`). Tags are downloaded once and cached by open_clip (in the Hugging Face cache)."""
+        network, preprocess = load_open_clip(model, pretrained)
         try:
-            network, _, preprocess = open_clip.create_model_and_transforms(
-                model, pretrained=pretrained, force_quick_gelu=quick_gelu, image_resize_mode="squash")
             tokenizer = open_clip.get_tokenizer(model)
         except (RuntimeError, OSError, ValueError) as err:
-            raise ModelUnavailableError(
-                f"CLIP model '{model}' with weights '{pretrained}' could not be loaded ({err}). Fix: run once "
-                "with network access so open_clip caches the weights, or pass a local checkpoint file as "
-                "`pretrained`; `open_clip.list_pretrained()` lists the known model/tag pairs."
-            ) from err
-        return cls(network, preprocess, tokenizer, target, f"{model} ({pretrained})")
+            raise ModelUnavailableError(f"The tokenizer of CLIP model '{model}' could not be loaded ({err}). Fix: run "
+                                        "once with network access so that it is cached.") from err
+        return cls(network, preprocess, tokenizer, resolve_device(device), f"{model} ({pretrained})")
 
     @classmethod
     def tiny(cls, seed: int = 0, device: str | torch.device = "cpu") -> "ClipModel":
@@ -90,7 +77,7 @@ class ClipModel:
         register_tiny_config()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            network, _, preprocess = open_clip.create_model_and_transforms(TINY_MODEL, image_resize_mode="squash")
+            network, preprocess = load_open_clip(TINY_MODEL, None)
         tokenizer = open_clip.get_tokenizer(TINY_MODEL)
         return cls(network, preprocess, tokenizer, resolve_device(device), f"{TINY_MODEL}(seed={seed})")
 
@@ -138,6 +125,35 @@ class ClipModel:
         return relevance[0, 1:].reshape(grid).detach().cpu().numpy()
 
 
+def load_open_clip(model: str, pretrained: str | None,
+                   local_files_only: bool = False) -> tuple[nn.Module, Callable[[Image.Image], torch.Tensor]]:
+    """An open_clip model (on the CPU) and its preprocessing transform (squashing, see the module docstring),
+    with weights from a pretrained tag or a local checkpoint file (None: random weights, architecture only).
+
+    A tag whose weights are not cached is refused at once when the hub is out of reach (`require_hub`) or
+    `local_files_only`. Tags trained with QuickGELU (OpenAI's, among others) get it switched on: open_clip only
+    warns about the mismatch, and the embeddings would silently degrade. Raises `ModelUnavailableError` with
+    the fix.
+    """
+    tag = open_clip.get_pretrained_cfg(model, pretrained) if pretrained else {}
+    if tag and not _weights_cached(tag):
+        what, fix = f"The CLIP weights '{model}/{pretrained}'", download_fix(tag.get("hf_hub", pretrained))
+        if local_files_only:
+            raise ModelUnavailableError(f"{what} are not on this machine. Fix: {fix}")
+        require_hub(what, fix)
+    try:
+        network, _, preprocess = open_clip.create_model_and_transforms(
+            model, pretrained=pretrained, force_quick_gelu=bool(tag.get("quick_gelu", False)),
+            image_resize_mode="squash")
+    except (RuntimeError, OSError, ValueError) as err:
+        raise ModelUnavailableError(
+            f"CLIP model '{model}' with weights '{pretrained}' could not be loaded ({err}). Fix: run once "
+            "with network access so open_clip caches the weights, or pass a local checkpoint file as "
+            "`pretrained`; `open_clip.list_pretrained()` lists the known model/tag pairs."
+        ) from err
+    return network, preprocess
+
+
 def _weights_cached(tag: dict) -> bool:
     """Whether an open_clip pretrained tag's weights need no download: a URL download is quick to fail and is
     left to open_clip; a hub file counts as cached in its .bin or .safetensors form (open_clip takes either)."""
@@ -150,12 +166,17 @@ def _weights_cached(tag: dict) -> bool:
 
 
 def register_tiny_config() -> None:
-    """Make `TINY_MODEL` known to open_clip (idempotent): it only reads architectures from JSON files."""
-    if TINY_MODEL in open_clip.list_models():
+    """Make `TINY_MODEL` known to open_clip (idempotent)."""
+    register_config(TINY_MODEL, TINY_CONFIG)
+
+
+def register_config(name: str, config: dict) -> None:
+    """Make the architecture `config` known to open_clip as `name` (idempotent): it only reads JSON files."""
+    if name in open_clip.list_models():
         return
     with tempfile.TemporaryDirectory(prefix="ipag-clip-config-") as folder:
-        path = Path(folder) / f"{TINY_MODEL}.json"
-        path.write_text(json.dumps(TINY_CONFIG))
+        path = Path(folder) / f"{name}.json"
+        path.write_text(json.dumps(config))
         open_clip.add_model_config(path)
 
 

@@ -11,19 +11,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import MapContext, MapType
+from .base import MapContext
+from .cross_attention import CrossAttentionMap
 
 
 @dataclass(frozen=True)
-class AttentionMap(MapType):
-    """Mean over heads of the chosen decoder layer's cross-attention, summed over the rows predicting the word."""
+class AttentionMap(CrossAttentionMap):
+    """Mean over heads of the chosen decoder layer's cross-attention, summed over the rows predicting the word
+    (the cross-attention Grad-CAM without its gradient weighting)."""
 
     key = "attention"
     title = "Attention"
     method = "cross-attention weights (attention, not an explanation)"
-
-    def layer(self, context: MapContext) -> str:
-        return context.gradients.attention_layer
 
     def _raw(self, context: MapContext) -> np.ndarray:
         gradients = context.gradients

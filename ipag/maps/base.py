@@ -11,6 +11,9 @@ vision tokens and cross-attention ("tokens": Grad-CAM, cross-attention), with re
 first two kinds from the word's one backward pass, in two steps, so the token maps are shown before the
 backward pass through the vision encoder finishes; "own" maps run after them.
 
+A map type may not exist for every captioner (`MapType.unavailable`: there is no cross-attention map of a
+decoder without cross-attention); the explanation then says why in the map's place.
+
 A new map type is one file with a `MapType` subclass plus one line in `ipag.maps.MAP_TYPES`; the page, the
 API, exports, the CLI and the benchmarks list `MAP_TYPES` and pick it up.
 """
@@ -44,15 +47,16 @@ class TargetGradients:
     `pixels` holds one input gradient per pass: (1, 3, S, S) normally, (n + 1, 3, S, S) with SmoothGrad's n
     noisy copies after the clean one; None until the backward pass through the vision encoder has run.
     `attention` / `attention_gradients` are the cross-attention rows that predict the target tokens,
-    shape (heads, rows, patches); `vision_*` are the chosen block's patch tokens as (D, gh, gw).
+    shape (heads, rows, patches), None for a decoder without cross-attention; `vision_*` are the chosen vision
+    layer's output as a (D, gh, gw) grid (ViT patch tokens or CNN feature maps).
     """
 
     vision_activations: np.ndarray
     vision_gradients: np.ndarray
-    attention: np.ndarray
-    attention_gradients: np.ndarray
+    attention: np.ndarray | None
+    attention_gradients: np.ndarray | None
     vision_layer: str
-    attention_layer: str
+    attention_layer: str | None
     pixels: np.ndarray | None = None
 
     @property
@@ -112,6 +116,10 @@ class MapType(ABC):
     def _display(self, raw: np.ndarray, context: MapContext) -> np.ndarray | None:
         """What is drawn, at the model's resolution, before resizing to the image; None: the positive part of
         `raw` (maps whose raw values live on another grid, like occlusion's windows, override this)."""
+        return None
+
+    def unavailable(self, captioner: "Captioner") -> str | None:
+        """Why `captioner` cannot have this map (None: it can); the explanation says so in the map's place."""
         return None
 
     def note(self, context: MapContext) -> str | None:

@@ -4,10 +4,14 @@ much that look raised the word's log-probability (LAVIS's formula, adapted to ge
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .base import MapContext, MapType
+
+if TYPE_CHECKING:
+    from ..captioners.base import Captioner
 
 
 @dataclass(frozen=True)
@@ -17,6 +21,12 @@ class CrossAttentionMap(MapType):
     key = "cross_attention"
     title = "Cross-attention"
     method = "cross-attention Grad-CAM"
+
+    def unavailable(self, captioner: "Captioner") -> str | None:
+        if captioner.num_decoder_layers:
+            return None
+        reason = captioner.no_cross_attention
+        return f"This captioner has no cross-attention{f': {reason}' if reason else ''}."
 
     def layer(self, context: MapContext) -> str:
         return context.gradients.attention_layer
