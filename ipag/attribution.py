@@ -55,6 +55,7 @@ class PassSpec:
     smoothgrad_samples: int = 0
     smoothgrad_noise: float = 0.15
     seed: int = 0
+    attentions: bool = False  #: also every layer's attention and its gradient (relevance propagation)
 
 
 class AttributionPass:
@@ -68,7 +69,7 @@ class AttributionPass:
         self.token_ids = list(token_ids)
         self.spec = spec
         self.clean = captioner.forward_for_attribution(pixel_values, self.token_ids, spec.vision_layer,
-                                                       spec.attention_layer)
+                                                       spec.attention_layer, spec.attentions)
         self.noisy: DecoderPass | None = None
         if spec.smoothgrad_samples:
             generator = torch.Generator(device="cpu").manual_seed(spec.seed)
@@ -83,28 +84,48 @@ class AttributionPass:
         target.check(len(self.token_ids))
         clean = self.clean
         value = _logprob(clean, self.token_ids, target)
-        inputs = [clean.vision_output] + ([] if clean.cross_attention is None else [clean.cross_attention])
-        vision_grad, *attention_grad = torch.autograd.grad(value, inputs, retain_graph=True)
+        cross = [] if clean.cross_attention is None else [clean.cross_attention]
+        later = self._attentions(upstream=False)  # downstream of the vision layer: reached by this step
+        vision_grad, *attention_grad = torch.autograd.grad(value, [clean.vision_output, *cross, *later.values()],
+                                                           retain_graph=True)
         grid = self.captioner.vision_grid
         gradients = TargetGradients(
             vision_activations=_numpy(grid(clean.vision_output)[0]),
             vision_gradients=_numpy(grid(vision_grad)[0]),
             attention=_patch_rows(clean.cross_attention, target, clean.grid),
-            attention_gradients=_patch_rows(next(iter(attention_grad), None), target, clean.grid),
+            attention_gradients=_patch_rows(attention_grad[0] if cross else None, target, clean.grid),
             vision_layer=clean.vision_layer,
             attention_layer=clean.attention_layer,
+            attentions=None if clean.attentions is None else _pairs(later, attention_grad[len(cross):]),
         )
         return float(value.detach()), gradients, vision_grad
 
     def pixel_gradients(self, target: Target, gradients: TargetGradients, vision_grad: torch.Tensor) -> TargetGradients:
         """Step 2: `gradients` with their pixel gradients (the clean pass's, then SmoothGrad's noisy copies')."""
-        (pixels,) = torch.autograd.grad(self.clean.vision_output, self.clean.pixel_values, grad_outputs=vision_grad,
-                                        retain_graph=True)
+        earlier = self._attentions(upstream=True)  # the vision encoder's up to the chosen layer
+        pixels, *attention_grad = torch.autograd.grad(self.clean.vision_output, [self.clean.pixel_values, *earlier.values()],
+                                                      grad_outputs=vision_grad, retain_graph=True)
         if self.noisy is not None:
             (noisy,) = torch.autograd.grad(_logprob(self.noisy, self.token_ids, target), self.noisy.pixel_values,
                                            retain_graph=True)
             pixels = torch.cat([pixels, noisy])
-        return replace(gradients, pixels=_numpy(pixels))
+        attentions = None if gradients.attentions is None else {**gradients.attentions,
+                                                                **_pairs(earlier, attention_grad)}
+        return replace(gradients, pixels=_numpy(pixels), attentions=attentions)
+
+    def _attentions(self, upstream: bool) -> dict[tuple[str, int], torch.Tensor]:
+        """The attention probabilities (by (kind, layer)) that lie before the chosen vision layer's output
+        (`upstream`: the vision encoder's blocks up to it) or after it (the rest, and every decoder layer)."""
+        every = self.clean.attentions
+        if every is None:
+            return {}
+        cut = self.clean.vision_index + 1
+        vision = dict(enumerate(every.vision))
+        if upstream:
+            return {("vision", i): a for i, a in vision.items() if i < cut}
+        return {**{("vision", i): a for i, a in vision.items() if i >= cut},
+                **{("decoder_self", i): a for i, a in enumerate(every.decoder_self)},
+                **{("decoder_cross", i): a for i, a in enumerate(every.decoder_cross)}}
 
 
 def target_gradients(captioner: Captioner, pixel_values: torch.Tensor, token_ids: Sequence[int],
@@ -129,6 +150,12 @@ def _logprob(decoded: DecoderPass, token_ids: list[int], target: Target) -> torc
     ids = torch.tensor([token_ids[p] for p in target.positions], device=decoded.logprobs.device)
     picked = decoded.logprobs[:, rows, ids]
     return picked.sum()
+
+
+def _pairs(attentions: dict[tuple[str, int], torch.Tensor],
+           gradients: Sequence[torch.Tensor]) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
+    """(probabilities, gradient) per attention, batch dimension removed, off the graph."""
+    return {key: (a[0].detach().float(), g[0].detach().float()) for (key, a), g in zip(attentions.items(), gradients)}
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

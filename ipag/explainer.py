@@ -436,7 +436,9 @@ class _Word:
     def spec(self) -> PassSpec:
         settings = self.settings
         samples = settings.smoothgrad_samples if settings.saliency == "SmoothGrad" else 0
-        return PassSpec(settings.vision_layer, settings.cross_attention_layer, samples, settings.smoothgrad_noise)
+        attentions = any(map_type.needs_attentions for kind in ("tokens", "pixels") for map_type in self.map_types[kind])
+        return PassSpec(settings.vision_layer, settings.cross_attention_layer, samples, settings.smoothgrad_noise,
+                        attentions=attentions)
 
     @property
     def grounded(self) -> bool:

@@ -42,3 +42,4 @@ def one_torch_thread():
     import torch
 
     torch.set_num_threads(1)
+

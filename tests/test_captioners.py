@@ -22,6 +22,7 @@ from ipag.captioners import (
 )
 from ipag.captioners.clipcap import DEFAULT_CHECKPOINT
 from ipag.maps import MAP_TITLES, CrossAttentionMap, GradCAMMap, MapContext, SaliencyMap
+from tests.helpers import expected_maps
 
 CPU = torch.device("cpu")
 NAMES = ["blip-base", "vit-gpt2", "clipcap"]  # blip-large is the same class as blip-base
@@ -64,10 +65,10 @@ def test_each_captioner_captions_and_explains_every_map_type(captioner, photo):
         assert caption.text[word.span[0]:word.span[1]] == word.text and word.logprob < 0
     explanation = explainer.explain(photo, 1, caption=caption, settings=Settings(occlusion=True,
                                                                                 integrated_gradients=True))
-    cross = {"cross_attention", "attention"} if captioner.num_decoder_layers else set()  # ClipCap's GPT-2 has none
-    assert set(explanation.maps) == {key for key in MAP_TITLES if key not in ("clip_relevance", "cross_attention",
-                                                                            "attention")} | cross  # no CLIP map
-    assert set(explanation.unavailable_maps) == {"cross_attention", "attention"} - cross
+    settings = Settings(occlusion=True, integrated_gradients=True)
+    assert set(explanation.maps) == expected_maps(captioner, settings, clip=False)  # every map this captioner has
+    assert set(explanation.unavailable_maps) == set(MAP_TITLES) - expected_maps(captioner, settings) - {
+        "clip_relevance"}  # and for the others, why not (ClipCap: no cross-attention)
     for key, heatmap in explanation.maps.items():
         assert heatmap.values.shape == (47, 61) and heatmap.values.dtype == np.float32
         assert heatmap.values.min() >= 0 and heatmap.values.max() == pytest.approx(1.0)

@@ -56,9 +56,10 @@ def test_both_encoders_caption_and_give_every_map_except_cross_attention(caption
     assert caption.token_ids[0] == captioner.start_ids()[0] and len(caption.words) >= 2
     explanation = explainer.explain(photo, 1, caption=caption, settings=Settings(occlusion=True))
     assert set(explanation.maps) == {"gradcam", "saliency", "input_x_gradient", "occlusion"}
-    missing = {"cross_attention": NO_CROSS_ATTENTION, "attention": NO_CROSS_ATTENTION}
-    assert explanation.unavailable_maps == missing and NO_CROSS_ATTENTION in explanation.notes
-    assert explanation.to_dict()["unavailable_maps"] == missing
+    missing = explanation.unavailable_maps
+    assert missing["cross_attention"] == missing["attention"] == NO_CROSS_ATTENTION
+    assert set(missing) == {"cross_attention", "attention", "relevancy", "legrad"}  # no cross-attention decoder
+    assert NO_CROSS_ATTENTION in explanation.notes and explanation.to_dict()["unavailable_maps"] == missing
     size = captioner.preprocess(photo).shape[-1]
     assert explanation.maps["gradcam"].raw.shape == grid_of(captioner)
     assert explanation.maps["gradcam"].layer == ("visual.layer4" if grid_of(captioner) == (4, 4)
@@ -421,7 +422,7 @@ def test_the_cli_explains_and_evaluates_with_clipcap(tmp_path, photo):
     word = json.loads(next((tmp_path / "out").rglob("explanation.json")).read_text())
     assert word["captioner"].startswith("clipcap (tiny-clipcap-vit-mlp")
     assert set(word["maps"]) == {"gradcam", "saliency", "input_x_gradient", "clip_relevance"}
-    assert word["unavailable_maps"] == {"cross_attention": NO_CROSS_ATTENTION, "attention": NO_CROSS_ATTENTION}
+    assert word["unavailable_maps"]["cross_attention"] == NO_CROSS_ATTENTION
     report = tmp_path / "faithfulness.json"
     assert cli.main(["evaluate-faithfulness", str(tmp_path / "photo.png"), "--steps", "2", "--road-percentiles",
                      "none", "--out", str(report), *options]) == 0

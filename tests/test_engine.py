@@ -9,6 +9,7 @@ from ipag import Explainer, ModelUnavailableError, QueryError, Settings
 from ipag.attribution import Target, target_gradients
 from ipag.captioners import BlipCaptioner, DecodeOptions
 from ipag.maps import CAM_METHODS
+from tests.helpers import expected_maps
 
 
 def word_logprob(captioner, pixel_values, token_ids, positions) -> float:
@@ -316,8 +317,7 @@ def test_results_serialise_to_json(explainer, photo, caption):
     explanation = explainer.explain(photo, 0, caption=caption)
     data = json.loads(json.dumps(explanation.to_dict()))
     assert data["words"] == [caption.words[0].text]
-    assert set(data["maps"]) == {"gradcam", "cross_attention", "saliency", "clip_relevance", "input_x_gradient",
-                                 "attention"}
+    assert set(data["maps"]) == expected_maps(explainer.captioner)
     assert data["image_evidence"] == pytest.approx(data["word_logprob"] - data["prior_logprob"])
     assert data["grounding"]["candidates"] and data["verification"]["mass_inside"]["gradcam"] >= 0
     assert json.loads(json.dumps(caption.to_dict()))["text"] == caption.text

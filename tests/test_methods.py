@@ -120,3 +120,56 @@ def test_rank_correlation():
     assert np.isnan(rank_correlation(ramp, np.zeros_like(ramp)))
     with pytest.raises(ValueError, match="shapes"):
         rank_correlation(ramp, ramp.ravel())
+
+
+def attention_gradients(captioner, pixels, token_ids, positions):
+    """Every attention map of BLIP and the word's gradient on it, the plain way: word embeddings that require
+    grad (so the text-only first layer is in the graph too), `retain_grad`, `.backward()`."""
+    model = captioner.model
+    with torch.enable_grad():
+        pixels = pixels.clone().requires_grad_(True)
+        vision = model.vision_model(pixel_values=pixels, output_attentions=True)
+        words = model.text_decoder.bert.embeddings.word_embeddings(torch.tensor([list(token_ids)]))
+        words = words.detach().requires_grad_(True) * 1.0  # not a leaf: BLIP adds positions in place
+        out = model.text_decoder(inputs_embeds=words, encoder_hidden_states=vision.last_hidden_state,
+                                 output_attentions=True, return_dict=True)
+        every = [*vision.attentions, *out.attentions, *out.cross_attentions]
+        for attention in every:
+            attention.retain_grad()
+        logprobs = torch.log_softmax(out.logits, dim=-1)
+        sum(logprobs[0, p - 1, token_ids[p]] for p in positions).backward()
+    pairs = [(a[0].detach(), a.grad[0]) for a in every]
+    layers = len(vision.attentions), len(out.attentions)
+    return pairs[:layers[0]], pairs[layers[0]:layers[0] + layers[1]], pairs[layers[0] + layers[1]:]
+
+
+def test_relevancy_and_legrad_match_a_direct_computation(explainer, photo, caption):
+    word = caption.words[2]
+    explanation = explainer.explain(photo, 2, caption=caption)
+    vision, decoder_self, decoder_cross = attention_gradients(
+        explainer.captioner, explainer.captioner.preprocess(photo), caption.token_ids, word.token_positions)
+    rows = [p - 1 for p in word.token_positions]
+
+    def cam(attention, gradient):
+        return (attention * gradient).clamp(min=0).mean(dim=0)
+
+    def normalised(relevance):  # Chefer et al.'s R̄, written out; a row without relevance (the decoder is causal:
+        eye = torch.eye(relevance.shape[0])  # nothing after the word gets any) stays the identity's
+        rest = relevance - eye
+        return torch.nan_to_num(rest / rest.sum(dim=1, keepdim=True)) + eye
+
+    image = torch.eye(vision[0][0].shape[-1])
+    for attention, gradient in vision:
+        image = image + cam(attention, gradient) @ image
+    text = torch.eye(decoder_self[0][0].shape[-1])
+    text_image = torch.zeros(text.shape[0], image.shape[0])
+    for (a_self, g_self), (a_cross, g_cross) in zip(decoder_self, decoder_cross):
+        text_image = text_image + cam(a_self, g_self) @ text_image
+        text = text + cam(a_self, g_self) @ text
+        text_image = text_image + normalised(text).T @ cam(a_cross, g_cross) @ normalised(image)
+    expected = text_image[rows, 1:].sum(dim=0).reshape(8, 8).numpy()
+    assert np.abs(expected).max() > 1e-6
+    np.testing.assert_allclose(explanation.maps["relevancy"].raw, expected, rtol=1e-4, atol=1e-7)
+
+    legrad = sum(gradient.clamp(min=0).mean(dim=(0, 1))[1:] for _, gradient in vision).reshape(8, 8).numpy()
+    np.testing.assert_allclose(explanation.maps["legrad"].raw, legrad, rtol=1e-4, atol=1e-9)

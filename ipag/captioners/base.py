@@ -53,6 +53,18 @@ class Piece:
 
 
 @dataclass
+class Attentions:
+    """Every attention probability tensor of one forward, batch first and in the autograd graph (methods that
+    propagate relevance through all layers take gradients on them): the vision encoder's self-attention per
+    block (B, heads, N, N), and per decoder layer its self-attention (B, heads, T, T) and its cross-attention to
+    the image tokens (B, heads, T, N)."""
+
+    vision: list[torch.Tensor]
+    decoder_self: list[torch.Tensor]
+    decoder_cross: list[torch.Tensor]
+
+
+@dataclass
 class DecoderPass:
     """Everything one teacher-forced forward exposes to attribution, still attached to the autograd graph.
 
@@ -70,6 +82,8 @@ class DecoderPass:
     vision_output: torch.Tensor
     cross_attention: torch.Tensor | None
     grid: tuple[int, int]  #: (gh, gw) of `vision_grid(vision_output)`
+    vision_index: int = -1  #: which of `Captioner.vision_layers` made `vision_output` (non-negative)
+    attentions: Attentions | None = None  #: every layer's attention, when asked for
 
 
 class Captioner(ABC):
@@ -125,6 +139,17 @@ class Captioner(ABC):
                  cross_attention_layer: int | None) -> tuple:
         """Teacher-forced forward of a batch of images on one sequence (`token_ids` is (B, T)): (logits (B, T, V),
         that decoder layer's cross-attention probs (B, heads, T, 1+N) or (B, heads, T, N); None for no layer)."""
+
+    def _forward_with_attentions(self, pixel_values: torch.Tensor, token_ids: torch.Tensor) -> tuple:
+        """`_forward`, and every layer's attention probabilities (logits, `Attentions`). Captioners whose
+        attention all lives in explicit probability tensors implement it; the others cannot have the maps that
+        need it (see `exposes_attentions`)."""
+        raise NotImplementedError(f"The {self.name} captioner does not expose its attention probabilities.")
+
+    @property
+    def exposes_attentions(self) -> bool:
+        """Whether `_forward_with_attentions` is implemented (relevance propagation needs every attention map)."""
+        return type(self)._forward_with_attentions is not Captioner._forward_with_attentions
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:
@@ -236,17 +261,24 @@ class Captioner(ABC):
         return logprobs.gather(2, ids[:, 1:, None])[..., 0]
 
     def forward_for_attribution(self, pixel_values: torch.Tensor, token_ids: list[int], vision_layer: int,
-                                cross_attention_layer: int | None) -> DecoderPass:
-        """One forward whose pixel input, vision layer output and cross-attention keep their gradients.
-        `cross_attention_layer` None keeps no cross-attention; a captioner without any ignores it."""
-        block = self.vision_layers[self.resolve_layer(vision_layer, len(self.vision_layers), "Vision layer")]
+                                cross_attention_layer: int | None, attentions: bool = False) -> DecoderPass:
+        """One forward whose pixel input, vision layer output and cross-attention keep their gradients (and, with
+        `attentions`, every layer's attention probabilities). `cross_attention_layer` None keeps no
+        cross-attention; a captioner without any ignores it."""
+        index = self.resolve_layer(vision_layer, len(self.vision_layers), "Vision layer")
+        block = self.vision_layers[index]
         layer = None
         if cross_attention_layer is not None and self.num_decoder_layers:
             layer = self.resolve_layer(cross_attention_layer, self.num_decoder_layers, "Cross-attention layer")
         pixel_values = pixel_values.detach().clone().requires_grad_(True)
         ids = torch.tensor([token_ids], device=self.device).expand(pixel_values.shape[0], -1)
+        every = None
         with torch.enable_grad(), self.autocast(), _capture_output(block) as captured:
-            logits, attention = self._forward(pixel_values, ids, layer)
+            if attentions:
+                logits, every = self._forward_with_attentions(pixel_values, ids)
+                attention = None if layer is None else every.decoder_cross[layer]
+            else:
+                logits, attention = self._forward(pixel_values, ids, layer)
         output = captured[0]
         return DecoderPass(
             vision_layer=self.module_name(block),
@@ -256,6 +288,8 @@ class Captioner(ABC):
             vision_output=output,
             cross_attention=attention,
             grid=tuple(self.vision_grid(output).shape[-2:]),
+            vision_index=index,
+            attentions=every,
         )
 
 
@@ -276,6 +310,26 @@ def _capture_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
     handle = module.register_forward_hook(hook)
     try:
         yield captured
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def tracked_output(module: nn.Module) -> Iterator[None]:
+    """Make `module`'s output part of the autograd graph during the block (in this thread only). The text
+    embeddings of a decoder do not depend on the image, so nothing computed from them alone (the first decoder
+    layer's self-attention, say) would get a gradient; relevance propagation needs the target's gradient on
+    every attention map."""
+    owner = threading.get_ident()
+
+    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if threading.get_ident() != owner or output.requires_grad:
+            return None
+        return output.detach().requires_grad_(True)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
     finally:
         handle.remove()
 

@@ -14,7 +14,7 @@ from transformers import (
     BlipProcessor,
 )
 
-from .base import Captioner, Piece, is_punctuation
+from .base import Attentions, Captioner, Piece, is_punctuation, tracked_output
 
 #: Words for the tiny model's vocabulary: caption-like words, WordPiece continuations and punctuation, so
 #: that random captions exercise sub-word merging and punctuation handling like the real model's would.
@@ -103,6 +103,14 @@ class BlipCaptioner(Captioner):
             return_dict=True,
         )
         return out.logits, None if cross_attention_layer is None else out.cross_attentions[cross_attention_layer]
+
+    def _forward_with_attentions(self, pixel_values: torch.Tensor, token_ids: torch.Tensor) -> tuple:
+        vision = self.model.vision_model(pixel_values=pixel_values, output_attentions=True)
+        with tracked_output(self.model.text_decoder.bert.embeddings):
+            out = self.model.text_decoder(input_ids=token_ids, attention_mask=torch.ones_like(token_ids),
+                                          encoder_hidden_states=vision.last_hidden_state, output_attentions=True,
+                                          return_dict=True)
+        return out.logits, Attentions(list(vision.attentions), list(out.attentions), list(out.cross_attentions))
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids

@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from ..errors import ModelUnavailableError
-from .base import Captioner
+from .base import Attentions, Captioner, tracked_output
 from .gpt2 import END_OF_TEXT, Gpt2Words, tiny_tokenizer
 
 #: The encoder and decoder families this class knows how to hook (ViT blocks, GPT-2 cross-attention).
@@ -128,6 +128,18 @@ class VitGpt2Captioner(Gpt2Words, Captioner):
             return_dict=True,
         )
         return out.logits, None if cross_attention_layer is None else out.cross_attentions[cross_attention_layer]
+
+    def _forward_with_attentions(self, pixel_values: torch.Tensor, token_ids: torch.Tensor) -> tuple:
+        encoded = self.model.encoder(pixel_values=pixel_values, output_attentions=True)
+        if not encoded.attentions or encoded.attentions[0] is None:
+            raise NotImplementedError("This ViT encoder returns no attention probabilities: load it with "
+                                      "attn_implementation='eager'.")
+        with tracked_output(self.model.decoder.transformer.drop):  # after GPT-2's token + position embeddings
+            out = self.model(encoder_outputs=encoded, decoder_input_ids=token_ids,
+                             decoder_attention_mask=torch.ones_like(token_ids), output_attentions=True,
+                             return_dict=True)
+        return out.logits, Attentions(list(encoded.attentions), list(out.decoder_attentions),
+                                      list(out.cross_attentions))
 
     def start_ids(self) -> list[int]:
         return [self._start]

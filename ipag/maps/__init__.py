@@ -10,16 +10,18 @@ from .cross_attention import CrossAttentionMap
 from .gradcam import CAM_METHODS, GradCAMMap
 from .input_x_gradient import InputXGradientMap
 from .integrated_gradients import IntegratedGradientsMap
+from .legrad import LeGradMap
 from .occlusion import Occlusion
+from .relevancy import RelevancyMap
 from .saliency import SaliencyMap
 
 MAP_TYPES: tuple[type[MapType], ...] = (
-    GradCAMMap, SaliencyMap, InputXGradientMap, CrossAttentionMap, AttentionMap, ClipRelevanceMap, Occlusion,
-    IntegratedGradientsMap)
+    GradCAMMap, SaliencyMap, InputXGradientMap, CrossAttentionMap, AttentionMap, RelevancyMap, LeGradMap,
+    ClipRelevanceMap, Occlusion, IntegratedGradientsMap)
 
 #: The page's name for each map key.
 MAP_TITLES: dict[str, str] = {map_type.key: map_type.title for map_type in MAP_TYPES}
 
 __all__ = ["AttentionMap", "CAM_METHODS", "ClipRelevanceMap", "CrossAttentionMap", "GradCAMMap", "InputXGradientMap",
-           "IntegratedGradientsMap", "MAP_TITLES", "MAP_TYPES", "MapContext", "MapType", "Occlusion", "SaliencyMap",
-           "TargetGradients"]
+           "IntegratedGradientsMap", "LeGradMap", "MAP_TITLES", "MAP_TYPES", "MapContext", "MapType", "Occlusion",
+           "RelevancyMap", "SaliencyMap", "TargetGradients"]

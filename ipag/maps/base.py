@@ -58,6 +58,13 @@ class TargetGradients:
     vision_layer: str
     attention_layer: str | None
     pixels: np.ndarray | None = None
+    #: Every attention layer's (probabilities, gradient) as torch tensors (heads, queries, keys), by
+    #: ("vision" | "decoder_self" | "decoder_cross", layer); None unless a map type needs them.
+    attentions: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def layers(self, kind: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The (probabilities, gradient) pairs of one kind of attention, first layer first."""
+        return [self.attentions[key] for key in sorted(self.attentions) if key[0] == kind]
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -93,6 +100,7 @@ class MapType(ABC):
     title: ClassVar[str]  #: what the page calls it
     needs: ClassVar[Needs] = "tokens"
     needs_clip: ClassVar[bool] = False
+    needs_attentions: ClassVar[bool] = False  #: every layer's attention and its gradient (`TargetGradients`)
 
     @classmethod
     def from_settings(cls, settings: "Settings") -> "MapType | None":
