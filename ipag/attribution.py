@@ -130,14 +130,14 @@ class AttributionPass:
 
 def target_gradients(captioner: Captioner, pixel_values: torch.Tensor, token_ids: Sequence[int],
                      targets: Sequence[Target], vision_layer: int, attention_layer: int | None,
-                     smoothgrad_samples: int = 0,
-                     smoothgrad_noise: float = 0.15, seed: int = 0) -> Iterator[tuple[float, TargetGradients]]:
+                     smoothgrad_samples: int = 0, smoothgrad_noise: float = 0.15, seed: int = 0,
+                     attentions: bool = False) -> Iterator[tuple[float, TargetGradients]]:
     """(log-probability, complete gradients) for each target, sharing one forward pass (two with SmoothGrad),
     yielded as each target's backward pass finishes. Layer indices may be negative (Python-style); a captioner
-    without cross-attention ignores `attention_layer`."""
+    without cross-attention ignores `attention_layer`. `attentions`: every layer's attention gradient too."""
     if not targets:
         return
-    spec = PassSpec(vision_layer, attention_layer, smoothgrad_samples, smoothgrad_noise, seed)
+    spec = PassSpec(vision_layer, attention_layer, smoothgrad_samples, smoothgrad_noise, seed, attentions)
     attribution = AttributionPass(captioner, pixel_values, token_ids, spec)
     for target in targets:
         value, gradients, vision_grad = attribution.token_gradients(target)

@@ -39,6 +39,7 @@ from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
 
 from . import ui
 from .attribution import AttributionPass, Target, target_gradients
+from .maps import IntegratedGradientsMap, MapContext, Occlusion
 from .captioners import DecodeOptions
 from .captioners.blip import TINY_WORDS, BlipCaptioner
 from .device import resolve_device
@@ -85,7 +86,11 @@ METRICS = (
     Metric("free_query_s", "new typed query, image cached", "s"),
     Metric("seed_way_s", "one query the seed's way (no caches)", "s"),
     Metric("speedup_vs_seed", "seed's way / click", "×"),
-    Metric("explanation_s", "explanation forward+backward", "s"),
+    Metric("explanation_s", "explanation forward+backward (default maps)", "s"),
+    Metric("explanation_plain_s", "same without relevancy/LeGrad", "s"),
+    Metric("integrated_gradients_s", "integrated gradients, 16 steps (a word)", "s"),
+    Metric("occlusion_s", "occlusion sweep (every word of a caption)", "s"),
+    Metric("sanity_check_s", "live sanity check (a word)", "s"),
     Metric("explanation_gflop", "explanation FLOPs", "GFLOP"),
     Metric("matmul_peak_gflops", "matmul peak", "GFLOP/s"),
     Metric("flop_floor_s", "explanation FLOP floor", "s"),
@@ -234,7 +239,8 @@ def explanation_flops(explainer: Explainer, pixel_values: torch.Tensor, token_id
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _GlobalOnly()
     with counter:
-        list(target_gradients(explainer.captioner, pixel_values, token_ids, [target], -1, -1))
+        list(target_gradients(explainer.captioner, pixel_values, token_ids, [target], -1, -1,
+                              attentions=explainer.captioner.exposes_attentions))  # what a click computes
     return float(counter.get_total_flops())
 
 
@@ -343,7 +349,14 @@ def run_benchmark(runs: int = 3, device: str = "auto", tiny: bool = False, segme
             "click_s": lambda: click_counted(),
             "free_query_s": lambda: click(explainer, session, FREE_QUERIES[run], settings),
             "seed_way_s": lambda: seed_way(explainer, rgb, token_ids, word, settings),
-            "explanation_s": lambda: list(target_gradients(captioner, pixel_values, token_ids, [target], -1, -1)),
+            "explanation_s": lambda: list(target_gradients(captioner, pixel_values, token_ids, [target], -1, -1,
+                                                           attentions=captioner.exposes_attentions)),
+            "explanation_plain_s": lambda: list(target_gradients(captioner, pixel_values, token_ids, [target], -1, -1)),
+            "integrated_gradients_s": lambda: IntegratedGradientsMap(16).compute(MapContext(
+                rgb.size, captioner=captioner, pixel_values=pixel_values, token_ids=tuple(token_ids), target=target,
+                image=rgb)),
+            "occlusion_s": lambda: Occlusion().sweep(captioner, pixel_values, token_ids),
+            "sanity_check_s": lambda: explainer.sanity_check(rgb, click(explainer, session, word, settings).explanation),
         }
         results = {}
         for key, step in steps.items():  # in this order: the click must follow the precompute
