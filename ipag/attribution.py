@@ -71,6 +71,8 @@ class AttributionPass:
         self.clean = captioner.forward_for_attribution(pixel_values, self.token_ids, spec.vision_layer,
                                                        spec.attention_layer, spec.attentions)
         self.noisy: DecoderPass | None = None
+        #: Each target's first step, kept for its second (see `first_step`).
+        self._first: dict[Target, tuple[float, TargetGradients, torch.Tensor]] = {}
         if spec.smoothgrad_samples:
             generator = torch.Generator(device="cpu").manual_seed(spec.seed)
             spread = float(pixel_values.max() - pixel_values.min()) * spec.smoothgrad_noise
@@ -78,6 +80,13 @@ class AttributionPass:
             noisy_pixels = pixel_values + noise.to(pixel_values.device, pixel_values.dtype)
             self.noisy = captioner.forward_for_attribution(noisy_pixels, self.token_ids, spec.vision_layer,
                                                            spec.attention_layer)
+
+    def first_step(self, target: Target) -> tuple[float, TargetGradients, torch.Tensor]:
+        """`token_gradients`, computed once per target while the pass lives (the explainer runs the two steps of
+        a word as separate tasks)."""
+        if target not in self._first:
+            self._first[target] = self.token_gradients(target)
+        return self._first[target]
 
     def token_gradients(self, target: Target) -> tuple[float, TargetGradients, torch.Tensor]:
         """Step 1: (log-probability, gradients without pixels, ∂target/∂vision output for step 2)."""

@@ -464,7 +464,8 @@ class _Word:
     def stages(self) -> list[_Stage]:
         """In the order a user wants them: the maps of the backward pass (the token maps, then saliency), the
         region, the maps with passes of their own, the trust numbers. Names say what is still coming."""
-        stages = [_Stage("saliency", self._maps_keys(), self._gradient_maps)]
+        token_key, pixel_key = self._maps_keys()
+        stages = [_Stage("first maps", (token_key,), self._token_maps), _Stage("saliency", (pixel_key,), self._pixel_maps)]
         if self.grounded:
             stages.append(_Stage("region", (self._region_key(),), self._region))
         if self.map_types["own"]:
@@ -485,15 +486,23 @@ class _Word:
                           memo=lambda key, compute: explainer.cache.get_or_compute(self.image, (explainer._id, key),
                                                                                    compute), **values)
 
-    def _gradient_maps(self, publish: Publish) -> None:
-        token_key, pixel_key = self._maps_keys()
+    def _token_maps(self, publish: Publish) -> None:
+        """The maps of the first step of the word's backward pass (through the decoder to the vision layer)."""
         attribution = self.explainer._attribution(self.rgb, self.image, self.item.token_ids, self.spec)
-        logprob, gradients, vision_grad = attribution.token_gradients(self.item.target)
-        publish(token_key, _Maps(logprob, *_attribute(self.map_types["tokens"], self._context(gradients=gradients))))
+        logprob, gradients, _ = attribution.first_step(self.item.target)
+        publish(self._maps_keys()[0], _Maps(logprob, *_attribute(self.map_types["tokens"],
+                                                                 self._context(gradients=gradients))))
+
+    def _pixel_maps(self, publish: Publish) -> None:
+        """The maps of the second step (on through the vision encoder to the pixels). A task of its own, so that a
+        click can go between a word's first maps and its saliency: the first step's results wait in the kept
+        forward pass."""
+        attribution = self.explainer._attribution(self.rgb, self.image, self.item.token_ids, self.spec)
+        logprob, gradients, vision_grad = attribution.first_step(self.item.target)
         if self.map_types["pixels"]:
             gradients = attribution.pixel_gradients(self.item.target, gradients, vision_grad)
         context = self._context(gradients=gradients, pixel_values=attribution.clean.pixel_values.detach())
-        publish(pixel_key, _Maps(logprob, *_attribute(self.map_types["pixels"], context)))
+        publish(self._maps_keys()[1], _Maps(logprob, *_attribute(self.map_types["pixels"], context)))
 
     def _own_maps(self, publish: Publish) -> None:
         pixel_values = self.explainer.captioner.preprocess(self.rgb)
@@ -510,7 +519,7 @@ class _Word:
                 lambda: grounder.prepare(self.rgb, explainer.segmenter(segmenter).segment(self.rgb)))
             cam = None
             if settings.fusion_weight:
-                gradcam = explainer.scheduler.result(self._maps_keys()[0], self._gradient_maps).maps.get("gradcam")
+                gradcam = explainer.scheduler.result(self._maps_keys()[0], self._token_maps).maps.get("gradcam")
                 cam = gradcam.at(prepared.pixels.shape[1::-1]) if gradcam is not None else None
             result = _Region(grounder.ground(prepared, self.item.text, cam=cam), prepared.segmenter, [])
         except Exception as err:  # noqa: BLE001 — the maps are still worth showing without a region
