@@ -42,10 +42,10 @@ LOCAL = "local"
 PACKAGE = Path(__file__).resolve().parent
 INSTALL_HINT = ("--ray needs Ray Data, which is not installed. Install it with: "
                 ".venv/bin/pip install -r requirements-ray.txt")
-#: CPU threads (and Ray CPUs) per actor on a cluster without GPUs. Measured on 2 cores with the CLI: two
-#: one-thread actors explain ~X× faster than one two-thread actor (see README, "Scale out"), because a
-#: backward pass through a small model does not keep two intra-op threads busy, while two processes never wait
-#: for each other.
+#: CPU threads (and Ray CPUs) per actor on a cluster without GPUs. Measured on 2 cores (README, "Scale out"):
+#: two one-thread actors explain ~1.5× as many images an hour as one two-thread actor, because one image's
+#: work is mostly small operations that two intra-op threads cannot share well, while two processes never
+#: wait for each other. It costs one copy of the models per core.
 CPUS_PER_ACTOR = 1
 
 

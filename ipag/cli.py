@@ -7,7 +7,8 @@
 
 Every command takes the playground's model options (--tiny, --captioner, --clip, --segmenter, --device, …).
 Exit status: 0 when everything was done; 1 when some inputs failed (each is reported, the others are done);
-2 when a model or a metric cannot be loaded, or the arguments are wrong; 130 when interrupted (Ctrl-C).
+2 when a model or a metric cannot be loaded, `--ray` finds no Ray, or the arguments are wrong; 130 when
+interrupted (Ctrl-C).
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ def test_an_input_after_ray_is_not_taken_for_its_address(photos, tmp_path, capsy
 
 
 @pytest.mark.parametrize("resources, items, expected", [
-    ({"CPU": 2.0}, 10, (2, {"num_cpus": batch.CPUS_PER_ACTOR}, batch.CPUS_PER_ACTOR)),
+    ({"CPU": 2.0}, 10, (2 // batch.CPUS_PER_ACTOR, {"num_cpus": batch.CPUS_PER_ACTOR}, batch.CPUS_PER_ACTOR)),
     ({"CPU": 16.0}, 3, (3, {"num_cpus": batch.CPUS_PER_ACTOR}, batch.CPUS_PER_ACTOR)),  # no idle actors
     ({"CPU": 64.0, "GPU": 4.0}, 100, (4, {"num_gpus": 1}, None)),  # one actor per GPU
 ])
