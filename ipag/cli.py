@@ -178,9 +178,10 @@ def run_explain(args: argparse.Namespace) -> int:
     images = _input_images(args.inputs)
     records = run_items(partial(explain_worker, args, output_names(images)), images, args.ray, "Explaining", "image")
     done = Counter(record.get("status") for record in records)
+    failed = [record for record in records if "error" in record]
     print(f"{done['explained']} image(s) explained, {done['skipped']} already finished (skipped), "
-          f"{done[None]} failed; results in {args.out}")
-    return _report_failures([record for record in records if "error" in record])
+          f"{len(failed)} failed; results in {args.out}")
+    return _report_failures(failed)
 
 
 def explain_worker(args: argparse.Namespace, names: dict[Path, str]) -> Worker:
