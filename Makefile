@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine (see README):
 #   make play   — create/update .venv from requirements.txt and run the playground (ARGS="--tiny" etc.)
-#   make test   — create/update .venv with the test dependencies, install Chromium, run the test suite
+#   make test   — create/update .venv with the test dependencies and Ray, install Chromium, run the test suite
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -15,8 +15,8 @@ $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
-	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt requirements-ray.txt
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt -r requirements-ray.txt
 	touch $@
 
 # Browser tests drive Debian's Chromium through Playwright (browsers cannot be downloaded by Playwright here).

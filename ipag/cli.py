@@ -3,31 +3,36 @@
     python -m ipag explain photos/ more.jpg --words all --out explained/
     python -m ipag evaluate-captions --images Flickr8k/Images --captions Flickr8k/captions.txt --out captions.json
     python -m ipag evaluate-faithfulness photos/ --out faithfulness.json
+    python -m ipag explain photos/ --out explained/ --ray          # the same on Ray: local, or `--ray auto`
 
 Every command takes the playground's model options (--tiny, --captioner, --clip, --segmenter, --device, …).
 Exit status: 0 when everything was done; 1 when some inputs failed (each is reported, the others are done);
-2 when a model or a metric cannot be loaded, or the arguments are wrong; 130 when interrupted (Ctrl-C).
+2 when a model or a metric cannot be loaded, `--ray` finds no Ray, or the arguments are wrong; 130 when
+interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
+import uuid
+from collections import Counter
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from PIL import Image
 
+from .batch import LOCAL, RayUnavailableError, Record, Worker, run_items
 from .cache import DEFAULT_CACHE_MB, image_key
 from .captioners import KNOWN_CAPTIONERS
 from .errors import ModelUnavailableError, QueryError
 from .evaluation.captions import COCO_METRICS, MetricUnavailableError, evaluate_captions, require_java
-from .evaluation.faithfulness import METRICS, ROAD_PERCENTILES, evaluate_faithfulness
+from .evaluation.faithfulness import METRICS, ROAD_PERCENTILES, faithfulness_result, image_faithfulness
 from .evaluation.inputs import (
     DatasetError,
     collect_images,
@@ -84,6 +89,13 @@ def add_explanation_arguments(parser: argparse.ArgumentParser) -> None:
                        help="add the occlusion map (Δlog p of the word when each patch is hidden; slower)")
 
 
+def add_ray_argument(parser: argparse.ArgumentParser) -> None:
+    """`--ray [ADDRESS]`: the same work as a Ray Data job (see `ipag.batch`)."""
+    parser.add_argument("--ray", nargs="?", const=LOCAL, type=_ray_address, metavar="ADDRESS",
+                        help="run on Ray Data, models loaded once per actor: a local Ray without ADDRESS, or join a "
+                        "cluster ('auto', ray://HOST:10001); needs `pip install -r requirements-ray.txt`")
+
+
 def load_explainer(args: argparse.Namespace) -> Explainer:
     """The explainer the options describe (raises `ModelUnavailableError` with the fix in its message)."""
     if args.tiny:
@@ -137,6 +149,15 @@ def _percentiles(spec: str) -> tuple[int, ...]:
     return values
 
 
+def _ray_address(text: str) -> str:
+    """`--ray ADDRESS`: "auto", "ray://HOST:PORT" or "HOST:PORT". Anything else is refused, so that an input path
+    written right after `--ray` is not mistaken for an address."""
+    if text in (LOCAL, "auto") or re.fullmatch(r"(ray://)?[\w.-]+:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, ray://HOST:PORT or HOST:PORT, got {text!r} (to start a local "
+                                     "Ray, give --ray without an address after the input paths)")
+
+
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
@@ -150,7 +171,7 @@ def _input_images(paths: list[str]) -> list[Path]:
         print(f"note: ignoring {len(ignored)} file(s) without an image suffix: {names}", file=sys.stderr)
     if not images:
         raise DatasetError(f"No images found in {' '.join(paths)}.")
-    return images
+    return [path.absolute() for path in images]  # Ray workers do not share our working directory
 
 
 # --- explain ---------------------------------------------------------------------------------------------------
@@ -158,42 +179,45 @@ def _input_images(paths: list[str]) -> list[Path]:
 def run_explain(args: argparse.Namespace) -> int:
     """Explain every image's words into `--out`: one folder per image, one sub-folder per word."""
     images = _input_images(args.inputs)
+    records = run_items(partial(explain_worker, args, output_names(images)), images, args.ray, "Explaining", "image")
+    done = Counter(record.get("status") for record in records)
+    failed = [record for record in records if "error" in record]
+    print(f"{done['explained']} image(s) explained, {done['skipped']} already finished (skipped), "
+          f"{len(failed)} failed; results in {args.out}")
+    return _report_failures(failed)
+
+
+def explain_worker(args: argparse.Namespace, names: dict[Path, str]) -> Worker:
+    """Load the models, then explain image by image into `--out` (once here, or once per Ray actor)."""
     explainer = load_explainer(args)
     settings = settings_of(args)
     record = model_settings(explainer, settings) | {"words": "all" if args.words is None else list(args.words)}
-    names = output_names(images)
-    done = skipped = 0
-    failed: list[tuple[Path, str]] = []
-    for path in tqdm(images, desc="Explaining", unit="image"):
-        try:
-            if explain_image(explainer, path, args.out / names[path], record, settings, args.words):
-                done += 1
-            else:
-                skipped += 1
-        except (ImageError, QueryError, FileExistsError) as err:
-            failed.append((path, str(err)))
-            tqdm.write(f"error: {path}: {err}", file=sys.stderr)
-    print(f"{done} image(s) explained, {skipped} already finished (skipped), {len(failed)} failed; "
-          f"results in {args.out}")
-    for path, message in failed:
-        print(f"  failed: {path}: {message}", file=sys.stderr)
-    return 1 if failed else 0
+
+    def explain(index: int, path: Path) -> Record:
+        return explain_image(explainer, path, args.out / names[path], record, settings, args.words)
+
+    return explain
 
 
 def explain_image(explainer: Explainer, path: Path, folder: Path, record: dict[str, Any], settings: Settings,
-                  words: Sequence[str] | None) -> bool:
-    """Explain one image's words into `folder`, unless they are finished there already (then False)."""
-    rgb = load_image(path)
-    key = image_key(rgb)
-    if finished(folder, record, key):
-        return False
-    if folder.exists() and not (folder / INDEX).is_file():
-        raise FileExistsError(f"{folder} exists and was not written by `ipag explain`; choose another --out.")
-    caption = explainer.caption(rgb, settings)
-    explanations = explainer.explain_many(rgb, select_queries(caption, words), caption, settings)
+                  words: Sequence[str] | None) -> Record:
+    """Explain one image's words into `folder`, unless they are finished there already. Returns the image's
+    status ("explained" or "skipped"), or the error that stopped it (an unreadable image, a bad query, a folder
+    that is not ours)."""
+    try:
+        rgb = load_image(path)
+        key = image_key(rgb)
+        if finished(folder, record, key):
+            return {"image": str(path), "status": "skipped"}
+        if folder.exists() and not (folder / INDEX).is_file():
+            raise FileExistsError(f"{folder} exists and was not written by `ipag explain`; choose another --out.")
+        caption = explainer.caption(rgb, settings)
+        explanations = explainer.explain_many(rgb, select_queries(caption, words), caption, settings)
+    except (ImageError, QueryError, FileExistsError) as err:
+        return {"image": str(path), "error": str(err)}
     write_image(folder, {"image": str(path), "image_key": key, "settings": record}, rgb, caption, explanations,
                 settings)
-    return True
+    return {"image": str(path), "status": "explained"}
 
 
 def finished(folder: Path, record: dict[str, Any], key: str) -> bool:
@@ -208,9 +232,13 @@ def finished(folder: Path, record: dict[str, Any], key: str) -> bool:
 
 def write_image(folder: Path, header: dict[str, Any], image: Image.Image, caption: Caption,
                 explanations: list[Explanation], settings: Settings) -> None:
-    """Write one image's results into a temporary sibling folder, then swap it in for `folder`."""
-    partial = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    """Write one image's results into a scratch folder of this attempt's own, then swap it in for `folder`.
+
+    Scratch folders live in `.NAME.partial/`, one per attempt, so an attempt retried after its process died
+    never writes into the dead one's files; once the result is in place, the whole `.NAME.partial/` goes, with
+    whatever attempts that died left there."""
+    scratch = folder.with_name(f".{folder.name}.partial")
+    partial = scratch / uuid.uuid4().hex
     partial.mkdir(parents=True)
     entries = []
     for explanation in explanations:
@@ -218,8 +246,16 @@ def write_image(folder: Path, header: dict[str, Any], image: Image.Image, captio
         write_files(partial / name, export_files(image, explanation, settings, include_image=False))
         entries.append({"folder": name, **_word_summary(explanation)})
     _write_json(partial / INDEX, header | {"caption": caption.to_dict(), "explanations": entries})
-    if folder.exists():  # an earlier result for other settings (the caller refuses folders that are not ours)
-        shutil.rmtree(folder)
+    swap_in(partial, folder)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def swap_in(partial: Path, folder: Path) -> None:
+    """Put the complete folder `partial` in `folder`'s place, moving an earlier result (for other settings) aside
+    into `partial`'s scratch folder. Each step is one rename, so `folder` is at every moment the earlier complete
+    result, absent, or the new complete one: never half of one, even if the process dies between the steps."""
+    if folder.exists():
+        folder.rename(partial.with_name(f"old-{partial.name}"))
     partial.rename(folder)
 
 
@@ -277,14 +313,25 @@ def caption_table(result: dict[str, Any]) -> str:
 
 def run_evaluate_faithfulness(args: argparse.Namespace) -> int:
     images = _input_images(args.inputs)[: args.limit]
-    explainer = load_explainer(args)
-    settings = settings_of(args)
-    result = evaluate_faithfulness(explainer, images, args.words, settings, args.steps, args.road_percentiles,
-                                   args.batch_size, args.seed)
-    result["settings"] = model_settings(explainer, settings) | {
-        "steps": args.steps, "road_percentiles": list(args.road_percentiles), "seed": args.seed}
+    records = run_items(partial(faithfulness_worker, args), images, args.ray, "Faithfulness", "image")
+    result = faithfulness_result(records) | {"settings": records[0]["settings"]}
     print(faithfulness_table(result))
     return _finish(args, result)
+
+
+def faithfulness_worker(args: argparse.Namespace) -> Worker:
+    """Load the models, then score image by image (once here, or once per Ray actor). Each record carries the
+    settings it was computed with, since on Ray only the workers have the models that describe them."""
+    explainer = load_explainer(args)
+    settings = settings_of(args)
+    record = model_settings(explainer, settings) | {
+        "steps": args.steps, "road_percentiles": list(args.road_percentiles), "seed": args.seed}
+
+    def score(index: int, path: Path) -> Record:
+        return image_faithfulness(explainer, path, index, args.words, settings, args.steps, args.road_percentiles,
+                                  args.batch_size, args.seed) | {"settings": record}
+
+    return score
 
 
 def faithfulness_table(result: dict[str, Any]) -> str:
@@ -302,9 +349,14 @@ def _finish(args: argparse.Namespace, result: dict[str, Any]) -> int:
     if args.out:
         _write_json(args.out, result)
         print(f"Results written to {args.out}")
-    for failure in result["failed"]:
+    return _report_failures(result["failed"])
+
+
+def _report_failures(failed: list[dict[str, str]]) -> int:
+    """List the inputs that failed (`{"image", "error"}` each) and give the exit status: 1 if any did."""
+    for failure in failed:
         print(f"  failed: {failure['image']}: {failure['error']}", file=sys.stderr)
-    return 1 if result["failed"] else 0
+    return 1 if failed else 0
 
 
 # --- entry point -----------------------------------------------------------------------------------------------
@@ -316,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = commands.add_parser("explain", help="write overlays and JSON for every word of every image")
     explain.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
-    explain.add_argument("--out", type=Path, required=True, help="output folder (a re-run skips finished images)")
+    explain.add_argument("--out", type=lambda text: Path(text).absolute(), required=True,
+                         help="output folder (a re-run skips finished images)")
     explain.add_argument("--words", type=_words, default=None, help="'all' (default) or a comma-separated list")
     explain.set_defaults(run=run_explain)
 
@@ -343,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (explain, captions, faithful):
         add_model_arguments(command)
         add_explanation_arguments(command)
+    for command in (explain, faithful):
+        add_ray_argument(command)
     return parser
 
 
@@ -355,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     try:
         return args.run(args)
-    except (ModelUnavailableError, MetricUnavailableError, DatasetError) as err:
+    except (ModelUnavailableError, MetricUnavailableError, DatasetError, RayUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what was finished is kept; an image half written never looks finished

@@ -8,11 +8,11 @@
 
 from .bias import gender_bias, gender_of, reference_gender
 from .captions import MetricUnavailableError, clip_score, clip_text_similarity, coco_metrics, evaluate_captions
-from .faithfulness import WordTarget, evaluate_faithfulness, word_faithfulness
+from .faithfulness import WordTarget, evaluate_faithfulness, faithfulness_result, image_faithfulness, word_faithfulness
 from .inputs import DatasetError, collect_images, match_images, read_references
 
 __all__ = [
     "DatasetError", "MetricUnavailableError", "WordTarget", "clip_score", "clip_text_similarity", "coco_metrics",
-    "collect_images", "evaluate_captions", "evaluate_faithfulness", "gender_bias", "gender_of", "match_images",
-    "read_references", "reference_gender", "word_faithfulness",
+    "collect_images", "evaluate_captions", "evaluate_faithfulness", "faithfulness_result", "gender_bias", "gender_of",
+    "image_faithfulness", "match_images", "read_references", "reference_gender", "word_faithfulness",
 ]

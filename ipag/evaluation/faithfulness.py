@@ -17,7 +17,6 @@ explain.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -133,38 +132,58 @@ def evaluate_faithfulness(explainer: Explainer, images: Sequence[Path], words: S
                           seed: int = 0) -> dict[str, Any]:
     """Explain the caption words of every image and score each map type (plus a random map) on them; also the
     improved-XIC hit rate: how often the captioner, shown only the grounded region, still says the word.
-    Images that cannot be read or explained are reported under "failed" and left out."""
+    Images that cannot be read or explained are reported under "failed" and left out.
+
+    In this process; `python -m ipag evaluate-faithfulness --ray` computes the same `image_faithfulness` records
+    on Ray workers and aggregates them with the same `faithfulness_result`."""
+    return faithfulness_result([
+        image_faithfulness(explainer, path, index, words, settings, steps, road_percentiles, batch_size, seed)
+        for index, path in enumerate(tqdm(images, desc="Faithfulness", unit="image"))])
+
+
+def image_faithfulness(explainer: Explainer, path: Path, index: int, words: Sequence[str] | None = None,
+                       settings: Settings = DEFAULTS, steps: int = 20,
+                       road_percentiles: Sequence[int] = ROAD_PERCENTILES, batch_size: int = 32,
+                       seed: int = 0) -> dict[str, Any]:
+    """One image's part of `evaluate_faithfulness`: {"image", "words": its words' records, "notes"}, or
+    {"image", "error"} when it cannot be read or explained. Its random map is seeded by (`seed`, `index`, the
+    image's position in the set), so the record is the same whichever process computes it, in whatever order."""
+    try:
+        rgb = load_image(path)
+        caption = explainer.caption(rgb, settings)
+        explanations = explainer.explain_many(rgb, select_queries(caption, words), caption, settings)
+    except (ImageError, QueryError) as err:
+        return {"image": str(path), "error": str(err)}
+    pixels = explainer.captioner.preprocess(rgb)
+    baseline = explainer.captioner.preprocess(Image.fromarray(backdrop(rgb, "blur")))
+    size = (pixels.shape[-1], pixels.shape[-2])
+    rng = np.random.default_rng([seed, index])
     records: list[dict[str, Any]] = []
-    failed: list[dict[str, str]] = []
     notes: list[str] = []
-    for index, path in enumerate(tqdm(images, desc="Faithfulness", unit="image")):
-        try:
-            rgb = load_image(path)
-            caption = explainer.caption(rgb, settings)
-            explanations = explainer.explain_many(rgb, select_queries(caption, words), caption, settings)
-        except (ImageError, QueryError) as err:
-            failed.append({"image": str(path), "error": str(err)})
-            tqdm.write(f"skipped {path}: {err}", file=sys.stderr)
+    for explanation in explanations:
+        if not explanation.in_caption:
+            notes.append(f"{path.name}: '{explanation.query}' is not in the caption, skipped.")
             continue
-        pixels = explainer.captioner.preprocess(rgb)
-        baseline = explainer.captioner.preprocess(Image.fromarray(backdrop(rgb, "blur")))
-        size = (pixels.shape[-1], pixels.shape[-2])
-        rng = np.random.default_rng([seed, index])
-        for explanation in explanations:
-            if not explanation.in_caption:
-                notes.append(f"{path.name}: '{explanation.query}' is not in the caption, skipped.")
-                continue
-            maps = {key: heatmap.at(size) for key, heatmap in explanation.maps.items()}
-            maps["random"] = rng.random(size[::-1])
-            target = WordTarget(explainer.captioner, caption.token_ids, explanation.token_positions, batch_size)
-            check = explanation.verification
-            records.append({
-                "image": str(path), "caption": caption.text, "word": " ".join(w.text for w in explanation.words),
-                "word_index": explanation.words[0].index, "word_logprob": explanation.word_logprob,
-                "region_says_word": check.region_says_word if check else None,
-                "maps": word_faithfulness(target, pixels, baseline, maps, steps, road_percentiles, seed),
-            })
-    return {"summary": summarize_faithfulness(records), "words": records, "failed": failed, "notes": notes}
+        maps = {key: heatmap.at(size) for key, heatmap in explanation.maps.items()}
+        maps["random"] = rng.random(size[::-1])
+        target = WordTarget(explainer.captioner, caption.token_ids, explanation.token_positions, batch_size)
+        check = explanation.verification
+        records.append({
+            "image": str(path), "caption": caption.text, "word": " ".join(w.text for w in explanation.words),
+            "word_index": explanation.words[0].index, "word_logprob": explanation.word_logprob,
+            "region_says_word": check.region_says_word if check else None,
+            "maps": word_faithfulness(target, pixels, baseline, maps, steps, road_percentiles, seed),
+        })
+    return {"image": str(path), "words": records, "notes": notes}
+
+
+def faithfulness_result(images: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The set's result from its images' records (`image_faithfulness`, in image order): every word's record,
+    the summary over them, the images that failed and the notes."""
+    words = [word for image in images for word in image.get("words", ())]
+    return {"summary": summarize_faithfulness(words), "words": words,
+            "failed": [{"image": image["image"], "error": image["error"]} for image in images if "error" in image],
+            "notes": [note for image in images for note in image.get("notes", ())]}
 
 
 def summarize_faithfulness(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
