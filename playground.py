@@ -1,6 +1,7 @@
 """IPAG playground: upload a photo, click a caption word, see why the captioner said it.
 
-    python playground.py --tiny          # tiny random models, offline, for trying the UI
+    python playground.py --synthetic     # small models trained on generated scenes (shipped): offline, with truth
+    python playground.py --tiny          # tiny random models, offline, for testing the plumbing
     python playground.py                 # BLIP-base + CLIP ViT-B/32 (downloaded once, then cached)
 
 This file only lays out the page and wires components to the plain functions of `ipag.ui`; every setting's
@@ -14,6 +15,7 @@ from abc import ABCMeta
 import functools
 import html
 import inspect
+import tempfile
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,13 +27,17 @@ from gradio import FileData
 from ipag import Explainer, Explainers, ModelUnavailableError
 from ipag import ui
 from ipag.captioners import KNOWN_CAPTIONERS, load_captioner, tiny_captioner
-from ipag.cli import add_model_arguments, load_explainer
+from ipag.cli import add_model_arguments, captioner_name, load_explainer
 from ipag.maps import CAM_METHODS, CrossAttentionMap
 from ipag.render import COLORMAPS
 from ipag.segmenters import available_segmenters
 from ipag.settings import DEFAULTS, SALIENCY_METHODS, Settings
+from ipag.synthetic.scenes import example_files
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "examples").glob("*.jpg"))
+EXAMPLES_LABEL = "Examples (public domain / CC0, see examples/)"
+#: Where `--synthetic` writes its example scenes (generated at start-up, deterministic).
+SCENES = Path(tempfile.gettempdir()) / "ipag-scenes"
 INTRO = """# IPAG playground — why did the captioner say that?
 Upload a photo (or use the webcam, paste one, or pick an example). BLIP captions it; **click any caption word**
 (or type one) to see the image region CLIP matches to it, the Grad-CAM and saliency of BLIP's own
@@ -88,6 +94,7 @@ class Page:
 
     explainers: Explainers
     names: list[str]  #: captioners the page offers
+    gallery: tuple[list[str], str]  #: the example files and their label
     settings: dict[str, gr.components.Component] = field(default_factory=dict)  #: Settings field → its widget
     parts: dict[str, Any] = field(default_factory=dict)
 
@@ -114,13 +121,15 @@ class Page:
                 rendered.status, rendered.details, gr.update(visible=False))  # a sanity check was for the last word
 
 
-def build_app(explainers: Explainers | Explainer) -> gr.Blocks:
-    """The page. Every handler is a thin adapter from components to `ipag.ui` and back."""
+def build_app(explainers: Explainers | Explainer,
+              examples: tuple[list[str], str] = (EXAMPLES, EXAMPLES_LABEL)) -> gr.Blocks:
+    """The page. Every handler is a thin adapter from components to `ipag.ui` and back. `examples`: the
+    gallery's files and its label."""
     if isinstance(explainers, Explainer):
         explainers = Explainers(explainers, "default", lambda name: explainers.captioner)
     names = list(dict.fromkeys([explainers.default, *KNOWN_CAPTIONERS])) if explainers.default in KNOWN_CAPTIONERS \
         else [explainers.default]
-    page = Page(explainers, names)
+    page = Page(explainers, names, examples)
     with gr.Blocks(title="IPAG playground") as demo:
         page.parts["session"] = gr.State(ui.Session())
         gr.Markdown(INTRO)
@@ -142,8 +151,7 @@ def _image_panel(page: Page) -> None:
     # type="filepath": our loader decodes the upload, with its size checks (decompression bombs).
     page.parts["image"] = ImageInput(type="filepath", sources=["upload", "webcam", "clipboard"], label="Image",
                                      height=280, elem_id="image")
-    page.parts["examples"] = gr.Examples(EXAMPLES, inputs=page.image, label="Examples (public domain / CC0, see "
-                                         "examples/)")
+    page.parts["examples"] = gr.Examples(page.gallery[0], inputs=page.image, label=page.gallery[1])
     with gr.Accordion("Captioner and decoding", open=False):
         page.parts["captioner"] = gr.Dropdown(page.names, value=page.explainers.default, label="Captioner",
                                               elem_id="captioner")
@@ -411,8 +419,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {err}") from err
     device = explainer.captioner.device
     load = (lambda name: tiny_captioner(name, 0, device)) if args.tiny else (lambda name: load_captioner(name, device))
-    demo = build_app(Explainers(explainer, args.captioner, load))
-    threading.Thread(target=ui.warm_examples, args=(explainer, EXAMPLES), daemon=True).start()
+    examples = (EXAMPLES, EXAMPLES_LABEL)
+    if args.synthetic:
+        examples = (example_files(SCENES), "Generated scenes (held out from training: their ground truth is shown)")
+    demo = build_app(Explainers(explainer, captioner_name(args), load), examples)
+    threading.Thread(target=ui.warm_examples, args=(explainer, examples[0]), daemon=True).start()
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,

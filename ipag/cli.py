@@ -4,8 +4,10 @@
     python -m ipag evaluate-captions --images Flickr8k/Images --captions Flickr8k/captions.txt --out captions.json
     python -m ipag evaluate-faithfulness photos/ --out faithfulness.json
     python -m ipag explain photos/ --out explained/ --ray          # the same on Ray: local, or `--ray auto`
+    python -m ipag evaluate-groundtruth --scenes 500 --out groundtruth.json --plot groundtruth.png
+    python -m ipag train-synthetic --out models/                   # retrain the shipped synthetic models
 
-Every command takes the playground's model options (--tiny, --captioner, --clip, --segmenter, --device, …).
+Every command takes the playground's model options (--synthetic, --tiny, --captioner, --clip, --segmenter, …).
 Exit status: 0 when everything was done; 1 when some inputs failed (each is reported, the others are done);
 2 when a model or a metric cannot be loaded, `--ray` finds no Ray, or the arguments are wrong; 130 when
 interrupted (Ctrl-C).
@@ -18,9 +20,11 @@ import json
 import re
 import shutil
 import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ from .captioners import KNOWN_CAPTIONERS
 from .errors import ModelUnavailableError, QueryError
 from .evaluation.captions import COCO_METRICS, MetricUnavailableError, evaluate_captions, require_java
 from .evaluation.faithfulness import METRICS, ROAD_PERCENTILES, faithfulness_result, image_faithfulness
+from .evaluation.groundtruth import EVALUATED, groundtruth_result, groundtruth_table, plot, scene_record
 from .evaluation.inputs import (
     DatasetError,
     collect_images,
@@ -49,10 +54,14 @@ from .images import ImageError, load_image
 from .maps import CAM_METHODS
 from .results import Caption, Explanation
 from .settings import DEFAULTS, Settings
+from .synthetic.models import SCENE_SUPERPIXELS
+from .synthetic.train import CAPTIONER_STEPS, CLIP_STEPS
 
 #: The file that marks an image as finished. It is written last, inside a temporary folder that is renamed into
 #: place only when complete, so an interrupted run never leaves a folder that looks finished.
 INDEX = "image.json"
+#: The captioner when none is named (a friendly name of `KNOWN_CAPTIONERS`).
+DEFAULT_CAPTIONER = "blip-base"
 #: The exit status after Ctrl-C (128 + SIGINT, as shells report it).
 INTERRUPTED = 130
 
@@ -63,10 +72,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model options shared by the playground and the CLI (--segmenter defaults to the models' own:
     "auto" for real models, superpixels for --tiny)."""
     group = parser.add_argument_group("models")
-    group.add_argument("--tiny", action="store_true", help="tiny random models: offline, for trying things out")
-    group.add_argument("--captioner", default="blip-base",
+    group.add_argument("--synthetic", nargs="?", const=True, default=None, metavar="FOLDER",
+                       help="the small models trained on generated scenes: the ones shipped in models/, or those "
+                       "`train-synthetic` wrote to FOLDER (offline; captions that mean something)")
+    group.add_argument("--tiny", action="store_true", help="tiny random models: offline, for testing the plumbing")
+    group.add_argument("--captioner", default=None,
                        help=f"{', '.join(KNOWN_CAPTIONERS)}, a hub id or local folder of a BLIP or ViT-GPT2 "
-                       "captioner, or a ClipCap checkpoint file (.pt/.safetensors, see the README)")
+                       "captioner, or a ClipCap checkpoint file (.pt/.safetensors, see the README); default {DEFAULT_CAPTIONER}")
     group.add_argument("--clip", default="ViT-B-32/openai",
                        help="open_clip 'architecture/pretrained' (tag or checkpoint path); 'none' disables grounding")
     group.add_argument("--segmenter", default=None,
@@ -98,12 +110,20 @@ def add_ray_argument(parser: argparse.ArgumentParser) -> None:
 
 def load_explainer(args: argparse.Namespace) -> Explainer:
     """The explainer the options describe (raises `ModelUnavailableError` with the fix in its message)."""
+    if args.synthetic:
+        return Explainer.synthetic(args.device, args.cache_mb, None if args.synthetic is True else args.synthetic)
+    captioner = captioner_name(args)
     if args.tiny:
-        return Explainer.tiny(device=args.device, captioner=args.captioner if args.captioner in KNOWN_CAPTIONERS
-                              else "blip-base", cache_mb=args.cache_mb)
-    print(f"Loading {args.captioner} and CLIP {args.clip} (first run downloads them)…", file=sys.stderr, flush=True)
-    return Explainer.from_pretrained(args.captioner, None if args.clip == "none" else args.clip,
+        return Explainer.tiny(device=args.device, captioner=captioner if captioner in KNOWN_CAPTIONERS
+                              else DEFAULT_CAPTIONER, cache_mb=args.cache_mb)
+    print(f"Loading {captioner} and CLIP {args.clip} (first run downloads them)…", file=sys.stderr, flush=True)
+    return Explainer.from_pretrained(captioner, None if args.clip == "none" else args.clip,
                                      args.segmenter or "auto", args.device, args.cache_mb)
+
+
+def captioner_name(args: argparse.Namespace) -> str:
+    """The captioner the options name ("synthetic" for the shipped synthetic models)."""
+    return "synthetic" if args.synthetic else args.captioner or DEFAULT_CAPTIONER
 
 
 #: Command-line options that are `Settings` fields (the others choose models, inputs and outputs).
@@ -359,6 +379,45 @@ def _report_failures(failed: list[dict[str, str]]) -> int:
     return 1 if failed else 0
 
 
+# --- evaluate-groundtruth and train-synthetic ------------------------------------------------------------------
+
+def run_evaluate_groundtruth(args: argparse.Namespace) -> int:
+    if not (args.tiny or args.captioner or args.synthetic):
+        args.synthetic = True  # the shipped synthetic models, unless other models are named
+    seeds = list(range(args.first_seed, args.first_seed + args.scenes))
+    started = time.perf_counter()
+    records = run_items(partial(groundtruth_worker, args), seeds, args.ray, "Ground truth", "scene")
+    result = groundtruth_result(records) | {"settings": records[0]["settings"],
+                                            "seconds": round(time.perf_counter() - started, 1)}
+    print(groundtruth_table(result))
+    print(f"({result['seconds']} s for {len(seeds)} scenes)")
+    if args.plot:
+        plot(result["summary"], args.plot)
+        print(f"Plot written to {args.plot}")
+    return _finish(args, result | {"failed": []})
+
+
+def groundtruth_worker(args: argparse.Namespace) -> Worker:
+    """Load the models, then score scene by scene (once here, or once per Ray actor)."""
+    explainer = load_explainer(args)
+    explainer.segmenter_options.setdefault("superpixels", SCENE_SUPERPIXELS)  # the inputs are always scenes
+    settings = replace(EVALUATED, **{name: value for name, value in settings_of(args).to_dict().items()
+                                     if value != getattr(DEFAULTS, name)})
+    record = model_settings(explainer, settings) | {"sanity_scenes": args.sanity_scenes, "seed": args.seed}
+
+    def score(index: int, seed: int) -> Record:
+        return scene_record(explainer, seed, index < args.sanity_scenes, settings, args.seed) | {"settings": record}
+
+    return score
+
+
+def run_train_synthetic(args: argparse.Namespace) -> int:
+    from .synthetic.train import train_synthetic
+
+    train_synthetic(args.out, args.captioner_steps, args.clip_steps, args.seed)
+    return 0
+
+
 # --- entry point -----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -393,10 +452,28 @@ def build_parser() -> argparse.ArgumentParser:
     faithful.add_argument("--out", type=Path, default=None, help="write all results (per word too) as JSON")
     faithful.set_defaults(run=run_evaluate_faithfulness)
 
-    for command in (explain, captions, faithful):
+    truth = commands.add_parser("evaluate-groundtruth",
+                                help="every map and the grounding against the true evidence of generated scenes")
+    truth.add_argument("--scenes", type=_positive, default=500, help="how many held-out scenes (default 500)")
+    truth.add_argument("--first-seed", type=int, default=0, help="the first scene's seed (held out: below 1000000)")
+    truth.add_argument("--sanity-scenes", type=int, default=20,
+                       help="run the cascading randomisation check on the first N scenes (slow; default 20)")
+    truth.add_argument("--seed", type=int, default=0, help="seed of the random baseline map")
+    truth.add_argument("--out", type=Path, default=None, help="write all results (per word too) as JSON")
+    truth.add_argument("--plot", type=Path, default=None, help="write a bar chart of the maps' scores (PNG)")
+    truth.set_defaults(run=run_evaluate_groundtruth)
+
+    training = commands.add_parser("train-synthetic", help="train the synthetic captioner and CLIP (CPU, minutes)")
+    training.add_argument("--out", type=Path, required=True, help="folder for synthetic-blip/ and synthetic-clip/")
+    training.add_argument("--captioner-steps", type=_positive, default=CAPTIONER_STEPS)
+    training.add_argument("--clip-steps", type=_positive, default=CLIP_STEPS)
+    training.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
+    training.set_defaults(run=run_train_synthetic)
+
+    for command in (explain, captions, faithful, truth):
         add_model_arguments(command)
         add_explanation_arguments(command)
-    for command in (explain, faithful):
+    for command in (explain, faithful, truth):
         add_ray_argument(command)
     return parser
 

@@ -19,6 +19,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from PIL import Image
@@ -143,6 +144,19 @@ class Explainer:
         return cls(tiny_captioner(captioner, seed, resolved), ClipModel.tiny(seed, resolved), "superpixels",
                    segmenter_options={"torchvision": {"pretrained": False}},  # random Mask R-CNN: no download
                    cache_mb=cache_mb)
+
+    @classmethod
+    def synthetic(cls, device: str = "cpu", cache_mb: float = DEFAULT_CACHE_MB,
+                  folder: str | Path | None = None) -> "Explainer":
+        """The captioner and CLIP trained here on generated scenes (`ipag.synthetic`), from `folder` (default:
+        the ones shipped in `models/`), with superpixels tuned for flat-colour scenes as the segmenter: the
+        offline demo whose captions mean something, and the models of the ground-truth benchmark."""
+        from .synthetic.models import SCENE_SUPERPIXELS, model_names
+
+        captioner, clip = model_names(folder)
+        explainer = cls.from_pretrained(captioner, clip, "superpixels", device, cache_mb)
+        explainer.segmenter_options = {"superpixels": SCENE_SUPERPIXELS}
+        return explainer
 
     def with_captioner(self, captioner: Captioner) -> "Explainer":
         """An explainer for another captioner that shares this one's CLIP model, loaded segmenters, cache (and its

@@ -93,3 +93,13 @@ def draw_region(image: Image.Image, mask: np.ndarray, max_side: int | None = DIS
         image = image.resize(size, Image.BILINEAR)
         mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
     return region_image(image, mask)
+
+
+def draw_outline(picture: Image.Image, mask: np.ndarray, colour: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """`picture` (any size) with the border of `mask` (at the image's size) drawn on it: the true object of a
+    generated scene, outlined on a map or a region."""
+    if mask.shape != (picture.height, picture.width):
+        mask = np.asarray(Image.fromarray(mask).resize(picture.size, Image.NEAREST))
+    pixels = np.array(picture.convert("RGB"))
+    pixels[find_boundaries(mask, mode="thick")] = colour
+    return Image.fromarray(pixels)

@@ -18,17 +18,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from .errors import ModelUnavailableError, QueryError
+from .evaluation.localisation import score_map
 from .explainer import Explainer, Explainers
 from .export import export_files, safe_name, write_zip
 from .images import ImageError, ImageInput, load_image
 from .maps import MAP_TITLES
-from .render import draw_map, draw_maps, draw_region
+from .render import draw_map, draw_maps, draw_outline, draw_region
 from .results import Caption, Explanation
 from .schedule import Plan
 from .settings import DEFAULTS, Settings
+from .synthetic.scenes import Scene, evidence_for, find_scene
 
 NO_WORD = "Click a caption word, or type a word and press Explain."  #: plain text: fine as HTML too
 #: What the page can show in its large view: the region first, then every registered map type.
@@ -54,6 +57,7 @@ class Session:
     plan: Plan | None = None  #: every word of the caption, queued in the background with the page's settings
     view: str = DEFAULT_VIEW  #: which of `VIEWS` the page shows large
     source: str | None = None  #: the file the image came from (the page shows it again after a bad upload)
+    scene: Scene | None = None  #: the generated scene the image is, when it is one: its ground truth is known
 
 
 @dataclass
@@ -112,7 +116,7 @@ def caption_image(explainer: Explainer, image: ImageInput | None, settings: Sett
         session.plan.cancel()
     plan = explainer.precompute_async(rgb, caption, settings) if precompute else None
     session = Session(image=rgb, caption=caption, captioner=session.captioner, plan=plan,
-                      source=str(image) if isinstance(image, (str, Path)) else None)
+                      source=str(image) if isinstance(image, (str, Path)) else None, scene=find_scene(rgb))
     if not caption.words:
         return caption_segments(caption), session, "The caption has no words to explain; type a query instead."
     return caption_segments(caption), session, f"{len(caption.words)} words. {NO_WORD}"
@@ -189,9 +193,37 @@ def render(session: Session, settings: Settings) -> Rendered:
     explanation, image = session.explanation, session.image
     if explanation is None or image is None:
         return Rendered(None, "", [], [], NO_WORD)
-    return Rendered(draw_view(image, explanation, session.view, settings), view_label(session.view, explanation),
-                    candidate_labels(explanation), trust_rows(explanation), status_line(explanation),
+    picture = draw_view(image, explanation, session.view, settings)
+    truth = true_evidence(session)
+    label = view_label(session.view, explanation)
+    rows = trust_rows(explanation)
+    if truth is not None:
+        picture = draw_outline(picture, truth) if picture is not None else None
+        label += " · white outline: the true object (generated scene)"
+        rows += truth_rows(explanation, truth)
+    return Rendered(picture, label, candidate_labels(explanation), rows, status_line(explanation),
                     explanation.to_dict())
+
+
+def true_evidence(session: Session) -> np.ndarray | None:
+    """The mask of the object the explained word names, when the image is a generated scene (else None)."""
+    explanation, scene = session.explanation, session.scene
+    if scene is None or explanation is None or len(explanation.words) != 1 or explanation.caption is None:
+        return None
+    return evidence_for(scene, [word.text for word in explanation.caption.words], explanation.words[0].index)
+
+
+def truth_rows(explanation: Explanation, truth: np.ndarray) -> list[list[Any]]:
+    """Ground-truth rows of the trust table: per map, does its peak hit the true object, and how much of its mass
+    lies on it (against the object's share of the image, which is what a random map puts there)."""
+    rows = []
+    for key, heatmap in explanation.maps.items():
+        scores = score_map(heatmap.values, truth)
+        rows.append([f"Ground truth: {MAP_TITLES.get(key, key)}",
+                     f"{'hit' if scores['pointing'] >= 0.5 else 'miss'} · {scores['mass']:.0%} on the object",
+                     f"Peak on the true object? Share of the map's mass on it (the object is {truth.mean():.0%} "
+                     "of the image, what a random map puts there)."])
+    return rows
 
 
 def draw_view(image: Image.Image, explanation: Explanation, view: str, settings: Settings) -> Image.Image | None:

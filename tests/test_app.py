@@ -19,6 +19,8 @@ from scripts.stress import phone_photo, serve, soak
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+#: The example scene the synthetic-mode test clicks (scene 8: the shipped models name its first shape right).
+SYNTHETIC_EXAMPLE = 5
 
 
 def free_port() -> int:
@@ -432,3 +434,42 @@ def test_memory_levels_off_with_phone_photos(tmp_path):
     assert samples[-1].rss_mb - samples[1].rss_mb < budget_mb + 100  # MB: memory levels off...
     outside = [sample.rss_mb - sample.cache_mb for sample in samples]
     assert outside[-1] - outside[1] < 100  # ...and nothing grows but the cache, which counts what it holds
+
+
+# --- synthetic mode: generated scenes whose ground truth the page shows (issue 11) ------------------------
+
+def test_synthetic_mode_grounds_a_shape_word_on_its_true_object(browser, tmp_path):
+    """`playground.py --synthetic` with its example scenes: click a shape word of a held-out scene; the page
+    outlines the true object, scores each map against it, and the region CLIP chose overlaps it."""
+    from ipag.evaluation.groundtruth import iou
+    from ipag.synthetic.scenes import SHAPES, example_files, generate_scene
+
+    explainer = Explainer.synthetic()
+    scenes = example_files(tmp_path / "scenes")
+    demo = playground.build_app(explainer, (scenes, "Generated scenes"))
+    demo.queue(default_concurrency_limit=2)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                            theme=playground.THEME)
+    errors: list[str] = []
+    page = open_page(browser, url, errors)
+    try:
+        path = Path(scenes[SYNTHETIC_EXAMPLE])
+        scene = generate_scene(int(path.stem.split("-")[1]))
+        words = upload(page, path)
+        texts = [words.nth(index).inner_text().strip() for index in range(words.count())]
+        truth = [word for word, _ in scene.evidence]
+        shape = next(index for index, text in enumerate(texts) if text in SHAPES and text == truth[index])
+        words.nth(shape).click()
+        finished(page, texts[shape])
+        page.locator("#view-label").get_by_text("true object").wait_for(timeout=30_000)
+        assert page.locator("#trust").get_by_text("Ground truth:").count() >= 3
+        caption = explainer.caption(scene.image)
+        region = explainer.explain(scene.image, shape, caption).grounding.mask  # what the page showed (cached)
+        own = scene.masks[scene.object_of(shape)]
+        assert iou(region, own) >= 0.5
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "synthetic.png"), full_page=True)
+        assert errors == [], errors
+    finally:
+        page.close()
+        demo.close()

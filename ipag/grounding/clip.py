@@ -27,6 +27,8 @@ from ..errors import ModelUnavailableError
 from ..hub import cached_on_hub, download_fix, require_hub
 from ..images import to_rgb
 
+#: open_clip's config file of a local model folder ({"model_cfg": …}), read for architectures it does not know.
+LOCAL_CONFIG = "open_clip_config.json"
 #: Name under which the tiny random CLIP is registered with open_clip.
 TINY_MODEL = "ipag-tiny-clip"
 
@@ -135,6 +137,7 @@ def load_open_clip(model: str, pretrained: str | None,
     warns about the mismatch, and the embeddings would silently degrade. Raises `ModelUnavailableError` with
     the fix.
     """
+    register_local_config(model, pretrained)
     tag = open_clip.get_pretrained_cfg(model, pretrained) if pretrained else {}
     if tag and not _weights_cached(tag):
         what, fix = f"The CLIP weights '{model}/{pretrained}'", download_fix(tag.get("hf_hub", pretrained))
@@ -163,6 +166,17 @@ def _weights_cached(tag: dict) -> bool:
     filename = filename or "open_clip_pytorch_model.bin"
     return cached_on_hub(repo_id, filename, filename.rsplit(".", 1)[0] + ".safetensors",
                          "open_clip_model.safetensors")
+
+
+def register_local_config(model: str, pretrained: str | None) -> None:
+    """An architecture open_clip does not know, read from the `LOCAL_CONFIG` next to a local checkpoint (the
+    layout of open_clip's own `local-dir:` folders), so that "arch/path/open_clip_model.safetensors" loads."""
+    if not pretrained or model in open_clip.list_models():
+        return
+    config = Path(pretrained).parent / LOCAL_CONFIG
+    if Path(pretrained).is_file() and config.is_file():
+        loaded = json.loads(config.read_text())
+        register_config(model, loaded.get("model_cfg", loaded))
 
 
 def register_tiny_config() -> None:

@@ -1,0 +1,285 @@
+"""`python -m ipag evaluate-groundtruth`: every map and the grounding scored against evidence we know exactly.
+
+On held-out generated scenes (`ipag.synthetic`, seeds never used in training) every content word (a colour or a
+shape) names exactly one object, whose mask is the word's evidence. For each scene:
+
+- the captioner: does its own caption match the scene's true caption exactly;
+- every content word of the *true* caption, teacher-forced (so a word is scored whether or not the model
+  would have said it, and every map explains the same target), explained with every map of `MAP_TYPES`, every
+  Grad-CAM weighting and SmoothGrad, and scored against the mask (`localisation`: pointing game, relevance
+  mass and rank accuracy, AUROC), next to two baselines, a random map on the Grad-CAM grid and a centre prior;
+- the grounding: is the region CLIP chose the word's object (IoU ≥ 0.5), and its IoU with the mask;
+- the counterfactual: Δlog p(word) when the word's own object is removed from the scene, against removing
+  another object (a captioner that uses the evidence loses the word only in the first case);
+- on the first `sanity_scenes` scenes, the cascading randomisation check (Adebayo et al. 2018): each map's rank
+  correlation with the same map after re-initialising the captioner's top 1, 2, … vision blocks.
+
+Each scene is one item of `ipag.batch.run_items` (here, or on Ray with `--ray`), and the summary is computed from
+the per-scene records alone, so both give the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..attribution import Target
+from ..explainer import Explainer
+from ..maps import CAM_METHODS, MAP_TITLES
+from ..results import Caption, Explanation
+from ..sanity import FLAG_ABOVE
+from ..settings import DEFAULTS, Settings
+from ..synthetic.scenes import COLOURS, Scene, generate_scene
+from .localisation import METRICS, centre_prior, random_map, score_map
+from .report import describe, format_table, summarize
+
+#: A region is the right object when its IoU with the object's mask is at least this (the usual detection
+#: criterion; objects never overlap, so no other object can reach it at the same time).
+RIGHT_OBJECT_IOU = 0.5
+#: What the benchmark explains with: the page's defaults plus the maps that are off by default on CPU.
+EVALUATED = replace(DEFAULTS, occlusion=True, integrated_gradients=True, verify=False)
+#: Map variants computed by explaining again with one setting changed: (key, settings change).
+VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    *((f"gradcam:{method}", {"cam_method": method}) for method in CAM_METHODS if method != EVALUATED.cam_method),
+    ("saliency:SmoothGrad", {"saliency": "SmoothGrad"}),
+)
+BASELINES = {"random": "baseline: random map", "centre": "baseline: centre prior"}
+KINDS = ("colour", "shape")
+METRIC_NAMES = {"pointing": "pointing game", "mass": "mass accuracy", "rank": "rank accuracy", "auroc": "AUROC"}
+
+
+def scene_record(explainer: Explainer, seed: int, sanity: bool = False, settings: Settings = EVALUATED,
+                 baseline_seed: int = 0) -> dict[str, Any]:
+    """Everything measured on scene `seed` (JSON-ready): its captions, one record per content word, and the
+    sanity correlations when `sanity`. The random baseline is seeded by (`baseline_seed`, `seed`), so a record
+    is the same whichever process computes it."""
+    scene = generate_scene(seed)
+    image = scene.image
+    caption = explainer.caption(image, settings)
+    truth = true_caption(explainer, scene)
+    indices = [index for index, (_, mask) in enumerate(scene.evidence) if mask is not None]
+    explanations = explainer.explain_many(image, indices, truth, settings)
+    maps = [{_key(key): heatmap.values for key, heatmap in explanation.maps.items()} for explanation in explanations]
+    quiet = replace(settings, grounding=False, occlusion=False, integrated_gradients=False)
+    for key, change in VARIANTS:
+        for found, again in zip(maps, explainer.explain_many(image, indices, truth, replace(quiet, **change))):
+            found[key] = again.maps[key.split(":")[0]].values
+    rng = np.random.default_rng([baseline_seed, seed])
+    deltas = counterfactuals(explainer, scene, truth, indices)
+    words = [word_record(scene, index, found, explanation, delta, rng)
+             for index, found, explanation, delta in zip(indices, maps, explanations, deltas)]
+    record = {"seed": seed, "truth": scene.caption, "caption": caption.text, "exact": caption.text == scene.caption,
+              "words": words, "sanity": []}
+    if sanity:
+        record["sanity"] = [correlation | {"seed": seed, "word_index": index}
+                            for index, explanation in zip(indices, explanations)
+                            for correlation in cascade(explainer, image, explanation)]
+    return record
+
+
+def quick_check(explainer: Explainer, seeds: Iterable[int]) -> dict[str, float]:
+    """The headline numbers without the maps' scores (for training summaries and tests): caption exact match,
+    and on the true captions' content words the grounding's right-object rate and mean IoU."""
+    settings = replace(DEFAULTS, verify=False)
+    exact, ious = [], []
+    for seed in seeds:
+        scene = generate_scene(seed)
+        exact.append(explainer.caption(scene.image, settings).text == scene.caption)
+        if explainer.clip is None:
+            continue
+        indices = [index for index, (_, mask) in enumerate(scene.evidence) if mask is not None]
+        for index, explanation in zip(indices, explainer.explain_many(scene.image, indices,
+                                                                      true_caption(explainer, scene), settings)):
+            ious.append(iou(explanation.grounding.mask, scene.evidence[index][1]))
+    return {"scenes": len(exact), "exact_match": float(np.mean(exact)), "words": len(ious),
+            "right_object": float(np.mean(np.array(ious) >= RIGHT_OBJECT_IOU)) if ious else float("nan"),
+            "iou": float(np.mean(ious)) if ious else float("nan")}
+
+
+def true_caption(explainer: Explainer, scene: Scene) -> Caption:
+    """The scene's true caption as the captioner's tokens, scored under teacher forcing."""
+    captioner = explainer.captioner
+    token_ids = captioner.start_ids() + captioner.tokenize(scene.caption)
+    return explainer.caption_from_ids(captioner.preprocess(scene.image), token_ids)
+
+
+def _key(key: str) -> str:
+    """The default Grad-CAM weighting named like the others ("gradcam:GradCAM")."""
+    return f"gradcam:{EVALUATED.cam_method}" if key == "gradcam" else key
+
+
+def counterfactuals(explainer: Explainer, scene: Scene, caption: Caption, indices: Sequence[int]) -> list[dict]:
+    """Per word: Δlog p(word) when its own object is removed, and the mean when each other object is removed
+    (the caption teacher-forced on the scene and on each counterfactual, in one batched forward)."""
+    captioner = explainer.captioner
+    images = [scene.image] + [scene.without(index).image for index in range(len(scene.objects))]
+    pixels = torch.cat([captioner.preprocess(image) for image in images])
+    with torch.no_grad():
+        logprobs = captioner.batch_token_logprobs(pixels, list(caption.token_ids)).double().cpu().numpy()
+    deltas = []
+    for index in indices:
+        rows = Target(caption.words[index].token_positions).rows
+        change = logprobs[1:, rows].sum(axis=1) - logprobs[0, rows].sum()
+        own = scene.object_of(index)
+        others = [float(value) for obj, value in enumerate(change) if obj != own]
+        deltas.append({"own": float(change[own]), "other": float(np.mean(others)) if others else None})
+    return deltas
+
+
+def word_record(scene: Scene, index: int, maps: Mapping[str, np.ndarray], explanation: Explanation,
+                counterfactual: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """The scores of one content word's maps, baselines, region and counterfactual."""
+    word, mask = scene.evidence[index]
+    size = scene.image.size
+    baselines = {"random": random_map(size, explanation.maps["gradcam"].raw.shape, rng), "centre": centre_prior(size)}
+    record: dict[str, Any] = {
+        "seed": scene.seed, "word_index": index, "word": word, "kind": "colour" if word in COLOURS else "shape",
+        "objects": len(scene.objects), "area": float(mask.mean()), "logprob": explanation.word_logprob,
+        "maps": {key: score_map(values, mask) for key, values in {**maps, **baselines}.items()},
+        "counterfactual": counterfactual, "grounding": None,
+    }
+    if explanation.grounding is not None:
+        overlap = iou(explanation.grounding.mask, mask)
+        record["grounding"] = {"iou": overlap, "right": overlap >= RIGHT_OBJECT_IOU,
+                               "label": explanation.grounding.label, "whole_image": explanation.grounding.baseline_won}
+    return record
+
+
+def cascade(explainer: Explainer, image, explanation: Explanation) -> list[dict[str, Any]]:
+    """Each map's rank correlation with itself after re-initialising the top 1, 2, … vision blocks."""
+    total = len(explainer.captioner.vision_layers)
+    return [{"map": _key(key), "blocks": blocks, "spearman": None if np.isnan(value) else value}
+            for blocks in range(1, total + 1)
+            for key, value in explainer.sanity_check(image, explanation, blocks).correlations.items()]
+
+
+def iou(first: np.ndarray, second: np.ndarray) -> float:
+    """Intersection over union of two boolean masks."""
+    return float((first & second).sum() / (first | second).sum())
+
+
+# --- the summary -----------------------------------------------------------------------------------------------
+
+def groundtruth_result(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The benchmark's result from its scenes' records (in scene order): the summary, every word, the captions."""
+    words = [word for record in records for word in record.get("words", ())]
+    captions = [{key: record[key] for key in ("seed", "truth", "caption", "exact")} for record in records]
+    sanity = [item for record in records for item in record.get("sanity", ())]
+    return {"summary": summarize_groundtruth(captions, words, sanity), "captions": captions, "words": words,
+            "sanity": sanity}
+
+
+def map_order(keys: Iterable[str]) -> list[str]:
+    """The page's map order (Grad-CAM weightings together), then the variants, then the baselines."""
+    rank = {f"gradcam:{method}": index for index, method in enumerate(CAM_METHODS)}
+    rank |= {key: 100 + index for index, key in enumerate(MAP_TITLES)}
+    rank |= {"saliency:SmoothGrad": 100 + list(MAP_TITLES).index("saliency") + 0.5}
+    rank |= {key: 1000 + index for index, key in enumerate(BASELINES)}
+    return sorted(set(keys), key=lambda key: (rank.get(key, 500), key))
+
+
+def summarize_groundtruth(captions: Sequence[Mapping], words: Sequence[Mapping], sanity: Sequence[Mapping]) -> dict:
+    """Means ± std (with counts) per map and metric, overall and per word kind; grounding; counterfactual;
+    caption exact match; the sanity check per map."""
+    kinds = {"all": list(words)} | {kind: [w for w in words if w["kind"] == kind] for kind in KINDS}
+    keys = map_order(key for word in words for key in word["maps"])
+    grounded = {kind: [w["grounding"] for w in group if w["grounding"]] for kind, group in kinds.items()}
+    return {
+        "scenes": len(captions), "words": len(words),
+        "exact_match": summarize(float(c["exact"]) for c in captions),
+        "maps": {key: {kind: {metric: summarize(w["maps"][key][metric] for w in group if key in w["maps"])
+                              for metric in METRICS} for kind, group in kinds.items()} for key in keys},
+        "grounding": {kind: {"right_object": summarize(float(g["right"]) for g in found),
+                             "iou": summarize(g["iou"] for g in found),
+                             "whole_image": summarize(float(g["whole_image"]) for g in found)}
+                      for kind, found in grounded.items()} if grounded["all"] else None,
+        "counterfactual": {which: summarize(w["counterfactual"][which] for w in words) for which in ("own", "other")},
+        "sanity": sanity_summary(sanity),
+    }
+
+
+def sanity_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per map: mean rank correlation by number of re-initialised blocks; it fails the check when the mean with
+    every block re-initialised stays above `FLAG_ABOVE` (the page's threshold)."""
+    summary = {}
+    for key in map_order(record["map"] for record in records):
+        mine = [record for record in records if record["map"] == key]
+        levels = sorted({record["blocks"] for record in mine})
+        by_blocks = {blocks: summarize(r["spearman"] for r in mine if r["blocks"] == blocks) for blocks in levels}
+        final = by_blocks[levels[-1]]["mean"]
+        summary[key] = {"by_blocks": by_blocks, "all_blocks": final, "fails": bool(final > FLAG_ABOVE)}
+    return summary
+
+
+def map_label(key: str) -> str:
+    """How a map key reads in tables: "gradcam:GradCAM++" → "Grad-CAM (GradCAM++)"."""
+    base, _, variant = key.partition(":")
+    title = BASELINES.get(key) or MAP_TITLES.get(base, base)
+    return f"{title} ({variant})" if variant else title
+
+
+def groundtruth_table(result: Mapping[str, Any]) -> str:
+    """What `evaluate-groundtruth` prints (means; the JSON has std and counts too)."""
+    summary = result["summary"]
+    lines = [f"Ground truth on {summary['scenes']} held-out scenes, {summary['words']} content words of the true "
+             f"captions (teacher-forced). Caption exact match: {describe(summary['exact_match'])}."]
+    rows = [[map_label(key), *(f"{_mean(by_kind['all'][m])} ({_mean(by_kind['colour'][m])} / "
+                               f"{_mean(by_kind['shape'][m])})" for m in METRICS)]
+            for key, by_kind in summary["maps"].items()]
+    lines += ["", "Maps against the word's object mask, all content words (colour / shape words):",
+              format_table(["Map", *(METRIC_NAMES[m] for m in METRICS)], rows)]
+    if summary["grounding"]:
+        grounding = summary["grounding"]
+        rows = [[kind, _mean(found["right_object"]), _mean(found["iou"]), _mean(found["whole_image"]),
+                 str(found["iou"]["n"])] for kind, found in grounding.items()]
+        lines += ["", "Grounding (the region CLIP chooses among the segmenter's proposals):",
+                  format_table(["Words", "right object (IoU ≥ 0.5)", "mean IoU", "whole image chosen", "n"], rows)]
+    counterfactual = summary["counterfactual"]
+    lines += ["", f"Counterfactual Δlog p(word): its own object removed {describe(counterfactual['own'])}; "
+                  f"another object removed {describe(counterfactual['other'])}."]
+    if summary["sanity"]:
+        levels = sorted({blocks for item in summary["sanity"].values() for blocks in item["by_blocks"]})
+        rows = [[map_label(key), *(_mean(item["by_blocks"].get(blocks)) for blocks in levels),
+                 "FAILS" if item["fails"] else "passes"] for key, item in summary["sanity"].items()]
+        lines += ["", "Sanity check: Spearman ρ of each map with the same map after re-initialising the captioner's "
+                      f"top k vision blocks (fails: ρ > {FLAG_ABOVE} with all blocks re-initialised):",
+                  format_table(["Map", *(f"k={blocks}" for blocks in levels), "check"], rows)]
+    return "\n".join(lines)
+
+
+def _mean(value: Mapping[str, Any] | None) -> str:
+    return "—" if not value or not value["n"] else f"{value['mean']:.3f}"
+
+
+def plot(summary: Mapping[str, Any], path: Path) -> None:
+    """One bar chart per metric: every map's mean over content words, baselines in grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    from matplotlib import pyplot
+
+    keys = list(summary["maps"])
+    figure, axes = pyplot.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 0.32 * len(keys) + 1.6), sharey=True)
+    positions = np.arange(len(keys))
+    for axis, metric in zip(axes, METRICS):
+        for kind, offset, colour in (("colour", -0.2, "tab:orange"), ("shape", 0.2, "tab:blue")):
+            means = [summary["maps"][key][kind][metric]["mean"] for key in keys]
+            colours = ["0.6" if key in BASELINES else colour for key in keys]
+            axis.barh(positions + offset, means, height=0.4, color=colours, label=f"{kind} words")
+        axis.set_title(METRIC_NAMES[metric])
+        axis.set_xlim(0, 1)
+        axis.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(positions, [map_label(key) for key in keys])
+    axes[0].invert_yaxis()
+    axes[-1].legend(loc="lower right", fontsize=8)
+    figure.suptitle(f"Maps against the true evidence: {summary['words']} content words of {summary['scenes']} "
+                    "generated scenes (grey: baselines)")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
