@@ -11,7 +11,7 @@ from PIL import Image
 
 import playground
 from ipag import Settings, ui
-from ipag.maps import MAP_TITLES
+from ipag.settings import DEFAULTS
 from tests.helpers import expected_maps
 
 EXAMPLE = "examples/chelsea.jpg"
@@ -156,7 +156,7 @@ def test_export_writes_pngs_and_json(explainer, captioned):
     assert {"explanation.json", "image.png", "region.png", "region_mask.png", "gradcam.png",
             "gradcam_overlay.png", "saliency_overlay.png", "cross_attention_overlay.png"} <= names
     assert data["words"] == [session.explanation.words[0].text]
-    assert data["captioner"] == session.caption.captioner and data["settings"]["cam_method"] == "GradCAM"
+    assert data["captioner"] == session.caption.captioner and data["settings"]["cam_method"] == DEFAULTS.cam_method
 
 
 def test_api_functions(explainer):
