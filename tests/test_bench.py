@@ -90,3 +90,20 @@ def test_real_size_vocabulary_fits_blip_base_and_gives_the_same_caption_tokens()
 def test_runs_are_bounded_by_the_typed_queries():
     with pytest.raises(ValueError, match="runs"):
         bench.run_benchmark(runs=len(bench.FREE_QUERIES) + 1, tiny=True)
+
+
+def test_page_benchmark_uploads_new_photos_and_reports_every_metric(tmp_path):
+    """`scripts/bench_page.py` in tiny mode: each upload is a photo the cache has not seen (an earlier version
+    re-used photos, so two of its three runs timed cache hits), and every metric is measured in the page."""
+    from PIL import Image
+
+    from ipag.cache import image_key
+    from scripts import bench_page
+
+    paths = bench_page.photos(tmp_path, 7, tiny=True)
+    assert len({image_key(Image.open(path)) for path in paths}) == len(paths)
+    results = bench_page.run_page_benchmark(runs=1, tiny=True)
+    assert set(results["metrics"]) == set(bench_page.METRICS)
+    assert all(math.isfinite(value) and value >= 0 for value in results["metrics"].values())
+    assert results["backward_passes_on_precomputed_clicks"] == [0]
+    assert "in Chromium" in bench_page.format_report(results)
