@@ -180,7 +180,7 @@ def _maps_panel(page: Page) -> None:
                                         "word's region", choices=[], elem_id="candidates")
     page.parts["trust"] = gr.Dataframe(headers=["Measure", "Value", "How to read it"], label="How far to trust this",
                                        interactive=False, wrap=True, column_widths=["32%", "14%", "54%"],
-                                       max_height=1000, elem_id="trust")
+                                       max_height=2400, elem_id="trust")  # never scrolls inside itself
     page.parts["check"] = gr.Button("Sanity check: do these maps depend on what the model learned?",
                                     elem_id="sanity-check")
     page.parts["sanity"] = gr.Dataframe(headers=["Map", "Rank correlation with the top vision blocks re-initialised",

@@ -20,6 +20,8 @@ from .settings import Settings
 COLORMAPS = ("jet", "viridis", "inferno", "magma", "turbo", "gray")
 #: The longest side the page draws at.
 DISPLAY_SIDE = 1024
+#: Smaller pictures (a 96 px generated scene, a thumbnail) are enlarged to at least this, by whole pixels.
+MIN_DISPLAY_SIDE = 384
 
 
 def overlay(image: Image.Image, values: np.ndarray, colormap: str = "jet", opacity: float = 0.5) -> Image.Image:
@@ -103,3 +105,12 @@ def draw_outline(picture: Image.Image, mask: np.ndarray, colour: tuple[int, int,
     pixels = np.array(picture.convert("RGB"))
     pixels[find_boundaries(mask, mode="thick")] = colour
     return Image.fromarray(pixels)
+
+
+def enlarged(picture: Image.Image, min_side: int = MIN_DISPLAY_SIDE) -> Image.Image:
+    """`picture` scaled up by a whole factor (nearest neighbour: every pixel stays a crisp square) until its
+    longer side is at least `min_side`, so that a small image fills the page's view instead of a corner of it."""
+    factor = -(-min_side // max(picture.size))
+    if factor <= 1:
+        return picture
+    return picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST)

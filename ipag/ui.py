@@ -27,7 +27,7 @@ from .explainer import Explainer, Explainers
 from .export import export_files, safe_name, write_zip
 from .images import ImageError, ImageInput, load_image
 from .maps import MAP_TITLES
-from .render import draw_map, draw_maps, draw_outline, draw_region
+from .render import draw_map, draw_maps, draw_outline, draw_region, enlarged
 from .results import Caption, Explanation
 from .schedule import Plan
 from .settings import DEFAULTS, Settings
@@ -36,7 +36,9 @@ from .synthetic.scenes import Scene, evidence_for, find_scene
 NO_WORD = "Click a caption word, or type a word and press Explain."  #: plain text: fine as HTML too
 #: What the page can show in its large view: the region first, then every registered map type.
 VIEWS = {"region": "Region", **MAP_TITLES}
-DEFAULT_VIEW = "gradcam"
+#: Input × gradient: the map that found the named object most often on the ground-truth benchmark among those that
+#: pass the sanity check and cost no more than Grad-CAM (docs/evaluation.md).
+DEFAULT_VIEW = "input_x_gradient"
 EXPORTS = Path(tempfile.gettempdir()) / "ipag-exports"
 
 
@@ -201,7 +203,7 @@ def render(session: Session, settings: Settings) -> Rendered:
         picture = draw_outline(picture, truth) if picture is not None else None
         label += " · white outline: the true object (generated scene)"
         rows += truth_rows(explanation, truth)
-    return Rendered(picture, label, candidate_labels(explanation), rows, status_line(explanation),
+    return Rendered(enlarged(picture) if picture is not None else None, label, candidate_labels(explanation), rows, status_line(explanation),
                     explanation.to_dict())
 
 
@@ -290,8 +292,9 @@ def trust_rows(explanation: Explanation) -> list[list[Any]]:
             ["BLIP on the region alone says the word", "yes" if check.region_says_word else "no",
              f"Caption of the region alone: “{check.region_caption}”."],
             ["Δlog p(word), region blurred", f"{delta:+.3f}",
+             "About zero: blurring the region barely changed the word." if abs(delta) < 0.0005 else
              "Negative: the word needed this region." if delta < 0 else
-             "Not negative: the word did not need this region (it is as likely, or likelier, without it)."],
+             "Positive: the word did not need this region (it is likelier without it)."],
         ]
         chance = f"a random map puts {grounding.mask.mean():.0%} there"
         rows += [[f"{MAP_TITLES.get(key, key)} inside region", f"{share:.0%}",

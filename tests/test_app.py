@@ -149,7 +149,7 @@ def test_click_a_word_in_a_real_browser(app_url, browser, monkeypatch):
     pending = [p for i, p in enumerate(pending) if not i or p != pending[i - 1]]  # one entry per update
     assert pending  # the first outputs were shown while the rest was still being computed…
     assert all(later < earlier for earlier, later in zip(pending, pending[1:]))  # …and the stages came in order
-    assert "GradCAM" in page.locator("#view-label").inner_text()  # the default view, and what made it
+    assert ui.VIEWS[ui.DEFAULT_VIEW] in page.locator("#view-label").inner_text()  # the default view, and its method
     for key, title in ui.VIEWS.items():
         page.locator("#view").get_by_text(title, exact=True).click()
         if key in ("occlusion", "integrated_gradients"):  # off unless asked for: said so, and no empty box
@@ -200,9 +200,10 @@ def test_the_page_path_computes_each_word_once(app, browser):
             finished(page)
         assert counts == {}  # all served from the precompute
 
+        page.locator("#view").get_by_text("Grad-CAM", exact=True).click()
         page.locator("#settings-cam_method input").click()
-        page.get_by_role("option", name="HiResCAM").click()
-        page.locator("#view-label").get_by_text("HiResCAM").wait_for(timeout=60_000)
+        page.get_by_role("option", name="LayerCAM").click()
+        page.locator("#view-label").get_by_text("LayerCAM").wait_for(timeout=60_000)
         wait_idle(explainer)
         assert counts and set(counts.values()) == {1}  # re-planned for the new setting, each word once
         counts.clear()

@@ -137,8 +137,10 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(tmp_path):
         Image.new("RGB", (48 + index, 40), (index * 6, 90, 200 - index * 4)).save(folder / f"photo{index:02d}.png")
     out = tmp_path / "out"
     command = [sys.executable, "-m", "ipag", "explain", str(folder), "--out", str(out), *TINY]
+    # A shell's background job ignores SIGINT, and a child inherits that: restore the default, as in a terminal.
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+                               env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not (out.is_dir() and any((p / cli.INDEX).is_file() for p in out.iterdir() if p.is_dir())):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()

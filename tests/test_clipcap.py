@@ -17,6 +17,8 @@ from ipag import Explainer, Explainers, ModelUnavailableError, Settings, cli, ui
 from ipag.attribution import Target, target_gradients
 from ipag.captioners import ClipCapCaptioner, DecodeOptions, VitGpt2Captioner, load_captioner, tiny_captioner
 from ipag.captioners.clipcap import DEFAULT_CHECKPOINT
+from ipag.render import enlarged
+from ipag.settings import DEFAULTS
 
 CPU = torch.device("cpu")
 NO_CROSS_ATTENTION = "This captioner has no cross-attention: ClipCap feeds the image to GPT-2 as a prefix."
@@ -386,8 +388,9 @@ def test_the_page_functions_show_why_there_is_no_cross_attention_map(clipcap_exp
     assert "words" in status and any(score is not None for _, score in segments)
     word = session.caption.words[0].text
     *_, (session, rendered) = ui.explain(clipcap_explainer, session, word, Settings())
-    assert rendered.picture.size == photo.size  # the default view, Grad-CAM
-    assert rendered.label == "**Grad-CAM**: GradCAM · visual.transformer.resblocks.1"
+    assert rendered.picture.size == enlarged(photo).size and session.view == ui.DEFAULT_VIEW
+    _, shown = ui.select_view(session, "gradcam", Settings())
+    assert shown.label == f"**Grad-CAM**: {DEFAULTS.cam_method} · visual.transformer.resblocks.1"
     for view in ("cross_attention", "attention"):
         _, shown = ui.select_view(session, view, Settings())
         assert shown.picture is None and shown.label == NO_CROSS_ATTENTION

@@ -138,3 +138,4 @@ def test_the_page_outlines_the_true_object_and_scores_each_map(synthetic):
     truth = [row for row in rendered.trust if row[0].startswith("Ground truth")]
     assert len(truth) == len(session.explanation.maps) and all(" on the object" in row[1] for row in truth)
     assert "true object" in rendered.label
+    assert rendered.picture.size == (384, 384)  # the 96 px scene, enlarged by whole pixels to fill the view

@@ -13,7 +13,7 @@ def test_python_api_example_runs_as_printed(monkeypatch, capsys):
     namespace: dict = {}
     exec(compile(example, "README.md", "exec"), namespace)
     why = namespace["why"]
-    assert why.in_caption and why.maps["gradcam"].method == "HiResCAM"
+    assert why.in_caption and why.maps["gradcam"].method == "LayerCAM"
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == namespace["caption"].text and len(printed) == 4
 

@@ -252,3 +252,14 @@ def test_the_captioner_choice_reaches_the_engine(explainer):
     assert session.explanation.caption.captioner.startswith("vit-gpt2")
     with pytest.raises(ui.UserError, match="Upload an image"):
         ui.compare_captions(explainers, ["blip-base"], None, Settings())
+
+
+@pytest.mark.parametrize("delta, reading", [(-0.8, "Negative: the word needed"), (0.12, "Positive: the word did not"),
+                                            (0.0002, "About zero"), (-0.0002, "About zero")])
+def test_the_blurred_region_reading_follows_its_sign(explainer, captioned, delta, reading):
+    _, session, _ = captioned
+    *_, (session, _) = ui.explain(explainer, session, 0, Settings(max_new_tokens=12))
+    explanation = session.explanation
+    changed = replace(explanation, verification=replace(explanation.verification, delta_logprob_blurred=delta))
+    row = next(row for row in ui.trust_rows(changed) if row[0] == "Δlog p(word), region blurred")
+    assert row[1] == f"{delta:+.3f}" and row[2].startswith(reading)
