@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..attribution import Target
+from ..attribution import Target, target_gradients
 from ..explainer import Explainer
-from ..maps import CAM_METHODS, MAP_TITLES
+from ..maps import CAM_METHODS, MAP_TITLES, GradCAMMap, MapContext, MapType, SaliencyMap
 from ..results import Caption, Explanation
 from ..sanity import FLAG_ABOVE
 from ..settings import DEFAULTS, Settings
@@ -43,10 +43,11 @@ from .report import describe, format_table, summarize
 RIGHT_OBJECT_IOU = 0.5
 #: What the benchmark explains with: the page's defaults plus the maps that are off by default on CPU.
 EVALUATED = replace(DEFAULTS, occlusion=True, integrated_gradients=True, verify=False)
-#: Map variants computed by explaining again with one setting changed: (key, settings change).
-VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
-    *((f"gradcam:{method}", {"cam_method": method}) for method in CAM_METHODS if method != EVALUATED.cam_method),
-    ("saliency:SmoothGrad", {"saliency": "SmoothGrad"}),
+#: The map variants the page computes only when its settings ask: every other Grad-CAM weighting and SmoothGrad,
+#: all from one more gradient pass per word (with SmoothGrad's noisy copies), whose gradients they share.
+VARIANTS: tuple[tuple[str, MapType], ...] = (
+    *((f"gradcam:{method}", GradCAMMap(method)) for method in CAM_METHODS if method != EVALUATED.cam_method),
+    ("saliency:SmoothGrad", SaliencyMap(EVALUATED.smoothgrad_samples, EVALUATED.smoothgrad_noise)),
 )
 BASELINES = {"random": "baseline: random map", "centre": "baseline: centre prior"}
 KINDS = ("colour", "shape")
@@ -65,10 +66,14 @@ def scene_record(explainer: Explainer, seed: int, sanity: bool = False, settings
     indices = [index for index, (_, mask) in enumerate(scene.evidence) if mask is not None]
     explanations = explainer.explain_many(image, indices, truth, settings)
     maps = [{_key(key): heatmap.values for key, heatmap in explanation.maps.items()} for explanation in explanations]
-    quiet = replace(settings, grounding=False, occlusion=False, integrated_gradients=False)
-    for key, change in VARIANTS:
-        for found, again in zip(maps, explainer.explain_many(image, indices, truth, replace(quiet, **change))):
-            found[key] = again.maps[key.split(":")[0]].values
+    resolved = explainer.resolve(settings)
+    targets = [Target(truth.words[index].token_positions) for index in indices]
+    passes = target_gradients(explainer.captioner, explainer.captioner.preprocess(image), truth.token_ids, targets,
+                              resolved.vision_layer, resolved.cross_attention_layer, resolved.smoothgrad_samples,
+                              resolved.smoothgrad_noise)
+    for found, (_, gradients) in zip(maps, passes):
+        context = MapContext(image.size, gradients=gradients)
+        found |= {key: map_type.attribute(context).values for key, map_type in VARIANTS}
     rng = np.random.default_rng([baseline_seed, seed])
     deltas = counterfactuals(explainer, scene, truth, indices)
     words = [word_record(scene, index, found, explanation, delta, rng)
