@@ -324,9 +324,11 @@ def sanity_check(explainer: Explainer, session: Session) -> list[list[Any]]:
 
 def warm_examples(explainer: Explainer, paths: list[str], settings: Settings = DEFAULTS) -> None:
     """Caption the example photos and explain all their words in the background, so that a visitor who
-    picks an example gets answers at once (Gradio's own example caching cannot hold per-user state)."""
+    picks an example gets answers at once (Gradio's own example caching cannot hold per-user state). A generated
+    scene among them also builds `find_scene`'s index here, not on a visitor's first upload."""
     for path in paths:
         image = load_image(path)
+        find_scene(image)
         explainer.precompute_async(image, explainer.caption(image, settings), settings)
 
 
