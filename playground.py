@@ -26,8 +26,7 @@ from gradio import FileData
 
 from ipag import Explainer, Explainers, ModelUnavailableError
 from ipag import ui
-from ipag.captioners import KNOWN_CAPTIONERS, load_captioner, tiny_captioner
-from ipag.cli import add_model_arguments, captioner_name, load_explainer
+from ipag.cli import add_model_arguments, captioner_loader, captioner_name, load_explainer
 from ipag.maps import CAM_METHODS, CrossAttentionMap
 from ipag.render import COLORMAPS
 from ipag.segmenters import available_segmenters
@@ -127,9 +126,7 @@ def build_app(explainers: Explainers | Explainer,
     gallery's files and its label."""
     if isinstance(explainers, Explainer):
         explainers = Explainers(explainers, "default", lambda name: explainers.captioner)
-    names = list(dict.fromkeys([explainers.default, *KNOWN_CAPTIONERS])) if explainers.default in KNOWN_CAPTIONERS \
-        else [explainers.default]
-    page = Page(explainers, names, examples)
+    page = Page(explainers, explainers.names, examples)
     with gr.Blocks(title="IPAG playground") as demo:
         page.parts["session"] = gr.State(ui.Session())
         gr.Markdown(INTRO)
@@ -417,12 +414,11 @@ def main(argv: list[str] | None = None) -> None:
         explainer = load_explainer(args)
     except ModelUnavailableError as err:
         raise SystemExit(f"error: {err}") from err
-    device = explainer.captioner.device
-    load = (lambda name: tiny_captioner(name, 0, device)) if args.tiny else (lambda name: load_captioner(name, device))
+    names, load = captioner_loader(args, explainer.captioner.device)
     examples = (EXAMPLES, EXAMPLES_LABEL)
     if args.synthetic:
         examples = (example_files(SCENES), "Generated scenes (held out from training: their ground truth is shown)")
-    demo = build_app(Explainers(explainer, captioner_name(args), load), examples)
+    demo = build_app(Explainers(explainer, captioner_name(args), load, names), examples)
     threading.Thread(target=ui.warm_examples, args=(explainer, examples[0]), daemon=True).start()
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None

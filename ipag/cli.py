@@ -23,21 +23,23 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from .batch import LOCAL, RayUnavailableError, Record, Worker, run_items
 from .cache import DEFAULT_CACHE_MB, image_key
-from .captioners import KNOWN_CAPTIONERS
+from .captioners import KNOWN_CAPTIONERS, TINY_CAPTIONERS, Captioner, load_captioner, tiny_captioner
 from .errors import ModelUnavailableError, QueryError
 from .evaluation.captions import COCO_METRICS, MetricUnavailableError, evaluate_captions, require_java
 from .evaluation.faithfulness import METRICS, ROAD_PERCENTILES, faithfulness_result, image_faithfulness
-from .evaluation.groundtruth import EVALUATED, groundtruth_result, groundtruth_table, plot, scene_record
+from .evaluation.groundtruth import (EVALUATED, agreement_table, groundtruth_result, groundtruth_table, plot,
+                                     rank_agreement, scene_record)
 from .evaluation.inputs import (
     DatasetError,
     collect_images,
@@ -54,7 +56,8 @@ from .images import ImageError, load_image
 from .maps import CAM_METHODS
 from .results import Caption, Explanation
 from .settings import DEFAULTS, Settings
-from .synthetic.models import SCENE_SUPERPIXELS
+from .synthetic.models import DEFAULT_FAMILY, FAMILIES, SCENE_SUPERPIXELS, model_names
+from .synthetic.teacher import TEACHER_STEPS
 from .synthetic.train import CAPTIONER_STEPS, CLIP_STEPS
 
 #: The file that marks an image as finished. It is written last, inside a temporary folder that is renamed into
@@ -78,7 +81,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tiny", action="store_true", help="tiny random models: offline, for testing the plumbing")
     group.add_argument("--captioner", default=None,
                        help=f"{', '.join(KNOWN_CAPTIONERS)}, a hub id or local folder of a BLIP or ViT-GPT2 "
-                       "captioner, or a ClipCap checkpoint file (.pt/.safetensors, see the README); default {DEFAULT_CAPTIONER}")
+                       f"captioner, or a ClipCap checkpoint file (.pt/.safetensors, see the README); default "
+                       f"{DEFAULT_CAPTIONER}. With --synthetic: {' or '.join(FAMILIES)} (default {DEFAULT_FAMILY})")
     group.add_argument("--clip", default="ViT-B-32/openai",
                        help="open_clip 'architecture/pretrained' (tag or checkpoint path); 'none' disables grounding")
     group.add_argument("--segmenter", default=None,
@@ -110,9 +114,9 @@ def add_ray_argument(parser: argparse.ArgumentParser) -> None:
 
 def load_explainer(args: argparse.Namespace) -> Explainer:
     """The explainer the options describe (raises `ModelUnavailableError` with the fix in its message)."""
-    if args.synthetic:
-        return Explainer.synthetic(args.device, args.cache_mb, None if args.synthetic is True else args.synthetic)
     captioner = captioner_name(args)
+    if args.synthetic:
+        return Explainer.synthetic(args.device, args.cache_mb, synthetic_folder(args), captioner)
     if args.tiny:
         return Explainer.tiny(device=args.device, captioner=captioner if captioner in KNOWN_CAPTIONERS
                               else DEFAULT_CAPTIONER, cache_mb=args.cache_mb)
@@ -122,8 +126,24 @@ def load_explainer(args: argparse.Namespace) -> Explainer:
 
 
 def captioner_name(args: argparse.Namespace) -> str:
-    """The captioner the options name ("synthetic" for the shipped synthetic models)."""
-    return "synthetic" if args.synthetic else args.captioner or DEFAULT_CAPTIONER
+    """The captioner the options name (with --synthetic, one of the synthetic captioners: `FAMILIES`)."""
+    return args.captioner or (DEFAULT_FAMILY if args.synthetic else DEFAULT_CAPTIONER)
+
+
+def synthetic_folder(args: argparse.Namespace) -> Path | None:
+    """The folder --synthetic names (None: the models shipped in models/)."""
+    return None if args.synthetic is True else Path(args.synthetic)
+
+
+def captioner_loader(args: argparse.Namespace, device: torch.device) -> tuple[list[str], Callable[[str], Captioner]]:
+    """The captioners the options make available by name (the page's choice), and how to load one: the synthetic
+    ones with --synthetic, tiny random ones with --tiny, else the friendly names (any hub id or folder loads too)."""
+    if args.synthetic:
+        folder = synthetic_folder(args)
+        return list(FAMILIES), lambda name: load_captioner(model_names(folder, name)[0], device)
+    if args.tiny:
+        return list(TINY_CAPTIONERS), lambda name: tiny_captioner(name, 0, device)
+    return list(KNOWN_CAPTIONERS), lambda name: load_captioner(name, device)
 
 
 #: Command-line options that are `Settings` fields (the others choose models, inputs and outputs).
@@ -155,6 +175,15 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text}")
     return value
+
+
+def _model_list(spec: str) -> list[str]:
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = sorted(set(names) - {*FAMILIES, "clip"})
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown model(s) {', '.join(unknown) or '(none given)'}; choose among "
+                                         f"{', '.join([*FAMILIES, 'clip'])}")
+    return names
 
 
 def _percentiles(spec: str) -> tuple[int, ...]:
@@ -382,19 +411,30 @@ def _report_failures(failed: list[dict[str, str]]) -> int:
 # --- evaluate-groundtruth and train-synthetic ------------------------------------------------------------------
 
 def run_evaluate_groundtruth(args: argparse.Namespace) -> int:
+    """Score each captioner the options name (with --synthetic, default: every synthetic captioner) and, for two or
+    more, how alike they rank the methods. The JSON holds each captioner's full result and the agreement."""
     if not (args.tiny or args.captioner or args.synthetic):
         args.synthetic = True  # the shipped synthetic models, unless other models are named
+    names = (args.captioner or ",".join(FAMILIES)).split(",") if args.synthetic else [captioner_name(args)]
     seeds = list(range(args.first_seed, args.first_seed + args.scenes))
-    started = time.perf_counter()
-    records = run_items(partial(groundtruth_worker, args), seeds, args.ray, "Ground truth", "scene")
-    result = groundtruth_result(records) | {"settings": records[0]["settings"],
-                                            "seconds": round(time.perf_counter() - started, 1)}
-    print(groundtruth_table(result))
-    print(f"({result['seconds']} s for {len(seeds)} scenes)")
+    results = {}
+    for name in names:
+        started = time.perf_counter()
+        records = run_items(partial(groundtruth_worker, argparse.Namespace(**vars(args) | {"captioner": name})), seeds, args.ray,
+                            f"Ground truth ({name})", "scene")
+        result = groundtruth_result(records) | {"settings": records[0]["settings"],
+                                                "seconds": round(time.perf_counter() - started, 1)}
+        print(f"\n## {name}\n\n{groundtruth_table(result)}\n({result['seconds']} s for {len(seeds)} scenes)")
+        results[name] = result
+    agreement = rank_agreement({name: result["summary"] for name, result in results.items()})
+    if agreement:
+        print("\n" + agreement_table(agreement))
     if args.plot:
-        plot(result["summary"], args.plot)
-        print(f"Plot written to {args.plot}")
-    return _finish(args, result | {"failed": []})
+        for name, result in results.items():
+            path = args.plot if len(results) == 1 else args.plot.with_stem(f"{args.plot.stem}-{name}")
+            plot(result["summary"], path)
+            print(f"Plot written to {path}")
+    return _finish(args, {"captioners": results, "agreement": agreement, "failed": []})
 
 
 def groundtruth_worker(args: argparse.Namespace) -> Worker:
@@ -414,7 +454,9 @@ def groundtruth_worker(args: argparse.Namespace) -> Worker:
 def run_train_synthetic(args: argparse.Namespace) -> int:
     from .synthetic.train import train_synthetic
 
-    train_synthetic(args.out, args.captioner_steps, args.clip_steps, args.seed)
+    captioners = [name for name in args.models if name in FAMILIES]
+    train_synthetic(args.out, captioners, "clip" in args.models, args.captioner_steps, args.clip_steps,
+                    args.teacher_steps, args.seed)
     return 0
 
 
@@ -463,10 +505,14 @@ def build_parser() -> argparse.ArgumentParser:
     truth.add_argument("--plot", type=Path, default=None, help="write a bar chart of the maps' scores (PNG)")
     truth.set_defaults(run=run_evaluate_groundtruth)
 
-    training = commands.add_parser("train-synthetic", help="train the synthetic captioner and CLIP (CPU, minutes)")
-    training.add_argument("--out", type=Path, required=True, help="folder for synthetic-blip/ and synthetic-clip/")
+    training = commands.add_parser("train-synthetic", help="train the synthetic captioners and CLIP (CPU, an hour)")
+    training.add_argument("--out", type=Path, required=True,
+                          help="folder for the models (synthetic-blip/, synthetic-vit-gpt2/, synthetic-clip/)")
+    training.add_argument("--models", type=_model_list, default=[*FAMILIES, "clip"],
+                          help=f"which to train, comma-separated (default: {','.join([*FAMILIES, 'clip'])})")
     training.add_argument("--captioner-steps", type=_positive, default=CAPTIONER_STEPS)
     training.add_argument("--clip-steps", type=_positive, default=CLIP_STEPS)
+    training.add_argument("--teacher-steps", type=_positive, default=TEACHER_STEPS)
     training.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
     training.set_defaults(run=run_train_synthetic)
 

@@ -146,14 +146,15 @@ class Explainer:
                    cache_mb=cache_mb)
 
     @classmethod
-    def synthetic(cls, device: str = "cpu", cache_mb: float = DEFAULT_CACHE_MB,
-                  folder: str | Path | None = None) -> "Explainer":
-        """The captioner and CLIP trained here on generated scenes (`ipag.synthetic`), from `folder` (default:
+    def synthetic(cls, device: str = "cpu", cache_mb: float = DEFAULT_CACHE_MB, folder: str | Path | None = None,
+                  captioner: str = "blip") -> "Explainer":
+        """A captioner and the CLIP trained here on generated scenes (`ipag.synthetic`), from `folder` (default:
         the ones shipped in `models/`), with superpixels tuned for flat-colour scenes as the segmenter: the
-        offline demo whose captions mean something, and the models of the ground-truth benchmark."""
+        offline demo whose captions mean something, and the models of the ground-truth benchmark. `captioner`:
+        "blip" or "vit-gpt2" (`ipag.synthetic.models.FAMILIES`)."""
         from .synthetic.models import SCENE_SUPERPIXELS, model_names
 
-        captioner, clip = model_names(folder)
+        captioner, clip = model_names(folder, captioner)
         explainer = cls.from_pretrained(captioner, clip, "superpixels", device, cache_mb)
         explainer.segmenter_options = {"superpixels": SCENE_SUPERPIXELS}
         return explainer
@@ -628,8 +629,10 @@ class Explainers:
     """One explainer per captioner name, loaded on first use, all sharing one CLIP model, segmenters, cache
     and worker (the playground's captioner choice and side-by-side comparison)."""
 
-    def __init__(self, first: Explainer, name: str, load: Callable[[str], Captioner]) -> None:
+    def __init__(self, first: Explainer, name: str, load: Callable[[str], Captioner],
+                 names: Sequence[str] = ()) -> None:
         self.default = name
+        self.names = list(dict.fromkeys([name, *names]))  #: the captioners offered by name (others load too)
         self._explainers = {name: first}
         self._load = load
         self._lock = threading.Lock()

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from ipag import Explainer, ui
+from ipag import Explainer, ModelUnavailableError, ui
 from ipag.cli import build_parser, load_explainer, main
-from ipag.evaluation.groundtruth import EVALUATED, VARIANTS, quick_check, sanity_summary, scene_record
+from ipag.evaluation.groundtruth import EVALUATED, VARIANTS, quick_check, rank_agreement, sanity_summary, scene_record
 from ipag.maps import MAP_TYPES
 from ipag.segmenters import Superpixels
 from ipag.synthetic import generate_scene
-from ipag.synthetic.models import MODELS, SCENE_SUPERPIXELS, model_names
+from ipag.synthetic.models import FAMILIES, MODELS, SCENE_SUPERPIXELS, model_names
 from ipag.synthetic.scenes import COLOURS, evidence_for, find_scene
 
 #: Held-out scenes the shipped models are checked on (the benchmark's first 500 include them).
@@ -87,12 +87,48 @@ def test_evaluate_groundtruth_prints_the_tables_and_writes_json_and_a_plot(tmp_p
     assert main(["evaluate-groundtruth", "--scenes", "3", "--sanity-scenes", "1", "--out", str(out),
                  "--plot", str(figure)]) == 0
     result = json.loads(out.read_text())
-    summary = result["summary"]
-    assert summary["scenes"] == len(result["captions"]) == 3 and summary["words"] == len(result["words"]) > 0
-    assert {"random", "centre", "gradcam:GradCAM", "saliency:SmoothGrad", "occlusion"} <= set(summary["maps"])
+    assert list(result["captioners"]) == list(FAMILIES)  # every synthetic captioner by default
+    for name, found in result["captioners"].items():
+        summary = found["summary"]
+        assert summary["scenes"] == len(found["captions"]) == 3 and summary["words"] == len(found["words"]) > 0
+        assert {"random", "centre", "gradcam:GradCAM", "saliency:SmoothGrad", "occlusion"} <= set(summary["maps"])
+        assert set(summary["captions"]["by_objects"]) <= {"1", "2", "3"}
+        assert (tmp_path / f"groundtruth-{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [row["captioners"] for row in result["agreement"]] == [list(FAMILIES)]
     printed = capsys.readouterr().out
     assert "pointing game" in printed and "Grounding" in printed and "Sanity check" in printed
-    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Kendall" in printed and "shape words" in printed
+
+
+def test_evaluate_groundtruth_runs_one_named_captioner(tmp_path):
+    out = tmp_path / "groundtruth.json"
+    assert main(["evaluate-groundtruth", "--synthetic", "--captioner", "vit-gpt2", "--scenes", "1",
+                 "--sanity-scenes", "0", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result["captioners"]) == ["vit-gpt2"] and result["agreement"] == []
+    assert "vit-gpt2" in result["captioners"]["vit-gpt2"]["settings"]["captioner"]
+
+
+def test_rank_agreement_is_kendalls_tau_over_the_methods():
+    def summary(pointing, mass):
+        maps = {key: {"all": {"pointing": {"mean": p}, "mass": {"mean": m}}}
+                for key, p, m in zip("ABCD", pointing, mass)}
+        return {"maps": maps | {"random": {"all": {"pointing": {"mean": 0.9}, "mass": {"mean": 0.0}}}}}
+
+    # Pointing: of the 6 pairs of methods, only (A, B) is ordered differently → τ = (5 − 1) / 6.
+    first, second = summary([0.1, 0.2, 0.3, 0.4], [1, 2, 3, 4]), summary([0.2, 0.1, 0.3, 0.4], [4, 3, 2, 1])
+    (row,) = rank_agreement({"one": first, "two": second})
+    assert row["captioners"] == ["one", "two"] and row["methods"] == 4  # the baseline is left out
+    assert row["pointing"] == pytest.approx(4 / 6) and row["mass"] == pytest.approx(-1.0)
+    assert rank_agreement({"one": first}) == []
+
+
+def test_a_synthetic_captioner_is_chosen_by_name(synthetic):
+    args = build_parser().parse_args(["explain", "x.png", "--out", "out", "--synthetic", "--captioner", "vit-gpt2"])
+    other = load_explainer(args)
+    assert "vit-gpt2" in other.captioner.describe() and other.clip.name == synthetic.clip.name
+    with pytest.raises(ModelUnavailableError, match="choose one of blip, vit-gpt2"):
+        Explainer.synthetic(captioner="llama")
 
 
 def test_the_trained_captioner_uses_the_evidence_we_score(synthetic):

@@ -273,7 +273,7 @@ class Captioner(ABC):
         pixel_values = pixel_values.detach().clone().requires_grad_(True)
         ids = torch.tensor([token_ids], device=self.device).expand(pixel_values.shape[0], -1)
         every = None
-        with torch.enable_grad(), self.autocast(), _capture_output(block) as captured:
+        with torch.enable_grad(), self.autocast(), capture_output(block) as captured:
             if attentions:
                 logits, every = self._forward_with_attentions(pixel_values, ids)
                 attention = None if layer is None else every.decoder_cross[layer]
@@ -294,7 +294,7 @@ class Captioner(ABC):
 
 
 @contextmanager
-def _capture_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
+def capture_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Record `module`'s output during the block, in this thread only; the hook is removed even on failure.
 
     Other threads may run the same module meanwhile (another user's caption, say): their outputs must never

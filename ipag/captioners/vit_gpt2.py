@@ -71,24 +71,35 @@ class VitGpt2Captioner(Gpt2Words, Captioner):
         `initializer_range=0.2` (not transformers' 0.02) makes the output really depend on the image, so
         gradient tests cannot pass vacuously (see DESIGN.md).
         """
-        tokenizer = tiny_tokenizer()
+        return cls.build(tiny_tokenizer(), image_size=64, hidden=32, intermediate=64, vision_layers=2, text_layers=2,
+                         heads=4, patch=8, initializer_range=0.2, seed=seed, device=device,
+                         model_id=f"tiny-vit-gpt2(seed={seed})")
+
+    @classmethod
+    def build(cls, tokenizer: PreTrainedTokenizerBase, image_size: int, hidden: int, intermediate: int,
+              vision_layers: int, text_layers: int, heads: int, patch: int, initializer_range: float, seed: int,
+              device: torch.device, model_id: str) -> "VitGpt2Captioner":
+        """A randomly initialised ViT-GPT2 of the given size over `tokenizer` (GPT-2 style: one end-of-text token
+        that starts, ends and pads), its pixels normalised to [−1, 1] as nlpconnect's are."""
         end = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
-        encoder = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=64, patch_size=8, initializer_range=0.2)
-        decoder = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_inner=64, n_layer=2, n_head=4,
-                             add_cross_attention=True, is_decoder=True, initializer_range=0.2,
-                             bos_token_id=end, eos_token_id=end, pad_token_id=end)
+        encoder = ViTConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=vision_layers,
+                            num_attention_heads=heads, image_size=image_size, patch_size=patch,
+                            initializer_range=initializer_range)
+        decoder = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=hidden, n_inner=intermediate,
+                             n_layer=text_layers, n_head=heads, add_cross_attention=True, is_decoder=True,
+                             initializer_range=initializer_range, bos_token_id=end, eos_token_id=end, pad_token_id=end)
         config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
         # As in nlpconnect's config: generation starts from bos and pads with eos.
         config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = end
-        torch.manual_seed(seed)
-        model = VisionEncoderDecoderModel._from_config(config, attn_implementation="eager")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = VisionEncoderDecoderModel._from_config(config, attn_implementation="eager")
         # A random decoder often ranks the end token first at once; an empty caption has nothing to explain.
-        # (Saved with the model, so a reloaded tiny model captions the same; real models need no such floor.)
+        # (Saved with the model, so a reloaded model captions the same; real models need no such floor.)
         model.generation_config.min_new_tokens = 1
-        image_processor = ViTImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5] * 3,
+        image_processor = ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
                                             image_std=[0.5] * 3)
-        return cls(model, image_processor, tokenizer, device, f"tiny-vit-gpt2(seed={seed})")
+        return cls(model, image_processor, tokenizer, device, model_id)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write model, image processor and tokenizer so that `load(folder)` restores exactly this captioner."""

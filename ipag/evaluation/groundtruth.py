@@ -34,6 +34,7 @@ from ..maps import CAM_METHODS, MAP_TITLES, GradCAMMap, MapContext, MapType, Sal
 from ..results import Caption, Explanation
 from ..sanity import FLAG_ABOVE
 from ..settings import DEFAULTS, Settings
+from ..synthetic.check import caption_report
 from ..synthetic.scenes import COLOURS, Scene, generate_scene
 from .localisation import METRICS, centre_prior, random_map, score_map
 from .report import describe, format_table, summarize
@@ -79,7 +80,7 @@ def scene_record(explainer: Explainer, seed: int, sanity: bool = False, settings
     words = [word_record(scene, index, found, explanation, delta, rng)
              for index, found, explanation, delta in zip(indices, maps, explanations, deltas)]
     record = {"seed": seed, "truth": scene.caption, "caption": caption.text, "exact": caption.text == scene.caption,
-              "words": words, "sanity": []}
+              "objects": len(scene.objects), "words": words, "sanity": []}
     if sanity:
         record["sanity"] = [correlation | {"seed": seed, "word_index": index}
                             for index, explanation in zip(indices, explanations)
@@ -173,7 +174,7 @@ def iou(first: np.ndarray, second: np.ndarray) -> float:
 def groundtruth_result(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The benchmark's result from its scenes' records (in scene order): the summary, every word, the captions."""
     words = [word for record in records for word in record.get("words", ())]
-    captions = [{key: record[key] for key in ("seed", "truth", "caption", "exact")} for record in records]
+    captions = [{key: record[key] for key in ("seed", "truth", "caption", "exact", "objects")} for record in records]
     sanity = [item for record in records for item in record.get("sanity", ())]
     return {"summary": summarize_groundtruth(captions, words, sanity), "captions": captions, "words": words,
             "sanity": sanity}
@@ -197,6 +198,7 @@ def summarize_groundtruth(captions: Sequence[Mapping], words: Sequence[Mapping],
     return {
         "scenes": len(captions), "words": len(words),
         "exact_match": summarize(float(c["exact"]) for c in captions),
+        "captions": caption_report(captions),
         "maps": {key: {kind: {metric: summarize(w["maps"][key][metric] for w in group if key in w["maps"])
                               for metric in METRICS} for kind, group in kinds.items()} for key in keys},
         "grounding": {kind: {"right_object": summarize(float(g["right"]) for g in found),
@@ -231,8 +233,14 @@ def map_label(key: str) -> str:
 def groundtruth_table(result: Mapping[str, Any]) -> str:
     """What `evaluate-groundtruth` prints (means; the JSON has std and counts too)."""
     summary = result["summary"]
+    captions = summary["captions"]
+    by_objects = "; ".join(f"{count} object{'s' if count != '1' else ''}: {found['exact_match']:.3f} / "
+                           f"{found['colour_words']:.3f} / {found['shape_words']:.3f}"
+                           for count, found in captions["by_objects"].items())
     lines = [f"Ground truth on {summary['scenes']} held-out scenes, {summary['words']} content words of the true "
-             f"captions (teacher-forced). Caption exact match: {describe(summary['exact_match'])}."]
+             f"captions (teacher-forced). The captioner's own captions: exact match "
+             f"{describe(summary['exact_match'])}; colour words {captions['colour_words']:.3f}, shape words "
+             f"{captions['shape_words']:.3f} right. Exact / colour / shape by scene: {by_objects}."]
     rows = [[map_label(key), *(f"{_mean(by_kind['all'][m])} ({_mean(by_kind['colour'][m])} / "
                                f"{_mean(by_kind['shape'][m])})" for m in METRICS)]
             for key, by_kind in summary["maps"].items()]
@@ -255,6 +263,37 @@ def groundtruth_table(result: Mapping[str, Any]) -> str:
                       f"top k vision blocks (fails: ρ > {FLAG_ABOVE} with all blocks re-initialised):",
                   format_table(["Map", *(f"k={blocks}" for blocks in levels), "check"], rows)]
     return "\n".join(lines)
+
+
+#: The metrics whose ranking of the methods is compared between captioners.
+AGREEMENT_METRICS = ("pointing", "mass")
+
+
+def rank_agreement(summaries: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """For each pair of captioners' summaries: Kendall's τ (τ-b, ties allowed) between their rankings of the methods
+    (every map and variant both scored, baselines left out) by each of `AGREEMENT_METRICS` over all content words.
+    τ = 1: the two captioners rank the methods identically; 0: no relation; −1: reversed."""
+    from scipy.stats import kendalltau
+
+    names = list(summaries)
+    agreement = []
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            maps = [key for key in summaries[first]["maps"] if key in summaries[second]["maps"] and key not in BASELINES]
+            row: dict[str, Any] = {"captioners": [first, second], "methods": len(maps)}
+            for metric in AGREEMENT_METRICS:
+                pairs = [[summaries[name]["maps"][key]["all"][metric]["mean"] for key in maps] for name in (first, second)]
+                row[metric] = float(kendalltau(*pairs).statistic)
+            agreement.append(row)
+    return agreement
+
+
+def agreement_table(agreement: Sequence[Mapping[str, Any]]) -> str:
+    """The rank agreement as `evaluate-groundtruth` prints it."""
+    rows = [[" vs ".join(row["captioners"]), str(row["methods"]), *(f"{row[m]:.3f}" for m in AGREEMENT_METRICS)]
+            for row in agreement]
+    return ("Do the captioners rank the methods alike? Kendall's τ across methods (1: same order, 0: unrelated):\n"
+            + format_table(["Captioners", "methods", *(f"τ of {METRIC_NAMES[m]}" for m in AGREEMENT_METRICS)], rows))
 
 
 def _mean(value: Mapping[str, Any] | None) -> str:

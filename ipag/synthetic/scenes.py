@@ -118,19 +118,32 @@ class Scene:
         return [index for word, index in _words(self.objects) if word != ","][word_index]
 
 
-def caption_of(objects: tuple[SceneObject, ...]) -> str:
-    """The grammar: "a red circle", "… and a blue square", "…, an orange square and a green triangle"."""
-    return " ".join(word for word, _ in _words(objects)).replace(" ,", ",")
+def caption_of(objects: Sequence[SceneObject]) -> str:
+    """The caption of objects, left to right (see `describe`)."""
+    return describe([(obj.colour, obj.shape) for obj in objects])
 
 
-def _words(objects: tuple[SceneObject, ...]) -> list[tuple[str, int | None]]:
+def describe(pairs: Sequence[tuple[str, str]]) -> str:
+    """The grammar, for (colour, shape) pairs: "a red circle", "… and a blue square", "…, an orange square and a
+    green triangle"."""
+    return " ".join(word for word, _ in _words(pairs)).replace(" ,", ",")
+
+
+def pairs_of(caption: str) -> list[tuple[str, str]]:
+    """The (colour, shape) pairs a caption of the grammar names, in order (the inverse of `describe`)."""
+    words = [word for word in caption.replace(",", " ").split() if word_kind(word) != "function"]
+    return list(zip(words[::2], words[1::2]))
+
+
+def _words(objects: Sequence[SceneObject] | Sequence[tuple[str, str]]) -> list[tuple[str, int | None]]:
     """The caption's words and commas, each with the index of the object it names (None: names nothing)."""
+    pairs = [obj if isinstance(obj, tuple) else (obj.colour, obj.shape) for obj in objects]
     words: list[tuple[str, int | None]] = []
-    for index, obj in enumerate(objects):
+    for index, (colour, shape) in enumerate(pairs):
         if index:
-            words.append(("and" if index == len(objects) - 1 else ",", None))
-        article = "an" if obj.colour[0] in "aeiou" else "a"
-        words += [(article, None), (obj.colour, index), (obj.shape, index)]
+            words.append(("and" if index == len(pairs) - 1 else ",", None))
+        article = "an" if colour[0] in "aeiou" else "a"
+        words += [(article, None), (colour, index), (shape, index)]
     return words
 
 
