@@ -420,7 +420,7 @@ def test_a_clipcap_page_builds_with_the_cross_attention_layer_switched_off(clipc
 
 def test_the_cli_explains_and_evaluates_with_clipcap(tmp_path, photo):
     photo.save(tmp_path / "photo.png")
-    options = ["--tiny", "--captioner", "clipcap", "--device", "cpu", "--max-tokens", "3"]
+    options = ["--tiny", "--captioner", "clipcap", "--device", "cpu", "--max-new-tokens", "3"]
     assert cli.main(["explain", str(tmp_path / "photo.png"), "--out", str(tmp_path / "out"), *options]) == 0
     word = json.loads(next((tmp_path / "out").rglob("explanation.json")).read_text())
     assert word["captioner"].startswith("clipcap (tiny-clipcap-vit-mlp")

@@ -76,7 +76,7 @@ def test_awkward_but_valid_images_work(explainer, tmp_path):
         rgb = load_image(image)
         caption = explainer.caption(rgb, Settings(max_new_tokens=3))
         explanation = explainer.explain(rgb, 0, caption=caption)
-        assert explanation.gradcam.shape == (rgb.height, rgb.width), name
+        assert explanation.maps["gradcam"].values.shape == (rgb.height, rgb.width), name
         assert max(rgb.size) <= MAX_SIDE, name
     assert load_image(rotated).size == (20, 40)
     assert load_image(noise(1, 4000)).size == (1, MAX_SIDE)
