@@ -172,7 +172,7 @@ def _caption_panel(page: Page) -> None:
 
 
 def _maps_panel(page: Page) -> None:
-    page.parts["view"] = gr.Radio([(title, key) for key, title in ui.VIEWS.items()], value=ui.DEFAULT_VIEW,
+    page.parts["view"] = gr.Radio([(title, key) for key, title in ui.views().items()], value=ui.DEFAULT_VIEW,
                                   show_label=False, elem_id="view")
     page.parts["picture"] = gr.Image(show_label=False, interactive=False, height=480, format="jpeg",
                                      elem_id="picture")

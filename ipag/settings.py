@@ -110,10 +110,10 @@ def _setting(default: Any, stage: Stage, label: str, **declaration: Any) -> Any:
 
 
 def _segmenters() -> list[str]:
-    """The segmenters that can be built here (registered ones; Detectron2's only where it is installed)."""
-    from .segmenters import available_segmenters
+    """The registered segmenters' names (one that is not installed here explains how to install it)."""
+    from .segmenters import segmenter_names
 
-    return available_segmenters()
+    return segmenter_names()
 
 
 def _has_placeholder(template: str) -> str | None:

@@ -30,6 +30,7 @@ from .maps import CrossAttentionMap, map_titles
 from .render import draw_map, draw_maps, draw_outline, draw_region, enlarged
 from .results import Caption, Explanation
 from .schedule import Plan
+from .segmenters import available_segmenters
 from .settings import DEFAULTS, Settings, Widget, declarations
 from .synthetic.scenes import Scene, evidence_for, find_scene
 
@@ -99,8 +100,8 @@ class SettingWidget:
 
 def settings_panels(explainer: Explainer) -> dict[str, dict[str, SettingWidget]]:
     """Every setting's widget (panel title → setting name → widget), made from its declaration. The ranges of
-    the layers and the default segmenter are this explainer's models'; a captioner without cross-attention has
-    no layer to choose, and its slider says why."""
+    the layers and the default segmenter are this explainer's models', the segmenters offered those that can be
+    built here; a captioner without cross-attention has no layer to choose, and its slider says why."""
     captioner = explainer.captioner
     resolved = explainer.resolve(DEFAULTS)
     vision, decoder = len(captioner.vision_layers), captioner.num_decoder_layers
@@ -109,7 +110,7 @@ def settings_panels(explainer: Explainer) -> dict[str, dict[str, SettingWidget]]
         "vision_layer": {"minimum": -vision, "maximum": vision - 1},
         "cross_attention_layer": {"minimum": 0, "maximum": max(decoder - 1, 1), "value": resolved.cross_attention_layer
                                   or 0, "interactive": not no_layer, "info": no_layer},
-        "segmenter": {"value": resolved.segmenter},
+        "segmenter": {"value": resolved.segmenter, "choices": available_segmenters()},
     }
     panels: dict[str, dict[str, SettingWidget]] = {title: {} for title in PANELS}
     for name, setting in declarations().items():
