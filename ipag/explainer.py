@@ -43,6 +43,7 @@ MAX_QUERY_TOKENS = 32
 #: Checked before tokenizing, so a pasted novel costs nothing.
 MAX_QUERY_CHARS = 200
 
+
 class Explainer:
     """Captions images and explains, per word, why the captioner said it and where it is."""
 
@@ -309,7 +310,7 @@ class Explainer:
     @staticmethod
     def _in_caption(query: Query, caption: Caption, words: tuple[Word, ...]) -> PreparedQuery:
         return PreparedQuery(query, caption.token_ids, Target(tuple(p for w in words for p in w.token_positions)),
-                         words)
+                             words)
 
     # --- what a word's stages run on ------------------------------------------------------------------------------
 
