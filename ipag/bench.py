@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
 from . import ui
-from .attribution import AttributionPass, Target, target_gradients
+from .attribution import AttributionPass, target_gradients
 from .maps import IntegratedGradientsMap, MapContext, Occlusion
 from .captioners import DecodeOptions
 from .captioners.blip import TINY_WORDS, BlipCaptioner
@@ -49,6 +49,7 @@ from .images import load_image
 from .results import Caption
 from .segmenters import resolve_name
 from .settings import DEFAULTS, Settings
+from .target import Target
 
 T = TypeVar("T")
 

@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import BertConfig, GPT2Config, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
 
 from ipag import Explainer, ModelUnavailableError, Settings
-from ipag.attribution import Target, target_gradients
+from ipag.attribution import target_gradients
 from ipag.captioners import (
     BlipCaptioner,
     ClipCapCaptioner,
@@ -21,6 +21,7 @@ from ipag.captioners import (
 )
 from ipag.captioners.clipcap import DEFAULT_CHECKPOINT
 from ipag.maps import CrossAttentionMap, GradCAMMap, MapContext, SaliencyMap, map_titles
+from ipag.target import Target
 from tests.helpers import expected_maps
 
 CPU = torch.device("cpu")

@@ -14,11 +14,12 @@ from safetensors.torch import save_file
 
 import playground
 from ipag import Explainer, Explainers, ModelUnavailableError, Settings, cli, ui
-from ipag.attribution import Target, target_gradients
+from ipag.attribution import target_gradients
 from ipag.captioners import ClipCapCaptioner, DecodeOptions, VitGpt2Captioner, load_captioner, tiny_captioner
 from ipag.captioners.clipcap import DEFAULT_CHECKPOINT
 from ipag.render import enlarged
 from ipag.settings import DEFAULTS
+from ipag.target import Target
 
 CPU = torch.device("cpu")
 NO_CROSS_ATTENTION = "This captioner has no cross-attention: ClipCap feeds the image to GPT-2 as a prefix."

@@ -6,9 +6,10 @@ import torch
 from PIL import Image
 
 from ipag import Explainer, ModelUnavailableError, QueryError, Settings
-from ipag.attribution import Target, target_gradients
+from ipag.attribution import target_gradients
 from ipag.captioners import BlipCaptioner, DecodeOptions
 from ipag.maps import CAM_METHODS
+from ipag.target import Target
 from tests.helpers import expected_maps
 
 

@@ -18,12 +18,12 @@ from scipy.ndimage import gaussian_filter
 import playground
 from ipag import Explainer, Settings, cli, ui
 from ipag.attribution import target_gradients
-from ipag.captioners import CAPTIONERS, BlipCaptioner, known_captioners, tiny_captioner
+from ipag.captioners import CAPTIONERS, known_captioners, tiny_captioner
 from ipag.evaluation.faithfulness import image_faithfulness
 from ipag.evaluation.groundtruth import scene_record
 from ipag.export import export_files
 from ipag.maps import MAP_TYPES, MapType, register
-from ipag.segmenters import SEGMENTERS, Segment, Segmenter, load_segmenter
+from ipag.segmenters import SEGMENTERS, load_segmenter
 from ipag.target import Target
 from tests.helpers import registered
 

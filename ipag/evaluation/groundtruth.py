@@ -33,8 +33,8 @@ from ..maps import CAM_METHODS, GradCAMMap, MapContext, MapType, SaliencyMap, ma
 from ..results import Caption, Explanation
 from ..sanity import FLAG_ABOVE
 from ..settings import Settings
-from ..target import Target
 from ..synthetic.scenes import COLOURS, Scene, generate_scene
+from ..target import Target
 from .localisation import METRICS, centre_prior, random_map, score_map
 from .report import describe, format_table, summarize
 
