@@ -1,7 +1,8 @@
 """Registries of the package's methods (map types, captioners, segmenters), which plugins join.
 
 A plugin is a class registered at run time (`ipag.maps.register(MyMap)`) or installed as a Python entry point
-in the registry's group, which is loaded when the registry's package is imported:
+in the registry's group, loaded when `ipag` is first imported, after the package itself (so that a plugin may
+import anything from it):
 
     [project.entry-points."ipag.maps"]
     my_map = "my_package.my_module:MyMap"

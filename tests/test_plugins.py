@@ -33,6 +33,7 @@ DOC = ROOT / "docs" / "plugins.md"
 #: A segmenter and a captioner of a plugin package (with the map of the docs, the three entry point groups).
 OTHER_PLUGINS = '''
 import numpy as np
+from ipag import Explainer  # noqa: F401 — a plugin may import anything from the package
 from ipag.captioners import BlipCaptioner
 from ipag.segmenters import Segment, Segmenter
 

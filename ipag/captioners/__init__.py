@@ -1,5 +1,5 @@
 """Captioners behind one interface (`base.Captioner`). `CAPTIONERS` is the registry: the built-in classes below,
-then those installed as plugins (entry point group "ipag.captioners"), then those registered at run time with
+then those installed as plugins (entry point group "ipag.captioners", loaded by `ipag/__init__.py`), then those registered at run time with
 `register` (docs/plugins.md). A class says which models it runs and which friendly names it offers."""
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ unregister = CAPTIONERS.unregister
 
 for _builtin in (BlipCaptioner, VitGpt2Captioner, ClipCapCaptioner):
     register(_builtin)
-CAPTIONERS.load_plugins()
 
 
 def known_captioners() -> dict[str, str]:

@@ -1,8 +1,8 @@
 """Map types: how a word's evidence becomes a heatmap. One file per type over `base.MapType`.
 
 `MAP_TYPES` is the registry, in the order the page shows them: the built-in map types below, then those
-installed as plugins (entry point group "ipag.maps"), then those registered at run time with `register`
-(docs/plugins.md). Everything that lists map types reads it when it runs.
+installed as plugins (entry point group "ipag.maps", loaded by `ipag/__init__.py`), then those registered at
+run time with `register` (docs/plugins.md). Everything that lists map types reads it when it runs.
 """
 
 from ..attribution import PassNeeds
@@ -43,7 +43,6 @@ unregister = MAP_TYPES.unregister
 for _builtin in (GradCAMMap, SaliencyMap, InputXGradientMap, CrossAttentionMap, AttentionMap, RelevancyMap, LeGradMap,
                  ClipRelevanceMap, Occlusion, IntegratedGradientsMap):
     register(_builtin)
-MAP_TYPES.load_plugins()
 
 
 def map_titles() -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 `SEGMENTERS` is the registry: "detectron2" (panoptic FPN: things and stuff), "detectron2-maskrcnn",
 "torchvision" (Mask R-CNN, installs from PyPI alone), "superpixels" (scikit-image, no weights), then those
-installed as plugins (entry point group "ipag.segmenters") or registered at run time with `register`
+installed as plugins (entry point group "ipag.segmenters", loaded by `ipag/__init__.py`) or registered at run time with `register`
 (docs/plugins.md). "auto" stands for Detectron2 where it is installed, else torchvision.
 """
 
@@ -23,7 +23,6 @@ unregister = SEGMENTERS.unregister
 
 for _builtin in (Detectron2Segmenter, Detectron2MaskRCNN, TorchvisionMaskRCNN, Superpixels):
     register(_builtin)
-SEGMENTERS.load_plugins()
 
 
 def segmenter_names() -> list[str]:
