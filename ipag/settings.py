@@ -197,11 +197,6 @@ class Settings:
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in declarations()}
 
-    @staticmethod
-    def label(name: str) -> str:
-        """The page's label for the setting `name`."""
-        return declarations()[name].label
-
 
 def declarations() -> dict[str, Setting]:
     """Every setting by name: the fields of `Settings`, then the declared ones."""
