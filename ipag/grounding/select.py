@@ -4,7 +4,7 @@
 composites and CLIP embeddings. `Grounder.ground` then costs one text encoding and a few dot products.
 
 The choice is a softmax over logit_scale · cos(composite, prompt), the whole image included as a baseline,
-and the argmax wins. The seed system clipped scores at 1 and OR-ed the tied masks, so every query got the
+and the argmax wins. The original IPAG clipped scores at 1 and OR-ed the tied masks, so every query got the
 same mask; here nothing is clipped and nothing is merged after scoring, so different queries can, and do,
 pick different regions.
 """
