@@ -234,3 +234,16 @@ def test_caption_scores_compare_words_in_place():
                              {"truth": "a red circle", "caption": "a red cross", "objects": 1}])
     assert report["exact_match"] == 0.5 and report["shape_words"] == pytest.approx(2 / 3)
     assert report["by_objects"]["1"] == {"scenes": 1, "exact_match": 0.0, "colour_words": 1.0, "shape_words": 0.0}
+
+
+def test_training_is_deterministic_given_the_seed():
+    teacher, _ = train_teacher(steps=2, batch=4, progress=False)
+    again, _ = train_teacher(steps=2, batch=4, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), again.state_dict().values()))
+    torch.rand(7)  # whatever ran before in the process must not matter
+    runs = [train_captioner("vit-gpt2", steps=3, teacher=teacher, batch=4, seed=1, progress=False) for _ in range(2)]
+    assert runs[0][1].losses == runs[1][1].losses
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0].model.state_dict().values(),
+                                                 runs[1][0].model.state_dict().values()))
+    clips = [train_clip(steps=2, teacher=teacher, batch=4, seed=1, progress=False)[1].losses for _ in range(2)]
+    assert clips[0] == clips[1]

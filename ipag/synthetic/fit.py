@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,16 @@ class TrainingLog:
     def describe(self) -> dict[str, Any]:
         return {"steps": self.steps, "batch": self.batch, "seconds": round(self.seconds, 1),
                 "seconds_per_step": round(self.seconds / self.steps, 3), "final_loss": round(self.final_loss(), 4)}
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Inside the block, torch's global generator starts from `seed` (and is restored after): everything a
+    training run draws — initial weights, dropout — is then the same in every run, whatever ran before it in the
+    process (torch seeds its global generator differently in every process)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def fit(name: str, parameters: Sequence[nn.Parameter], step_loss: Callable[[int], torch.Tensor], steps: int,

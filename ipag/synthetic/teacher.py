@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import LABELS, Example, label_batch, training_examples, unit_pixels
-from .fit import TrainingLog, fit
+from .fit import TrainingLog, fit, seeded
 
 #: The teacher's channels per conv block (each followed by 2×2 max-pooling: stride 8 after three).
 CHANNELS = (32, 64, 96)
@@ -53,8 +53,7 @@ def label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def train_teacher(steps: int = TEACHER_STEPS, batch: int = 32, lr: float = 1e-3, seed: int = 0,
                   progress: bool = True) -> tuple[Teacher, TrainingLog]:
     """Train a `Teacher` on image-level labels of freshly generated training scenes (AdamW, constant rate)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         teacher = Teacher()
 
     def step_loss(step: int) -> torch.Tensor:

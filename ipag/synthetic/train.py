@@ -35,7 +35,7 @@ from ..captioners.base import Captioner, capture_output
 from ..grounding.clip import ClipModel
 from .check import caption_check
 from .data import Example, held_out_examples, normalized, training_examples, unit_pixels
-from .fit import TrainingLog, fit
+from .fit import TrainingLog, fit, seeded
 from .models import CLIP_FOLDER, CLIP_WEIGHTS_FILE, FAMILIES, TEACHER_FOLDER, new_blip, new_clip, write_clip_config
 from .scenes import COLOURS, SHAPES, SIZE, describe, pairs_of
 from .teacher import TEACHER_STEPS, Distiller, Teacher, label_accuracy, train_teacher
@@ -94,13 +94,14 @@ def train_captioner(name: str, steps: int, teacher: Teacher | None, batch: int =
                     seed: int = 0, progress: bool = True) -> tuple[Captioner, TrainingLog]:
     """Train the synthetic captioner `name` (a `models.FAMILIES` key) for `steps` AdamW steps on a one-cycle
     schedule, distilling `teacher` into its vision tower (None: no distillation)."""
-    captioner = FAMILIES[name].build(seed)
-    model = captioner.model.train().requires_grad_(True)
-    distiller = None if teacher is None else Distiller(teacher, vision_width(captioner))
-    parameters = list(model.parameters()) + ([] if distiller is None else list(distiller.projection.parameters()))
-    log = fit(f"Captioner {name}", parameters,
-              lambda step: captioner_loss(captioner, training_examples(name, step, batch), distiller),
-              steps, batch, lr, progress=progress)
+    with seeded(seed):
+        captioner = FAMILIES[name].build(seed)
+        model = captioner.model.train().requires_grad_(True)
+        distiller = None if teacher is None else Distiller(teacher, vision_width(captioner))
+        parameters = list(model.parameters()) + ([] if distiller is None else list(distiller.projection.parameters()))
+        log = fit(f"Captioner {name}", parameters,
+                  lambda step: captioner_loss(captioner, training_examples(name, step, batch), distiller),
+                  steps, batch, lr, progress=progress)
     model.eval().requires_grad_(False)
     return captioner, log
 
@@ -216,20 +217,20 @@ def train_clip(steps: int, teacher: Teacher | None, batch: int = 32, lr: float =
                progress: bool = True) -> tuple[ClipModel, TrainingLog]:
     """Train `models.new_clip(seed)` for `steps` AdamW steps on a one-cycle schedule, its temperature learned (and
     clamped at 100, as CLIP does), with a `CaptioningHead` and (given a teacher) distillation."""
-    clip = new_clip(seed)
-    model = clip.model.train().requires_grad_(True)
-    distiller = None if teacher is None else Distiller(teacher, model.visual.transformer.width)
-    captioning = CaptioningHead(seed).train()
-    parameters = [*model.parameters(), *captioning.parameters(),
-                  *([] if distiller is None else distiller.projection.parameters())]
-
     def clamp() -> None:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
 
-    log = fit("CLIP", parameters, lambda step: clip_loss(clip, training_examples("clip", step, batch), distiller,
-                                                        captioning, np.random.default_rng([seed, step])),
-              steps, batch, lr, progress=progress, after_step=clamp)
+    with seeded(seed):
+        clip = new_clip(seed)
+        model = clip.model.train().requires_grad_(True)
+        distiller = None if teacher is None else Distiller(teacher, model.visual.transformer.width)
+        captioning = CaptioningHead(seed).train()
+        parameters = [*model.parameters(), *captioning.parameters(),
+                      *([] if distiller is None else distiller.projection.parameters())]
+        log = fit("CLIP", parameters, lambda step: clip_loss(clip, training_examples("clip", step, batch), distiller,
+                                                            captioning, np.random.default_rng([seed, step])),
+                  steps, batch, lr, progress=progress, after_step=clamp)
     model.eval().requires_grad_(False)
     clip.logit_scale = float(model.logit_scale.exp())
     return clip, log
