@@ -28,10 +28,10 @@ from ipag import Explainer, Explainers, ModelUnavailableError
 from ipag import ui
 from ipag.captioners import KNOWN_CAPTIONERS, load_captioner, tiny_captioner
 from ipag.cli import add_model_arguments, captioner_name, load_explainer
-from ipag.maps import CAM_METHODS, CrossAttentionMap
+from ipag.maps import CAM_METHODS, MAP_TITLES, CrossAttentionMap
 from ipag.render import COLORMAPS
 from ipag.segmenters import available_segmenters
-from ipag.settings import DEFAULTS, SALIENCY_METHODS, Settings
+from ipag.settings import DEFAULTS, REGION_VIEWS, SALIENCY_METHODS, Settings
 from ipag.synthetic.scenes import example_files
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "examples").glob("*.jpg"))
@@ -110,15 +110,17 @@ class Page:
 
     def outputs(self) -> list:
         """What an explanation updates: the session, the large view and the line under it, the candidates, the
-        trust table, the status line, the raw JSON and the sanity check's table."""
+        trust table, the status line, the raw JSON, the sanity check's table and the view's choice (picking a
+        candidate region switches to the region view)."""
         return [self.session, self.picture, self.label, self.candidates, self.trust, self.status, self.details,
-                self.sanity]
+                self.sanity, self.view]
 
     def show(self, session: ui.Session, rendered: ui.Rendered) -> tuple:
         candidate = rendered.candidates[session.candidate] if rendered.candidates else None
         return (session, gr.update(value=rendered.picture, visible=rendered.picture is not None),  # no empty box
                 rendered.label, gr.update(choices=rendered.candidates, value=candidate), rendered.trust,
-                rendered.status, rendered.details, gr.update(visible=False))  # a sanity check was for the last word
+                rendered.status, rendered.details, gr.update(visible=False),  # a sanity check was for the last word
+                session.view)
 
 
 def build_app(explainers: Explainers | Explainer,
@@ -212,8 +214,13 @@ def _settings_panel(page: Page) -> None:
     with gr.Accordion("Region", open=False):
         setting("segmenter", gr.Dropdown, choices=available_segmenters(), value=resolved.segmenter)
         setting("template", gr.Textbox, max_lines=1)
+        setting("ground_phrase", gr.Checkbox)
+        setting("region_view", gr.Radio, choices=list(REGION_VIEWS))
+        setting("area_penalty", gr.Slider, minimum=0, maximum=20, step=0.5)
+        setting("counterfactual", gr.Checkbox)
         setting("stage2", gr.Checkbox)
-        setting("fusion_weight", gr.Slider, minimum=0, maximum=20, step=0.5)
+        setting("fusion_map", gr.Dropdown, choices=[(title, key) for key, title in MAP_TITLES.items()])
+        setting("fusion_weight", gr.Slider, minimum=0, maximum=50, step=0.5)
     with gr.Accordion("Drawing", open=False):
         setting("opacity", gr.Slider, minimum=0, maximum=1, step=0.05)
         setting("colormap", gr.Dropdown, choices=list(COLORMAPS))

@@ -30,7 +30,7 @@ from .cache import DEFAULT_CACHE_MB, ImageCache, image_key
 from .captioners import Captioner, DecodeOptions, load_captioner, tiny_captioner
 from .device import resolve_device
 from .errors import QueryError
-from .grounding import ClipModel, Grounder, Grounding
+from .grounding import ClipModel, GroundedImage, Grounder, Grounding, noun_phrase
 from .images import ImageInput, load_image
 from .maps import MAP_TYPES, MapContext, MapType
 from .results import Caption, Explanation, Heatmap, Word
@@ -185,6 +185,17 @@ class Explainer:
                        cross_attention_layer=captioner.resolve_layer(cross, decoder, "Cross-attention layer")
                        if decoder else None,
                        segmenter=segmenter)
+
+    def grounded_image(self, image: ImageInput, settings: Settings = DEFAULTS) -> GroundedImage:
+        """What the regions of `image` are chosen among with `settings`' segmenter: its proposals and their CLIP
+        embeddings (cached; computed here if no word of the image was grounded yet)."""
+        rgb = load_image(image)
+        return self._grounded(rgb, image_key(rgb), self.resolve(settings))
+
+    def _grounded(self, rgb: Image.Image, image: str, settings: Settings) -> GroundedImage:
+        segmenter = settings.segmenter
+        return self.cache.get_or_compute(image, ("grounded", segmenter), lambda: Grounder.from_settings(
+            self.clip, settings).prepare(rgb, self.segmenter(segmenter).segment(rgb)))
 
     def wait_until_idle(self, timeout: float | None = None) -> bool:
         """Block until the worker has nothing queued or running (every background precompute done); returns
@@ -466,11 +477,32 @@ class _Word:
     def _own_key(self) -> Key:
         return self._key("own maps", self.item.text, tuple(self.map_types["own"]))
 
-    def _region_key(self) -> Key:
-        """The region depends on the word's text and the grounding settings (and on its Grad-CAM if fused)."""
+    @property
+    def grounded_text(self) -> str:
+        """What the region is asked for: a clicked caption word's noun phrase ("red circle" for "red") when
+        `ground_phrase`, else the query as typed (or the caption phrase it matched)."""
+        item, caption = self.item, self.caption
+        if self.settings.ground_phrase and isinstance(item.query, int):
+            return noun_phrase(caption.text, [word.span for word in caption.words], item.query)
+        return item.text
+
+    def _fusion_stage(self) -> tuple[Key, Callable[[Publish], None]] | None:
+        """The stage whose maps include the one fused into the region's choice (`fusion_map`), or None when
+        fusion is off or that map is not computed with these settings."""
         settings = self.settings
-        fused = self._maps_keys()[0][1] if settings.fusion_weight else None
-        return self.image, ("region", self.item.text, settings.key("grounding"), fused)
+        if not settings.fusion_weight:
+            return None
+        token_key, pixel_key = self._maps_keys()
+        stages = {"tokens": (token_key, self._token_maps), "pixels": (pixel_key, self._pixel_maps),
+                  "own": (self._own_key(), self._own_maps)}
+        return next((stages[needs] for needs, map_types in self.map_types.items()
+                     if any(map_type.key == settings.fusion_map for map_type in map_types)), None)
+
+    def _region_key(self) -> Key:
+        """The region depends on the grounded text and the grounding settings (and on the word's maps if fused)."""
+        fusion = self._fusion_stage()
+        return self.image, ("region", self.grounded_text, self.settings.key("grounding"),
+                            None if fusion is None else fusion[0][1])
 
     def _checks_key(self) -> Key:
         return self._key("checks", self._region_key() if self.grounded else None)
@@ -524,21 +556,21 @@ class _Word:
 
     def _region(self, publish: Publish) -> None:
         explainer, settings = self.explainer, self.settings
-        segmenter = settings.segmenter
         try:
-            grounder = Grounder(explainer.clip, template=settings.template, top_k=settings.top_k,
-                                stage2=settings.stage2, fusion_weight=settings.fusion_weight)
-            prepared = explainer.cache.get_or_compute(
-                self.image, ("grounded", segmenter),
-                lambda: grounder.prepare(self.rgb, explainer.segmenter(segmenter).segment(self.rgb)))
-            cam = None
-            if settings.fusion_weight:
-                gradcam = explainer.scheduler.result(self._maps_keys()[0], self._token_maps).maps.get("gradcam")
-                cam = gradcam.at(prepared.pixels.shape[1::-1]) if gradcam is not None else None
-            result = _Region(grounder.ground(prepared, self.item.text, cam=cam), prepared.segmenter, [])
+            prepared = explainer._grounded(self.rgb, self.image, settings)
+            cam, notes = None, []
+            fusion = self._fusion_stage()
+            if fusion is not None:
+                fused = explainer.scheduler.result(*fusion).maps.get(settings.fusion_map)
+                cam = fused.at(prepared.pixels.shape[1::-1]) if fused is not None else None
+            if settings.fusion_weight and cam is None:
+                notes.append(f"The region was chosen without the captioner's evidence: its {settings.fusion_map!r} "
+                             "map is not computed with these settings (or failed).")
+            grounding = Grounder.from_settings(explainer.clip, settings).ground(prepared, self.grounded_text, cam=cam)
+            result = _Region(grounding, prepared.segmenter, notes)
         except Exception as err:  # noqa: BLE001 — the maps are still worth showing without a region
             logger.exception("grounding failed")
-            result = _Region(None, segmenter, [f"No region: grounding failed ({err})"])
+            result = _Region(None, settings.segmenter, [f"No region: grounding failed ({err})"])
         publish(self._region_key(), result)
 
     def _checks(self, publish: Publish) -> None:

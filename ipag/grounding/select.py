@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from ..segmenters.superpixels import Method as SuperpixelMethod
 from .composite import DEFAULT_SIGMA, VIEWS, View, backdrop, view
 from .proposals import Proposal, grow_mask, region_label, segment_proposals, superpixel_parts, working_size
 from .result import Candidate, Grounding
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 
 class Scorer(Protocol):
@@ -143,6 +146,13 @@ class Grounder:
         self.work_size = work_size  #: longer side of the image composites are made at
         self.area_penalty = area_penalty
         self.counterfactual = counterfactual
+
+    @classmethod
+    def from_settings(cls, scorer: Scorer, settings: "Settings") -> "Grounder":
+        """The grounder a page's or an API call's `Settings` ask for."""
+        return cls(scorer, template=settings.template, top_k=settings.top_k, stage2=settings.stage2,
+                   fusion_weight=settings.fusion_weight, view=settings.region_view,
+                   area_penalty=settings.area_penalty, counterfactual=settings.counterfactual)
 
     @property
     def views(self) -> tuple[View, ...]:
