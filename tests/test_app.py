@@ -1,6 +1,7 @@
 """The running app: its API through gradio_client, and the page in a real browser (Chromium + Playwright)."""
 
 import os
+import re
 import shutil
 import socket
 import time
@@ -382,19 +383,26 @@ def test_the_live_sanity_check_reports_every_captioner_map(app_url, browser):
     page.close()
 
 
-def test_picking_another_candidate_region_updates_the_trust_numbers(app_url, browser):
+def test_candidate_regions_read_as_places_and_picking_one_shows_it(app_url, browser):
+    """Superpixels have no classes: the candidates are named by place and size, the status line names the phrase
+    that was grounded, and picking a candidate shows it on the picture (the region view) with its trust numbers."""
     page = open_page(browser, app_url)
     words = upload(page, EXAMPLES / "rocket.jpg")
     words.first.click()
-    finished(page)
+    finished(page, "Region of “")
     before = page.locator("#trust").inner_text()
     choices = page.locator("#candidates label")
     assert choices.count() >= 2
-    label = choices.nth(1).inner_text().split("—")[0].split(". ", 1)[1].strip()
+    labels = [choices.nth(index).inner_text().split("—")[0].split(". ", 1)[1].strip() for index in range(choices.count())]
+    assert all(re.fullmatch(r"whole image|(\d+ )?segments?, [a-z ]+, (<1|\d+)% of the image", label) for label in labels)
     choices.nth(1).click()
-    page.locator("#status").get_by_text(f"Region: {label}").wait_for(timeout=60_000)
+    page.locator("#status").get_by_text(labels[1]).wait_for(timeout=60_000)
     page.wait_for_function("(before) => document.querySelector('#trust').innerText !== before", arg=before,
                            timeout=60_000)
+    page.locator("#view-label").get_by_text(labels[1]).wait_for(timeout=30_000)
+    assert page.locator("#view input[value=region]").is_checked()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "candidates.png"), full_page=True)
     page.close()
 
 
