@@ -57,7 +57,7 @@ class Settings:
     #: The grounding defaults are the best combination measured with the shipped synthetic models on tuning scenes
     #: (seeds 5000–5199, disjoint from the evaluation's 0–499) by `python -m ipag evaluate-grounding --grid …`
     #: (docs/evaluation.md#grounding): the phrase, grey composites, an area penalty and the captioner's saliency.
-    ground_phrase: bool = _setting(True, "grounding", "Ground a clicked word's noun phrase (“red circle” for “red”)")
+    ground_phrase: bool = _setting(True, "grounding", "Ground a clicked word's phrase (“red circle” for “red”)")
     region_view: str = _setting("grey", "grounding", "What CLIP sees of a region (blur, grey, crop)")
     area_penalty: float = _setting(10.0, "grounding", "Area penalty (logits for the whole image; 0 = none)")
     counterfactual: bool = _setting(False, "grounding", "Add CLIP's drop when the region is blurred away")

@@ -393,8 +393,10 @@ def test_candidate_regions_read_as_places_and_picking_one_shows_it(app_url, brow
     before = page.locator("#trust").inner_text()
     choices = page.locator("#candidates label")
     assert choices.count() >= 2
-    labels = [choices.nth(index).inner_text().split("—")[0].split(". ", 1)[1].strip() for index in range(choices.count())]
-    assert all(re.fullmatch(r"whole image|(\d+ )?segments?, [a-z ]+, (<1|\d+)% of the image", label) for label in labels)
+    labels = [choices.nth(index).inner_text().split("—")[0].split(". ", 1)[1].strip()
+              for index in range(choices.count())]
+    readable = r"whole image|(\d+ )?segments?, [a-z ]+, (<1|\d+)% of the image"
+    assert all(re.fullmatch(readable, label) for label in labels), labels
     choices.nth(1).click()
     page.locator("#status").get_by_text(labels[1]).wait_for(timeout=60_000)
     page.wait_for_function("(before) => document.querySelector('#trust').innerText !== before", arg=before,

@@ -97,8 +97,8 @@ def region_record(grounding: "Grounding", truth: np.ndarray, proposals: Sequence
     best = max(iou(mask, truth) for mask in proposals)
     right = iou(chosen, truth)
     return {"query": grounding.query, "label": grounding.label, "iou": right, "right": right >= RIGHT_OBJECT_IOU,
-            "best_iou": best, "recall": best >= RIGHT_OBJECT_IOU, "precision": overlap / max(np.count_nonzero(chosen), 1),
-            "coverage": overlap / max(np.count_nonzero(truth), 1), "area": float(chosen.mean()),
+            "best_iou": best, "recall": best >= RIGHT_OBJECT_IOU, "precision": overlap / np.count_nonzero(chosen),
+            "coverage": overlap / np.count_nonzero(truth), "area": float(chosen.mean()),
             "probability": grounding.score, "decided": grounding.decided, "whole_image": grounding.baseline_won}
 
 
