@@ -242,8 +242,8 @@ def view_label(view: str, explanation: Explanation) -> str:
     if view == "region":
         grounding = explanation.grounding
         if grounding is not None:
-            return (f"Region of “{html.escape(grounding.query)}” among {explanation.segmenter} proposals: "
-                    f"**{html.escape(grounding.label)}**{'' if grounding.decided else ' (CLIP cannot decide)'}.")
+            return (f"Region among {explanation.segmenter} proposals: **{html.escape(grounding.label)}**"
+                    f"{'' if grounding.decided else ' (CLIP cannot decide)'}.")  # no query here: see `status_line`
         return "Still being computed…" if "region" in explanation.pending else "No region: grounding is off."
     heatmap = explanation.maps.get(view)
     if heatmap is not None:

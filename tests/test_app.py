@@ -157,7 +157,7 @@ def test_click_a_word_in_a_real_browser(app_url, browser, monkeypatch):
             page.locator("#view-label").get_by_text("not computed with these settings").wait_for(timeout=30_000)
             assert page.locator("#picture img").count() == 0 or not page.locator("#picture").is_visible()
             continue
-        expected = "Chosen by CLIP" if key == "region" else title
+        expected = "Region among" if key == "region" else title
         page.locator("#view-label").get_by_text(expected).first.wait_for(timeout=30_000)
         page.wait_for_function("() => { const img = document.querySelector('#picture img');"
                                " return img && img.complete && img.naturalWidth > 0; }", timeout=30_000)

@@ -21,10 +21,11 @@ from ipag.synthetic.scenes import COLOURS, evidence_for, find_scene
 
 #: Held-out scenes the shipped models are checked on (the benchmark's first 500 include them).
 CHECK_SEEDS = range(50)
-#: Thresholds a little under what the shipped models measured on these 50 scenes (0.22 and 0.24; see
-#: models/README.md): a retrained model that does worse fails here.
+#: Thresholds a little under what the shipped models measured on these 50 scenes (exact match 0.22, see
+#: models/README.md; right object 0.98 with the default grounding, docs/evaluation.md#grounding): a retrained
+#: model, or a grounding change, that does worse fails here.
 MIN_EXACT_MATCH = 0.15
-MIN_RIGHT_OBJECT = 0.15
+MIN_RIGHT_OBJECT = 0.9
 
 
 @pytest.fixture(scope="module")
