@@ -157,8 +157,11 @@ def test_click_a_word_in_a_real_browser(app_url, browser, monkeypatch):
             page.locator("#view-label").get_by_text("not computed with these settings").wait_for(timeout=30_000)
             assert page.locator("#picture img").count() == 0 or not page.locator("#picture").is_visible()
             continue
-        expected = "Region among" if key == "region" else title
-        page.locator("#view-label").get_by_text(expected).first.wait_for(timeout=30_000)
+        # the label's start, exactly: a substring match would take "Cross-attention: …" for "Attention", click on
+        # while that answer is pending, and Gradio drops a click made while the same event is pending
+        expected = "Region among" if key == "region" else f"{title}:"
+        page.wait_for_function("(text) => (document.querySelector('#view-label')?.innerText || '').trim()"
+                               ".startsWith(text)", arg=expected, timeout=30_000)
         page.wait_for_function("() => { const img = document.querySelector('#picture img');"
                                " return img && img.complete && img.naturalWidth > 0; }", timeout=30_000)
     assert page.locator("#trust").get_by_text("Word probability").count() == 1
