@@ -205,7 +205,7 @@ def test_evaluate_grounding_ranks_a_grid_and_runs_the_ablation(tmp_path, capsys)
     assert set(variants) == {"fusion_weight=0, region_view=crop", "fusion_weight=15, region_view=crop"}
     goals = [min(v["summary"][kind]["right_object"]["mean"] for kind in ("colour", "shape")) for v in variants.values()]
     assert goals == sorted(goals, reverse=True)  # best first
-    assert variants["fusion_weight=0, region_view=crop"]["settings"] == {"fusion_weight": 0.0}
+    assert variants["fusion_weight=0, region_view=crop"]["settings"] == {"fusion_weight": 0.0, "region_view": "crop"}
     assert result["scenes"] == 2 and "right|recall" in capsys.readouterr().out
     assert main(["evaluate-grounding", "--scenes", "1", "--grid", "no_such_setting=1"]) == 2
     assert set(ablation()) >= {"before (word, blur, CLIP alone)", "before + crop", "defaults", "defaults − fusion"}
