@@ -4,8 +4,8 @@
     python playground.py --tiny          # tiny random models, offline, for testing the plumbing
     python playground.py                 # BLIP-base + CLIP ViT-B/32 (downloaded once, then cached)
 
-This file only lays out the page and wires components to the plain functions of `ipag.ui`; every setting's
-default and label come from `ipag.settings.Settings`.
+This file only lays out the page and wires components to the plain functions of `ipag.ui`; the settings'
+widgets are made from their declarations (`ipag.ui.settings_panels`, `ipag.settings`).
 """
 
 from __future__ import annotations
@@ -26,12 +26,9 @@ from gradio import FileData
 
 from ipag import Explainer, Explainers, ModelUnavailableError
 from ipag import ui
-from ipag.captioners import KNOWN_CAPTIONERS, load_captioner, tiny_captioner
+from ipag.captioners import known_captioners, load_captioner, tiny_captioner
 from ipag.cli import add_model_arguments, captioner_name, load_explainer
-from ipag.maps import CAM_METHODS, MAP_TITLES, CrossAttentionMap
-from ipag.render import COLORMAPS
-from ipag.segmenters import available_segmenters
-from ipag.settings import DEFAULTS, REGION_VIEWS, SALIENCY_METHODS, Settings
+from ipag.settings import DEFAULTS, Settings
 from ipag.synthetic.scenes import example_files
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "examples").glob("*.jpg"))
@@ -84,8 +81,11 @@ def _upload_path(self: gr.Image, payload: Any) -> str | None:
 #: broken file or a decompression bomb before our checks (and their clear messages) could run. Made with
 #: `ABCMeta.__new__` instead of a class statement, because Gradio's component metaclass writes a .pyi stub next
 #: to the module of every subclass; the front end is Gradio's image widget ("image").
-ImageInput = ABCMeta.__new__(type(gr.Image), "ImageInput", (gr.Image,), {
+UploadedImage = ABCMeta.__new__(type(gr.Image), "UploadedImage", (gr.Image,), {
     "__module__": __name__, "preprocess": _upload_path, "get_block_name": lambda self: "image"})
+#: The component of each kind of setting widget (`ipag.ui.SettingWidget.kind`).
+WIDGETS = {"slider": gr.Slider, "number": gr.Number, "checkbox": gr.Checkbox, "dropdown": gr.Dropdown,
+           "radio": gr.Radio, "text": gr.Textbox}
 
 
 @dataclass
@@ -95,7 +95,8 @@ class Page:
     explainers: Explainers
     names: list[str]  #: captioners the page offers
     gallery: tuple[list[str], str]  #: the example files and their label
-    settings: dict[str, gr.components.Component] = field(default_factory=dict)  #: Settings field → its widget
+    panels: dict[str, dict[str, ui.SettingWidget]]  #: every setting's widget, by panel (`ui.settings_panels`)
+    settings: dict[str, gr.components.Component] = field(default_factory=dict)  #: setting name → its widget
     parts: dict[str, Any] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:
@@ -131,9 +132,9 @@ def build_app(explainers: Explainers | Explainer,
     gallery's files and its label."""
     if isinstance(explainers, Explainer):
         explainers = Explainers(explainers, "default", lambda name: explainers.captioner)
-    names = list(dict.fromkeys([explainers.default, *KNOWN_CAPTIONERS])) if explainers.default in KNOWN_CAPTIONERS \
-        else [explainers.default]
-    page = Page(explainers, names, examples)
+    known = known_captioners()
+    names = list(dict.fromkeys([explainers.default, *known])) if explainers.default in known else [explainers.default]
+    page = Page(explainers, names, examples, ui.settings_panels(explainers.get()))
     with gr.Blocks(title="IPAG playground") as demo:
         page.parts["session"] = gr.State(ui.Session())
         gr.Markdown(INTRO)
@@ -153,14 +154,14 @@ def build_app(explainers: Explainers | Explainer,
 
 def _image_panel(page: Page) -> None:
     # type="filepath": our loader decodes the upload, with its size checks (decompression bombs).
-    page.parts["image"] = ImageInput(type="filepath", sources=["upload", "webcam", "clipboard"], label="Image",
+    page.parts["image"] = UploadedImage(type="filepath", sources=["upload", "webcam", "clipboard"], label="Image",
                                      height=280, elem_id="image")
     page.parts["examples"] = gr.Examples(page.gallery[0], inputs=page.image, label=page.gallery[1])
-    with gr.Accordion("Captioner and decoding", open=False):
+    decoding, *_ = ui.PANELS
+    with gr.Accordion(decoding, open=False):
         page.parts["captioner"] = gr.Dropdown(page.names, value=page.explainers.default, label="Captioner",
                                               elem_id="captioner")
-        _setting(page, "num_beams", gr.Slider, minimum=1, maximum=8, step=1)
-        _setting(page, "max_new_tokens", gr.Slider, minimum=5, maximum=60, step=1)
+        _settings_widgets(page, decoding)
         page.parts["recaption"] = gr.Button("Caption again", variant="secondary")
 
 
@@ -175,7 +176,7 @@ def _caption_panel(page: Page) -> None:
 
 
 def _maps_panel(page: Page) -> None:
-    page.parts["view"] = gr.Radio([(title, key) for key, title in ui.VIEWS.items()], value=ui.DEFAULT_VIEW,
+    page.parts["view"] = gr.Radio([(title, key) for key, title in ui.views().items()], value=ui.DEFAULT_VIEW,
                                   show_label=False, elem_id="view")
     page.parts["picture"] = gr.Image(show_label=False, interactive=False, height=480, format="jpeg",
                                      elem_id="picture")
@@ -198,40 +199,16 @@ def _maps_panel(page: Page) -> None:
 
 
 def _settings_panel(page: Page) -> None:
-    explainer = page.explainers.get()
-    resolved = explainer.resolve(DEFAULTS)  # the concrete layers and segmenter "default" stands for here
-    vision, decoder = len(explainer.captioner.vision_layers), explainer.captioner.num_decoder_layers
-    setting = functools.partial(_setting, page)
-    with gr.Accordion("Maps", open=True):
-        setting("cam_method", gr.Dropdown, choices=list(CAM_METHODS))
-        setting("vision_layer", gr.Slider, minimum=-vision, maximum=vision - 1, step=1)
-        # A captioner without cross-attention has no layer to choose (the setting is ignored): the slider says why.
-        no_layer = CrossAttentionMap().unavailable(explainer.captioner)
-        setting("cross_attention_layer", gr.Slider, minimum=0, maximum=max(decoder - 1, 1), step=1,
-                value=resolved.cross_attention_layer or 0, interactive=not no_layer, info=no_layer)
-        setting("saliency", gr.Radio, choices=list(SALIENCY_METHODS))
-        setting("occlusion", gr.Checkbox)
-        setting("integrated_gradients", gr.Checkbox)
-        setting("ig_steps", gr.Slider, minimum=2, maximum=128, step=1)
-    with gr.Accordion("Region", open=False):
-        setting("segmenter", gr.Dropdown, choices=available_segmenters(), value=resolved.segmenter)
-        setting("template", gr.Textbox, max_lines=1)
-        setting("ground_phrase", gr.Checkbox)
-        setting("region_view", gr.Radio, choices=list(REGION_VIEWS))
-        setting("area_penalty", gr.Slider, minimum=0, maximum=20, step=0.5)
-        setting("counterfactual", gr.Checkbox)
-        setting("stage2", gr.Checkbox)
-        setting("fusion_map", gr.Dropdown, choices=[(title, key) for key, title in MAP_TITLES.items()])
-        setting("fusion_weight", gr.Slider, minimum=0, maximum=50, step=0.5)
-    with gr.Accordion("Drawing", open=False):
-        setting("opacity", gr.Slider, minimum=0, maximum=1, step=0.05)
-        setting("colormap", gr.Dropdown, choices=list(COLORMAPS))
+    """Every setting's widget but the decoding ones (they sit with the captioner), one accordion per panel."""
+    _, *panels = ui.PANELS
+    for title in panels:
+        with gr.Accordion(title, open=title == "Maps"):
+            _settings_widgets(page, title)
 
 
-def _setting(page: Page, name: str, widget: type, **options: Any) -> None:
-    """The widget for the `Settings` field `name`: its label and (unless given) its default from `Settings`."""
-    options.setdefault("value", getattr(DEFAULTS, name))
-    page.settings[name] = widget(label=Settings.label(name), elem_id=f"settings-{name}", **options)
+def _settings_widgets(page: Page, panel: str) -> None:
+    for name, widget in page.panels[panel].items():
+        page.settings[name] = WIDGETS[widget.kind](elem_id=f"settings-{name}", **widget.options)
 
 
 def _compare_panel(page: Page) -> None:

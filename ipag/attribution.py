@@ -18,44 +18,39 @@ model as one extra batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from .captioners.base import Captioner, DecoderPass
-from .maps import TargetGradients
+from .target import Target, TargetGradients, token_logprobs
 
 
 @dataclass(frozen=True)
-class Target:
-    """The token positions (in `token_ids`) whose summed log-probability is explained."""
+class PassNeeds:
+    """What a map type needs from its word's pass beyond the gradients every pass gives (`MapType.pass_needs`).
+    The explainer combines the needs of the maps it computes (`|`), so one pass serves all of them."""
 
-    positions: tuple[int, ...]
+    smoothgrad_samples: int = 0  #: noisy copies of the image, their gradients after the clean one's; 0: none
+    smoothgrad_noise: float = 0.15  #: their noise, as a fraction of the input's value range
+    attentions: bool = False  #: also every layer's attention and its gradient (relevance propagation)
 
-    @property
-    def rows(self) -> list[int]:
-        """The decoder output rows that predict the target's tokens (row t−1 holds log p(y_t))."""
-        return [position - 1 for position in self.positions]
-
-    def check(self, length: int) -> None:
-        """Refuse positions outside a sequence of `length` tokens (position 0 is the start token: no prediction)."""
-        if not self.positions or min(self.positions) < 1 or max(self.positions) >= length:
-            raise ValueError(f"Target positions {self.positions} must lie in 1..{length - 1}.")
+    def __or__(self, other: "PassNeeds") -> "PassNeeds":
+        noisy = max(self, other, key=lambda needs: needs.smoothgrad_samples)
+        return PassNeeds(noisy.smoothgrad_samples, noisy.smoothgrad_noise, self.attentions or other.attentions)
 
 
 @dataclass(frozen=True)
 class PassSpec:
     """What one attribution forward depends on besides the image and the tokens (part of cache keys).
-    Layers are concrete indices (resolved by the explainer); `smoothgrad_samples=0` means no noisy batch."""
+    Layers are concrete indices (resolved by the explainer)."""
 
     vision_layer: int
     attention_layer: int | None  #: None: no cross-attention (the captioner has none)
-    smoothgrad_samples: int = 0
-    smoothgrad_noise: float = 0.15
+    needs: PassNeeds = PassNeeds()
     seed: int = 0
-    attentions: bool = False  #: also every layer's attention and its gradient (relevance propagation)
 
 
 class AttributionPass:
@@ -69,14 +64,15 @@ class AttributionPass:
         self.token_ids = list(token_ids)
         self.spec = spec
         self.clean = captioner.forward_for_attribution(pixel_values, self.token_ids, spec.vision_layer,
-                                                       spec.attention_layer, spec.attentions)
+                                                       spec.attention_layer, spec.needs.attentions)
         self.noisy: DecoderPass | None = None
         #: Each target's first step, kept for its second (see `first_step`).
         self._first: dict[Target, tuple[float, TargetGradients, torch.Tensor]] = {}
-        if spec.smoothgrad_samples:
+        samples = spec.needs.smoothgrad_samples
+        if samples:
             generator = torch.Generator(device="cpu").manual_seed(spec.seed)
-            spread = float(pixel_values.max() - pixel_values.min()) * spec.smoothgrad_noise
-            noise = torch.randn((spec.smoothgrad_samples, *pixel_values.shape[1:]), generator=generator) * spread
+            spread = float(pixel_values.max() - pixel_values.min()) * spec.needs.smoothgrad_noise
+            noise = torch.randn((samples, *pixel_values.shape[1:]), generator=generator) * spread
             noisy_pixels = pixel_values + noise.to(pixel_values.device, pixel_values.dtype)
             self.noisy = captioner.forward_for_attribution(noisy_pixels, self.token_ids, spec.vision_layer,
                                                            spec.attention_layer)
@@ -90,7 +86,6 @@ class AttributionPass:
 
     def token_gradients(self, target: Target) -> tuple[float, TargetGradients, torch.Tensor]:
         """Step 1: (log-probability, gradients without pixels, ∂target/∂vision output for step 2)."""
-        target.check(len(self.token_ids))
         clean = self.clean
         value = _logprob(clean, self.token_ids, target)
         cross = [] if clean.cross_attention is None else [clean.cross_attention]
@@ -137,6 +132,25 @@ class AttributionPass:
                 **{("decoder_cross", i): a for i, a in enumerate(every.decoder_cross)}}
 
 
+class KeptPass:
+    """The last attribution pass, kept (with its autograd graph) while the words of a caption are explained one
+    after another: they share its forward. Only the explainer's worker uses it; `drop` frees the graph (hundreds
+    of MB for BLIP-base) once the worker has nothing to do."""
+
+    def __init__(self) -> None:
+        self._kept: tuple[Hashable, AttributionPass] | None = None
+
+    def get(self, wanted: Hashable, make: Callable[[], AttributionPass]) -> AttributionPass:
+        """The kept pass if it was made for `wanted` (the image, the sequence and the spec), else `make()`'s."""
+        if self._kept is None or self._kept[0] != wanted:
+            self._kept = None  # free the old graph before building the new one
+            self._kept = (wanted, make())
+        return self._kept[1]
+
+    def drop(self) -> None:
+        self._kept = None
+
+
 def target_gradients(captioner: Captioner, pixel_values: torch.Tensor, token_ids: Sequence[int],
                      targets: Sequence[Target], vision_layer: int, attention_layer: int | None,
                      smoothgrad_samples: int = 0, smoothgrad_noise: float = 0.15, seed: int = 0,
@@ -146,7 +160,7 @@ def target_gradients(captioner: Captioner, pixel_values: torch.Tensor, token_ids
     without cross-attention ignores `attention_layer`. `attentions`: every layer's attention gradient too."""
     if not targets:
         return
-    spec = PassSpec(vision_layer, attention_layer, smoothgrad_samples, smoothgrad_noise, seed, attentions)
+    spec = PassSpec(vision_layer, attention_layer, PassNeeds(smoothgrad_samples, smoothgrad_noise, attentions), seed)
     attribution = AttributionPass(captioner, pixel_values, token_ids, spec)
     for target in targets:
         value, gradients, vision_grad = attribution.token_gradients(target)
@@ -154,11 +168,8 @@ def target_gradients(captioner: Captioner, pixel_values: torch.Tensor, token_ids
 
 
 def _logprob(decoded: DecoderPass, token_ids: list[int], target: Target) -> torch.Tensor:
-    """Σ_t log p(y_t | image, y_<t) over the target's positions, summed over the batch (noisy copies)."""
-    rows = torch.tensor(target.rows, device=decoded.logprobs.device)
-    ids = torch.tensor([token_ids[p] for p in target.positions], device=decoded.logprobs.device)
-    picked = decoded.logprobs[:, rows, ids]
-    return picked.sum()
+    """The target's log-probability, summed over the batch (SmoothGrad's noisy copies share one backward)."""
+    return target.score(token_logprobs(decoded.logprobs, token_ids)).sum()
 
 
 def _pairs(attentions: dict[tuple[str, int], torch.Tensor],

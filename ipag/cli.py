@@ -25,7 +25,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from PIL import Image
 
 from .batch import LOCAL, RayUnavailableError, Record, Worker, run_items
 from .cache import DEFAULT_CACHE_MB, image_key
-from .captioners import KNOWN_CAPTIONERS
+from .captioners import known_captioners
 from .errors import ModelUnavailableError, QueryError
 from .evaluation.captions import COCO_METRICS, MetricUnavailableError, evaluate_captions, require_java
 from .evaluation.faithfulness import METRICS, ROAD_PERCENTILES, faithfulness_result, image_faithfulness
@@ -53,16 +52,16 @@ from .evaluation.report import describe, format_table
 from .explainer import Explainer
 from .export import export_files, safe_name
 from .images import ImageError, load_image
-from .maps import CAM_METHODS
 from .results import Caption, Explanation
-from .settings import DEFAULTS, Settings
+from .segmenters import available_segmenters
+from .settings import DEFAULTS, Setting, Settings, declarations
 from .synthetic.models import SCENE_SUPERPIXELS
 from .synthetic.train import CAPTIONER_STEPS, CLIP_STEPS
 
 #: The file that marks an image as finished. It is written last, inside a temporary folder that is renamed into
 #: place only when complete, so an interrupted run never leaves a folder that looks finished.
 INDEX = "image.json"
-#: The captioner when none is named (a friendly name of `KNOWN_CAPTIONERS`).
+#: The captioner when none is named (a friendly name of `known_captioners()`).
 DEFAULT_CAPTIONER = "blip-base"
 #: The exit status after Ctrl-C (128 + SIGINT, as shells report it).
 INTERRUPTED = 130
@@ -79,28 +78,47 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        "`train-synthetic` wrote to FOLDER (offline; captions that mean something)")
     group.add_argument("--tiny", action="store_true", help="tiny random models: offline, for testing the plumbing")
     group.add_argument("--captioner", default=None,
-                       help=f"{', '.join(KNOWN_CAPTIONERS)}, a hub id or local folder of a BLIP or ViT-GPT2 "
-                       "captioner, or a ClipCap checkpoint file (.pt/.safetensors, see the README); default {DEFAULT_CAPTIONER}")
+                       help=f"{', '.join(known_captioners())}, a hub id or local folder of a BLIP or ViT-GPT2 "
+                       f"captioner, or a ClipCap checkpoint file (.pt/.safetensors, see the README); default "
+                       f"{DEFAULT_CAPTIONER}")
     group.add_argument("--clip", default="ViT-B-32/openai",
                        help="open_clip 'architecture/pretrained' (tag or checkpoint path); 'none' disables grounding")
     group.add_argument("--segmenter", default=None,
-                       help="auto, detectron2, detectron2-maskrcnn, torchvision, superpixels (default: the models')")
+                       help=f"{', '.join(available_segmenters())} (default: the models')")
     group.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, mps")
     group.add_argument("--cache-mb", type=_positive, default=DEFAULT_CACHE_MB,
                        help="memory for cached results (captions, regions, explanations) in MB; least recently used "
                        f"ones are dropped beyond it (default {DEFAULT_CACHE_MB}, for a 16 GB machine)")
 
 
+#: Settings that are model options too (`add_model_arguments`): the explainer's default and the settings' value.
+MODEL_SETTINGS = ("segmenter",)
+
+
 def add_explanation_arguments(parser: argparse.ArgumentParser) -> None:
-    """How the batch commands caption and explain (the playground sets these in the page). Defaults are
+    """How the batch commands caption and explain (the playground sets these in the page): one option per
+    setting, made from its declaration (`ipag.settings`), `--cam-method` for `cam_method`. Defaults are
     `Settings`' own: an option left out is not passed on."""
     group = parser.add_argument_group("explanations")
-    group.add_argument("--cam-method", choices=list(CAM_METHODS), help=f"Grad-CAM variant ({DEFAULTS.cam_method})")
-    group.add_argument("--num-beams", type=int, help=f"beam size for captioning ({DEFAULTS.num_beams} = greedy)")
-    group.add_argument("--max-tokens", type=int, dest="max_new_tokens",
-                       help=f"longest caption, in tokens ({DEFAULTS.max_new_tokens})")
-    group.add_argument("--occlusion", action="store_true", default=None,
-                       help="add the occlusion map (Δlog p of the word when each patch is hidden; slower)")
+    for name, setting in declarations().items():
+        if name not in MODEL_SETTINGS:
+            group.add_argument(f"--{name.replace('_', '-')}", default=None, **_option(name, setting))
+
+
+def _option(name: str, setting: Setting) -> dict[str, Any]:
+    """argparse's arguments for a setting: a flag pair (--x / --no-x) for a switch, else its type and choices,
+    with its range and default in the help."""
+    label = setting.label.replace("%", "%%")
+    default = getattr(DEFAULTS, name)
+    if setting.kind is bool:
+        return {"action": argparse.BooleanOptionalAction, "help": f"{label} (default: {'on' if default else 'off'})"}
+    low, high = setting.minimum, setting.maximum
+    bounds = f", {low:g} to {high:g}" if low is not None and high is not None else \
+        f", at least {low:g}" if low is not None else ""
+    choices = setting.options()
+    shown = "the models' own" if default is None else default
+    return {"type": setting.kind, "choices": choices, "metavar": None if choices else name.split("_")[-1].upper(),
+            "help": f"{label}{bounds} (default: {shown})"}
 
 
 def add_ray_argument(parser: argparse.ArgumentParser) -> None:
@@ -116,7 +134,7 @@ def load_explainer(args: argparse.Namespace) -> Explainer:
         return Explainer.synthetic(args.device, args.cache_mb, None if args.synthetic is True else args.synthetic)
     captioner = captioner_name(args)
     if args.tiny:
-        return Explainer.tiny(device=args.device, captioner=captioner if captioner in KNOWN_CAPTIONERS
+        return Explainer.tiny(device=args.device, captioner=captioner if captioner in known_captioners()
                               else DEFAULT_CAPTIONER, cache_mb=args.cache_mb)
     print(f"Loading {captioner} and CLIP {args.clip} (first run downloads them)…", file=sys.stderr, flush=True)
     return Explainer.from_pretrained(captioner, None if args.clip == "none" else args.clip,
@@ -128,14 +146,10 @@ def captioner_name(args: argparse.Namespace) -> str:
     return "synthetic" if args.synthetic else args.captioner or DEFAULT_CAPTIONER
 
 
-#: Command-line options that are `Settings` fields (the others choose models, inputs and outputs).
-SETTING_OPTIONS = ("cam_method", "num_beams", "max_new_tokens", "occlusion", "segmenter")
-
-
-def settings_of(args: argparse.Namespace) -> Settings:
-    """The settings the options ask for (the page's defaults for those not given), checked."""
-    return Settings.from_values({name: getattr(args, name) for name in SETTING_OPTIONS
-                                 if getattr(args, name, None) is not None})
+def settings_of(args: argparse.Namespace, base: Settings = DEFAULTS) -> Settings:
+    """The settings the options ask for (`base`'s for those not given), checked."""
+    return Settings.from_values({name: getattr(args, name) for name in declarations()
+                                 if getattr(args, name, None) is not None}, base)
 
 
 def model_settings(explainer: Explainer, settings: Settings) -> dict[str, Any]:
@@ -403,8 +417,7 @@ def groundtruth_worker(args: argparse.Namespace) -> Worker:
     """Load the models, then score scene by scene (once here, or once per Ray actor)."""
     explainer = load_explainer(args)
     explainer.segmenter_options.setdefault("superpixels", SCENE_SUPERPIXELS)  # the inputs are always scenes
-    settings = replace(EVALUATED, **{name: value for name, value in settings_of(args).to_dict().items()
-                                     if value != getattr(DEFAULTS, name)})
+    settings = settings_of(args, EVALUATED)
     record = model_settings(explainer, settings) | {"sanity_scenes": args.sanity_scenes, "seed": args.seed}
 
     def score(index: int, seed: int) -> Record:

@@ -14,10 +14,8 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 
 from .results import Explanation, Heatmap
-from .settings import Settings
+from .settings import COLORMAPS, Settings
 
-#: Colour maps offered in the UI (any matplotlib name works through the API).
-COLORMAPS = ("jet", "viridis", "inferno", "magma", "turbo", "gray")
 #: The longest side the page draws at.
 DISPLAY_SIDE = 1024
 #: Smaller pictures (a 96 px generated scene, a thumbnail) are enlarged to at least this, by whole pixels.

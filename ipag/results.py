@@ -42,11 +42,6 @@ class Caption:
     token_logprobs: tuple[float, ...]  #: log p(y_t | image, y_<t); 0.0 for the BOS position
     captioner: str = ""
 
-    def find(self, text: str) -> Word | None:
-        """The first word whose text equals `text` (case-insensitive), or None."""
-        wanted = text.strip().lower()
-        return next((word for word in self.words if word.text.lower() == wanted), None)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "text": self.text,
@@ -197,18 +192,6 @@ class Explanation:
         """log p(word | image) − log p(word | blank image): how much the picture, not the language model,
         made the word likely (≤ 0: the captioner would have said it anyway)."""
         return None if self.prior_logprob is None else self.word_logprob - self.prior_logprob
-
-    @property
-    def gradcam(self) -> np.ndarray:
-        return self.maps["gradcam"].values
-
-    @property
-    def saliency(self) -> np.ndarray:
-        return self.maps["saliency"].values
-
-    @property
-    def cross_attention(self) -> np.ndarray:
-        return self.maps["cross_attention"].values
 
     @property
     def word_probability(self) -> float:

@@ -1,134 +1,242 @@
-"""Every setting of an explanation, defined once: the page's widgets, the API, the CLI and the cache keys read
-their defaults and meanings from `Settings`, and nowhere else.
+"""Every setting of an explanation, declared once: its default, what it affects, its label, and how it is
+chosen (widget kind, range, choices). The page's settings panel, the CLI's options, the API and the cache keys
+are made from these declarations, and a value is checked against its declaration once, when `Settings` are
+made: nowhere else.
 
-Each field says which stage of the computation it affects (`stage` in its metadata): the caption, the
-gradient maps of a word, the other maps, the grounding, or only the drawing. A stage's cache key is made of
-its own fields (`Settings.key`), so changing the colour map redraws, changing the prompt template regrounds
-the word, and neither recomputes a backward pass. "Default" values (`vision_layer=-1`, `segmenter=None`, no
-cross-attention layer) are resolved to concrete ones by the explainer (`Explainer.resolve`) before any key is
-made, so equal computations have equal keys however they were asked for.
+A setting is a `Setting`. The settings of the pipeline (captioning, the pass's layers, grounding, drawing) are
+the fields of `Settings`; a map type declares the settings it owns (`MapType.declares`), and registering the
+map type adds them (`declare`), so a plugin's setting gets a widget, a CLI option and a check like the others.
+Either kind reads as an attribute: `settings.num_beams`, `settings.cam_method`.
+
+Each setting says which stage of the computation it affects (`Setting.stage`): the caption, the gradient maps
+of a word, the other maps, the grounding, the verification, or only the drawing. The page redraws for a
+drawing setting and recomputes for the others; the grounding's cache key is made of its settings
+(`Settings.key`); the other stages' keys hold the map types and the pass they use, which are made from the
+settings. "Default" values (`vision_layer=-1`, `segmenter=None`, no cross-attention layer) are resolved to
+concrete ones by the explainer (`Explainer.resolve`) before any key is made, so equal computations have equal
+keys however they were asked for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 Stage = Literal["caption", "gradients", "maps", "grounding", "verification", "draw"]
+Widget = Literal["slider", "number", "checkbox", "dropdown", "radio", "text"]
 
-#: Saliency variants the page offers: the plain gradient, or SmoothGrad over `smoothgrad_samples` noisy copies.
-SALIENCY_METHODS = ("gradient", "SmoothGrad")
+#: The colour maps a heatmap can be drawn with (matplotlib's names).
+COLORMAPS = ("jet", "viridis", "inferno", "magma", "turbo", "gray")
 #: What CLIP is shown of a region (`ipag.grounding.composite`): the region sharp and the rest blurred or grey, or
 #: the blurred composite cropped to the region.
 REGION_VIEWS = ("blur", "grey", "crop")
 
 
-def _setting(default: Any, stage: Stage, label: str) -> Any:
-    """A settings field with the stage it affects and the label the page shows for it."""
-    return field(default=default, metadata={"stage": stage, "label": label})
-
-
 @dataclass(frozen=True)
+class Setting:
+    """One setting's declaration. `choices` may be a function, for names registered at run time (segmenters);
+    `widget` defaults to what the rest implies: a checkbox for a flag, a dropdown for choices, a slider for a
+    range, a number box for a number, a text box for text. `type` is needed only where the default is None
+    (None then means "resolved by the explainer"). `valid` adds a rule of its own: it returns what is wrong
+    with a value, or None."""
+
+    default: Any
+    stage: Stage
+    label: str
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    choices: Sequence[str] | Callable[[], Sequence[str]] | None = None
+    widget: Widget | None = None
+    type: type | None = None
+    valid: Callable[[Any], str | None] | None = None
+
+    @property
+    def kind(self) -> type:
+        """The values' type: bool, int, float or str."""
+        return self.type or type(self.default)
+
+    @property
+    def widget_kind(self) -> Widget:
+        if self.widget:
+            return self.widget
+        if self.kind is bool:
+            return "checkbox"
+        if self.choices is not None:
+            return "dropdown"
+        if self.minimum is not None and self.maximum is not None:
+            return "slider"
+        return "number" if self.kind in (int, float) else "text"
+
+    def options(self) -> list[str] | None:
+        """The allowed values (None: any of the type in range)."""
+        return list(self.choices() if callable(self.choices) else self.choices) if self.choices is not None else None
+
+    def coerce(self, value: Any) -> Any:
+        """`value` as the declared type: widgets send numbers as floats and JSON may send ints for floats."""
+        if value is None:
+            return None
+        if self.kind is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(f"Expected a whole number, got {value}.")
+            return int(value)
+        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+
+    def check(self, name: str, value: Any) -> None:
+        """Refuse a value this declaration does not allow, saying what would be allowed."""
+        if value is None:
+            if self.default is not None:
+                raise ValueError(f"{name} needs a value.")
+            return
+        kinds = (int, float) if self.kind is float else (self.kind,)  # an int is a float's value too
+        if isinstance(value, bool) != (self.kind is bool) or not isinstance(value, kinds):
+            raise ValueError(f"{name} must be a {self.kind.__name__}, got {value!r}.")
+        low, high = self.minimum, self.maximum
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"between {low:g} and {high:g}" if low is not None and high is not None else \
+                f"at least {low:g}" if low is not None else f"at most {high:g}"
+            raise ValueError(f"{name} must be {bounds}, got {value}.")
+        options = self.options()
+        if options is not None and value not in options:
+            raise ValueError(f"Unknown {name} {value!r}; choose one of: {', '.join(options)}.")
+        problem = self.valid(value) if self.valid else None
+        if problem:
+            raise ValueError(f"{name} {problem}; got {value!r}.")
+
+
+def _setting(default: Any, stage: Stage, label: str, **declaration: Any) -> Any:
+    """A field of `Settings`, declared by a `Setting` in its metadata."""
+    return field(default=default, metadata={"setting": Setting(default, stage, label, **declaration)})
+
+
+def _segmenters() -> list[str]:
+    """The registered segmenters' names (one that is not installed here explains how to install it)."""
+    from .segmenters import segmenter_names
+
+    return segmenter_names()
+
+
+def _map_keys() -> list[str]:
+    """The registered map types' keys (plugins register more)."""
+    from .maps import map_titles
+
+    return list(map_titles())
+
+
+def _has_placeholder(template: str) -> str | None:
+    return None if "{}" in template else "must contain '{}' where the word goes"
+
+
+#: The settings map types and other plugins declared (`declare`), by name, in the order they were declared.
+_DECLARED: dict[str, Setting] = {}
+
+
+@dataclass(frozen=True, init=False)
 class Settings:
-    """How to caption, explain and draw. Frozen and hashable: resolved settings are part of cache keys."""
+    """How to caption, explain and draw. Frozen and hashable: resolved settings are part of cache keys.
+
+    `Settings(num_beams=3, cam_method="LayerCAM")` takes any declared setting by name; unknown names and values
+    out of their declared range are refused. The settings that map types declare are held in `declared`
+    (only those that differ from their default, so that equal settings are equal whatever was declared since).
+    """
 
     # captioning
-    num_beams: int = _setting(1, "caption", "Beam size (1 = greedy)")
-    max_new_tokens: int = _setting(20, "caption", "Max new tokens")
-    # the maps computed from each word's backward pass
-    #: GradCAM, although HiResCAM and EigenGradCAM localise better on the ground-truth benchmark: under bfloat16
-    #: (GPUs) their maps change (HiResCAM's correlation with float32 fell to 0.02–0.98 on the tiny captioners,
-    #: EigenGradCAM's sign flipped), GradCAM's do not (> 0.99). The page opens on input × gradient instead.
-    cam_method: str = _setting("GradCAM", "gradients", "CAM method")
-    vision_layer: int = _setting(-1, "gradients", "Vision block for Grad-CAM (-1 = last)")
-    cross_attention_layer: int | None = _setting(None, "gradients", "Decoder layer for cross-attention")
-    saliency: str = _setting("gradient", "gradients", "Saliency")
-    smoothgrad_samples: int = _setting(8, "gradients", "SmoothGrad samples")
-    smoothgrad_noise: float = _setting(0.15, "gradients", "SmoothGrad noise (fraction of the input range)")
-    # maps that need passes of their own
-    occlusion: bool = _setting(False, "maps", "Occlusion map (model-agnostic: 225 occluded copies, slower)")
-    integrated_gradients: bool = _setting(False, "maps", "Integrated gradients (a forward and backward per step)")
-    ig_steps: int = _setting(16, "maps", "Integrated gradients: steps")
+    num_beams: int = _setting(1, "caption", "Beam size (1 = greedy)", minimum=1, maximum=16, step=1)
+    max_new_tokens: int = _setting(20, "caption", "Max new tokens", minimum=1, maximum=128, step=1)
+    # the word's pass (its range is the captioner's: `Explainer.resolve` checks it)
+    vision_layer: int = _setting(-1, "gradients", "Vision block for Grad-CAM (-1 = last)", step=1, widget="slider")
+    cross_attention_layer: int | None = _setting(None, "gradients", "Decoder layer for cross-attention", step=1,
+                                                 widget="slider", type=int)
     # grounding the word in a region, and checking that region
     grounding: bool = _setting(True, "grounding", "Ground the word in a region (CLIP)")
-    segmenter: str | None = _setting(None, "grounding", "Segmenter (region proposals)")
-    template: str = _setting("a photo of {}", "grounding", "CLIP prompt template ({} = the word)")
+    segmenter: str | None = _setting(None, "grounding", "Segmenter (region proposals)", choices=_segmenters, type=str)
+    template: str = _setting("a photo of {}", "grounding", "CLIP prompt template ({} = the word)",
+                             valid=_has_placeholder)
     #: The grounding defaults are the best combination measured with the shipped synthetic models on tuning scenes
     #: (seeds 5000–5199, disjoint from the evaluation's 0–499) by `python -m ipag evaluate-grounding --grid …`
     #: (docs/evaluation.md#grounding): the phrase, grey composites, an area penalty and the captioner's saliency.
     ground_phrase: bool = _setting(True, "grounding", "Ground a clicked word's phrase (“red circle” for “red”)")
-    region_view: str = _setting("grey", "grounding", "What CLIP sees of a region (blur, grey, crop)")
-    area_penalty: float = _setting(10.0, "grounding", "Area penalty (logits for the whole image; 0 = none)")
+    region_view: str = _setting("grey", "grounding", "What CLIP sees of a region", choices=REGION_VIEWS,
+                                widget="radio")
+    area_penalty: float = _setting(10.0, "grounding", "Area penalty (logits for the whole image; 0 = none)",
+                                   minimum=0.0, maximum=50.0, step=0.5)
     counterfactual: bool = _setting(False, "grounding", "Add CLIP's drop when the region is blurred away")
     stage2: bool = _setting(False, "grounding", "Stage II: refine with superpixels")
-    #: A map key of `ipag.maps` whose map is computed with these settings: the captioner's own evidence for the word.
-    fusion_map: str = _setting("saliency", "grounding", "Captioner map fused into the choice")
-    fusion_weight: float = _setting(10.0, "grounding", "Fusion weight of that map (0 = CLIP alone)")
-    top_k: int = _setting(5, "grounding", "Candidate regions shown")
+    #: The map of the word fused into the choice: the captioner's own evidence (it must be computed with the
+    #: settings; otherwise the region is chosen without it, and a note says so).
+    fusion_map: str = _setting("saliency", "grounding", "Captioner map fused into the choice", choices=_map_keys)
+    fusion_weight: float = _setting(10.0, "grounding", "Fusion weight of that map (0 = CLIP alone)", minimum=0.0,
+                                    maximum=100.0, step=0.5)
+    top_k: int = _setting(5, "grounding", "Candidate regions shown", minimum=1)
     verify: bool = _setting(True, "verification", "Trust numbers for the region")
     # drawing only
-    opacity: float = _setting(0.5, "draw", "Overlay opacity")
-    colormap: str = _setting("jet", "draw", "Colour map")
+    opacity: float = _setting(0.5, "draw", "Overlay opacity", minimum=0.0, maximum=1.0, step=0.05)
+    colormap: str = _setting("jet", "draw", "Colour map", choices=COLORMAPS)
+    #: (name, value) of the declared settings that differ from their default, sorted by name.
+    declared: tuple[tuple[str, Any], ...] = field(default=())
 
-    def __post_init__(self) -> None:
-        checks = [
-            (1 <= self.num_beams <= 16, f"num_beams must be between 1 and 16, got {self.num_beams}."),
-            (1 <= self.max_new_tokens <= 128, f"max_new_tokens must be between 1 and 128, got {self.max_new_tokens}."),
-            (self.saliency in SALIENCY_METHODS,
-             f"Unknown saliency {self.saliency!r}; choose one of {', '.join(SALIENCY_METHODS)}."),
-            (1 <= self.smoothgrad_samples <= 64,
-             f"SmoothGrad samples must be between 1 and 64, got {self.smoothgrad_samples}."),
-            (0.0 < self.smoothgrad_noise <= 1.0, f"SmoothGrad noise must be in (0, 1], got {self.smoothgrad_noise}."),
-            (2 <= self.ig_steps <= 256, f"Integrated gradients steps must be between 2 and 256, got {self.ig_steps}."),
-            ("{}" in self.template,
-             f"The prompt template must contain '{{}}' where the word goes; got {self.template!r}."),
-            (self.top_k >= 1, f"top_k must be at least 1, got {self.top_k}."),
-            (self.region_view in REGION_VIEWS,
-             f"Unknown region view {self.region_view!r}; choose one of {', '.join(REGION_VIEWS)}."),
-            (self.area_penalty >= 0.0, f"The area penalty must not be negative, got {self.area_penalty}."),
-            (0.0 <= self.opacity <= 1.0, f"Opacity must be in [0, 1], got {self.opacity}."),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+    def __init__(self, **values: Any) -> None:
+        declared = dict(values.pop("declared", ()))  # `dataclasses.replace` hands the current ones back
+        known = declarations()
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise TypeError(f"Unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(known)}.")
+        for name, setting in known.items():
+            value = values[name] if name in values else declared.get(name, setting.default)
+            setting.check(name, value)
+            if name in _DECLARED:
+                declared[name] = value
+            else:
+                object.__setattr__(self, name, value)
+        object.__setattr__(self, "declared", tuple(sorted(
+            (name, value) for name, value in declared.items() if name in _DECLARED and value != _DECLARED[name].default)))
+
+    def __getattr__(self, name: str) -> Any:
+        """A declared setting's value (called only for names that are not fields)."""
+        setting = _DECLARED.get(name)
+        if setting is None:
+            raise AttributeError(f"'Settings' has no setting {name!r}")
+        return dict(self.__dict__.get("declared", ())).get(name, setting.default)
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any], base: "Settings | None" = None) -> "Settings":
-        """Settings from a mapping of field names (the page's widgets, an API call's JSON, CLI options).
-        Unknown names are refused with the list of known ones; missing names keep `base`'s (the defaults)."""
-        known = {f.name: f for f in fields(cls)}
+        """Settings from a mapping of setting names (the page's widgets, an API call's JSON, CLI options), cast to
+        their declared types. Unknown names are refused with the list of known ones; missing names keep `base`'s
+        (the defaults)."""
+        known = declarations()
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"Unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(known)}.")
-        return replace(base or cls(), **{name: _coerce(known[name].type, value) for name, value in values.items()})
+        return replace(base or cls(), **{name: known[name].coerce(value) for name, value in values.items()})
 
     def key(self, *stages: Stage) -> tuple[tuple[str, Any], ...]:
-        """The (name, value) pairs of the fields that affect `stages`: a cache key part for those stages."""
-        return tuple((f.name, getattr(self, f.name)) for f in fields(self) if f.metadata["stage"] in stages)
+        """The (name, value) pairs of the settings that affect `stages`: a cache key part for those stages."""
+        return tuple((name, getattr(self, name)) for name, setting in declarations().items() if setting.stage in stages)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @staticmethod
-    def label(name: str) -> str:
-        """The page's label for the field `name`."""
-        return next(f.metadata["label"] for f in fields(Settings) if f.name == name)
+        return {name: getattr(self, name) for name in declarations()}
 
 
-def _coerce(annotation: str, value: Any) -> Any:
-    """Widgets send numbers as floats and JSON may send ints for floats: cast to the field's declared type."""
-    if value is None:
-        return None
-    if annotation.startswith("int"):
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"Expected a whole number, got {value}.")
-        return int(value)
-    if annotation == "float":
-        return float(value)
-    if annotation == "bool":
-        return bool(value)
-    return value
+def declarations() -> dict[str, Setting]:
+    """Every setting by name: the fields of `Settings`, then the declared ones."""
+    core = {f.name: f.metadata["setting"] for f in fields(Settings) if "setting" in f.metadata}
+    return core | _DECLARED
+
+
+def declare(settings: Mapping[str, Setting]) -> None:
+    """Add settings (a map type's, when it is registered); a name that is taken is refused."""
+    taken = sorted(set(settings) & set(declarations()))
+    if taken:
+        raise ValueError(f"The setting name(s) {', '.join(taken)} are taken; choose other names.")
+    _DECLARED.update(settings)
+
+
+def undeclare(names: Sequence[str]) -> None:
+    for name in names:
+        _DECLARED.pop(name, None)
 
 
 DEFAULTS = Settings()

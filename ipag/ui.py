@@ -27,16 +27,15 @@ from .explainer import Explainer, Explainers
 from .grounding import Grounding
 from .export import export_files, safe_name, write_zip
 from .images import ImageError, ImageInput, load_image
-from .maps import MAP_TITLES
+from .maps import CrossAttentionMap, map_titles
 from .render import draw_map, draw_maps, draw_outline, draw_region, enlarged
 from .results import Caption, Explanation
 from .schedule import Plan
-from .settings import DEFAULTS, Settings
+from .segmenters import available_segmenters
+from .settings import DEFAULTS, Settings, Widget, declarations
 from .synthetic.scenes import Scene, evidence_for, find_scene
 
 NO_WORD = "Click a caption word, or type a word and press Explain."  #: plain text: fine as HTML too
-#: What the page can show in its large view: the region first, then every registered map type.
-VIEWS = {"region": "Region", **MAP_TITLES}
 #: Input × gradient: the map that found the named object most often on the ground-truth benchmark among those that
 #: pass the sanity check and cost no more than Grad-CAM (docs/evaluation.md).
 DEFAULT_VIEW = "input_x_gradient"
@@ -58,7 +57,7 @@ class Session:
     query: int | str | None = None  #: what `explanation` answers (a word index or typed text)
     candidate: int = 0  #: which of the explanation's candidate regions is shown
     plan: Plan | None = None  #: every word of the caption, queued in the background with the page's settings
-    view: str = DEFAULT_VIEW  #: which of `VIEWS` the page shows large
+    view: str = DEFAULT_VIEW  #: which of `views()` the page shows large
     source: str | None = None  #: the file the image came from (the page shows it again after a bad upload)
     scene: Scene | None = None  #: the generated scene the image is, when it is one: its ground truth is known
 
@@ -74,6 +73,60 @@ class Rendered:
     trust: list[list[Any]]
     status: str
     details: dict[str, Any] = field(default_factory=dict)
+
+
+def views() -> dict[str, str]:
+    """What the page can show in its large view, by key: the region first, then every registered map type."""
+    return {"region": "Region", **map_titles()}
+
+
+def map_title(key: str) -> str:
+    return map_titles().get(key, key)
+
+
+# --- the settings panel --------------------------------------------------------------------------------------
+
+#: The page's settings panels, by the stages their settings affect.
+PANELS = {"Captioner and decoding": ("caption",), "Maps": ("gradients", "maps"), "Region": ("grounding", "verification"),
+          "Drawing": ("draw",)}
+
+
+@dataclass(frozen=True)
+class SettingWidget:
+    """One setting's widget: its kind and the component's arguments (label, value, range or choices, …)."""
+
+    kind: Widget
+    options: dict[str, Any]
+
+
+def settings_panels(explainer: Explainer) -> dict[str, dict[str, SettingWidget]]:
+    """Every setting's widget (panel title → setting name → widget), made from its declaration. The ranges of
+    the layers and the default segmenter are this explainer's models', the segmenters offered those that can be
+    built here; a captioner without cross-attention has no layer to choose, and its slider says why."""
+    captioner = explainer.captioner
+    resolved = explainer.resolve(DEFAULTS)
+    vision, decoder = len(captioner.vision_layers), captioner.num_decoder_layers
+    no_layer = CrossAttentionMap().unavailable(captioner)
+    of_the_models = {
+        "vision_layer": {"minimum": -vision, "maximum": vision - 1},
+        "cross_attention_layer": {"minimum": 0, "maximum": max(decoder - 1, 1), "value": resolved.cross_attention_layer
+                                  or 0, "interactive": not no_layer, "info": no_layer},
+        "segmenter": {"value": resolved.segmenter, "choices": available_segmenters()},
+    }
+    panels: dict[str, dict[str, SettingWidget]] = {title: {} for title in PANELS}
+    for name, setting in declarations().items():
+        kind = setting.widget_kind
+        options: dict[str, Any] = {"label": setting.label, "value": getattr(DEFAULTS, name)}
+        if kind in ("slider", "number"):
+            options |= {"minimum": setting.minimum, "maximum": setting.maximum}
+            options |= {"step": setting.step} if kind == "slider" else {"precision": 0 if setting.kind is int else None}
+        elif kind in ("dropdown", "radio"):
+            options["choices"] = setting.options()
+        elif kind == "text":
+            options["max_lines"] = 1
+        title = next(title for title, stages in PANELS.items() if setting.stage in stages)
+        panels[title][name] = SettingWidget(kind, options | of_the_models.get(name, {}))
+    return panels
 
 
 # --- captioning --------------------------------------------------------------------------------------------
@@ -177,8 +230,8 @@ def select_candidate(explainer: Explainer, session: Session, label: str | None,
 
 def select_view(session: Session, view: str, settings: Settings) -> tuple[Session, Rendered]:
     """Show another view (the region or a map) large; drawing only."""
-    if view not in VIEWS:
-        raise UserError(f"Unknown view {view!r}; choose one of {', '.join(VIEWS)}.")
+    if view not in views():
+        raise UserError(f"Unknown view {view!r}; choose one of {', '.join(views())}.")
     session = replace(session, view=view)
     return session, render(session, settings)
 
@@ -222,7 +275,7 @@ def truth_rows(explanation: Explanation, truth: np.ndarray) -> list[list[Any]]:
     rows = []
     for key, heatmap in explanation.maps.items():
         scores = score_map(heatmap.values, truth)
-        rows.append([f"Ground truth: {MAP_TITLES.get(key, key)}",
+        rows.append([f"Ground truth: {map_title(key)}",
                      f"{'hit' if scores['pointing'] >= 0.5 else 'miss'} · {scores['mass']:.0%} on the object",
                      f"Peak on the true object? Share of the map's mass on it (the object is {truth.mean():.0%} "
                      "of the image, what a random map puts there)."])
@@ -247,12 +300,12 @@ def view_label(view: str, explanation: Explanation) -> str:
         return "Still being computed…" if "region" in explanation.pending else "No region: grounding is off."
     heatmap = explanation.maps.get(view)
     if heatmap is not None:
-        return f"**{VIEWS[view]}**: {html.escape(heatmap.method)} · {html.escape(heatmap.layer)}"
+        return f"**{views()[view]}**: {html.escape(heatmap.method)} · {html.escape(heatmap.layer)}"
     if view in explanation.unavailable_maps:  # e.g. cross-attention maps of a decoder without cross-attention
         return html.escape(explanation.unavailable_maps[view])
     if explanation.pending:
         return "Still being computed…"
-    return f"{VIEWS[view]} is not computed with these settings (see Settings), or it failed (see the notes)."
+    return f"{views()[view]} is not computed with these settings (see Settings), or it failed (see the notes)."
 
 
 def status_line(explanation: Explanation) -> str:
@@ -310,7 +363,7 @@ def trust_rows(explanation: Explanation) -> list[list[Any]]:
              "Positive: the word did not need this region (it is likelier without it)."],
         ]
         chance = f"a random map puts {grounding.mask.mean():.0%} there"
-        rows += [[f"{MAP_TITLES.get(key, key)} inside region", f"{share:.0%}",
+        rows += [[f"{map_title(key)} inside region", f"{share:.0%}",
                   f"Share of the heatmap's mass inside the region ({chance})."]
                  for key, share in check.mass_inside.items()]
     return rows
@@ -326,12 +379,12 @@ def sanity_check(explainer: Explainer, session: Session) -> list[list[Any]]:
     for key in explanation.maps:
         value = check.correlations.get(key)
         if value is None:
-            rows.append([MAP_TITLES.get(key, key), "—", "Not a map of the captioner (its weights do not enter it)."])
+            rows.append([map_title(key), "—", "Not a map of the captioner (its weights do not enter it)."])
         else:
             verdict = ("Barely depends on the learned weights: it explains the architecture or the image, not "
                        "the model." if key in check.flagged else "Changes with the weights: it depends on what "
                        "the model learned.")
-            rows.append([MAP_TITLES.get(key, key), f"{value:.2f}", verdict])
+            rows.append([map_title(key), f"{value:.2f}", verdict])
     return rows
 
 
@@ -347,7 +400,7 @@ def warm_examples(explainer: Explainer, paths: list[str], settings: Settings = D
 
 def compare_captions(explainers: Explainers, names: list[str], image: ImageInput | None,
                      settings: Settings) -> list[list[tuple[str, float | None]]]:
-    """Caption the same image with several captioners (seeds 002/004 compare them): clickable segments each.
+    """Caption the same image with several captioners, to compare them: clickable segments each.
     A captioner that cannot be loaded (say, ClipCap without its checkpoint file) says why in its place."""
     if image is None:
         raise UserError("Upload an image first, then compare captioners.")
@@ -426,6 +479,6 @@ def fresh_path(stem: str, suffix: str) -> Path:
     return EXPORTS / f"{stem}_{uuid.uuid4().hex[:8]}{suffix}"
 
 
-__all__ = ["Rendered", "Session", "UserError", "api_caption", "api_explain", "caption_image", "caption_segments",
-           "compare_captions", "explain", "export", "render", "replan", "select_candidate", "select_word",
-           "trust_rows"]
+__all__ = ["PANELS", "Rendered", "Session", "SettingWidget", "UserError", "api_caption", "api_explain",
+           "caption_image", "caption_segments", "compare_captions", "explain", "export", "render", "replan",
+           "select_candidate", "select_word", "settings_panels", "trust_rows", "views"]

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from .align import align
-from .attribution import Target
 from .captioners import Captioner
 from .grounding import Grounding, composite
 from .images import BACKGROUND
 from .results import Heatmap, Verification
+from .target import Target
 
 
 class RegionCaption(NamedTuple):
@@ -76,7 +76,7 @@ def verify(grounding: Grounding, region_caption: RegionCaption, logprobs: np.nda
            words: Sequence[str], word_logprob: float, maps: Mapping[str, Heatmap]) -> Verification:
     """Check `grounding` for the word with `target` tokens, given what the caller computed (and caches) for
     its region: the region's own caption and the `composite_logprobs` of the caption's tokens."""
-    region_logprob, blurred_logprob = (float(row[target.rows].sum()) for row in logprobs)
+    region_logprob, blurred_logprob = (float(value) for value in target.score(logprobs))
     return Verification(
         clip_region=grounding.similarity,
         clip_image=grounding.image_similarity,

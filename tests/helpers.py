@@ -1,5 +1,18 @@
 """Helpers shared by several test modules."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def registered(registry, cls) -> Iterator[None]:
+    """`cls` in `registry` (a map type, captioner or segmenter) during the block only."""
+    registry.register(cls)
+    try:
+        yield
+    finally:
+        registry.unregister(cls)
+
 
 def expected_maps(captioner, settings=None, clip: bool = True) -> set[str]:
     """The map keys an explanation has for `captioner` with `settings`: the registry's, minus those the settings

@@ -150,8 +150,8 @@ def test_click_a_word_in_a_real_browser(app_url, browser, monkeypatch):
     pending = [p for i, p in enumerate(pending) if not i or p != pending[i - 1]]  # one entry per update
     assert pending  # the first outputs were shown while the rest was still being computed…
     assert all(later < earlier for earlier, later in zip(pending, pending[1:]))  # …and the stages came in order
-    assert ui.VIEWS[ui.DEFAULT_VIEW] in page.locator("#view-label").inner_text()  # the default view, and its method
-    for key, title in ui.VIEWS.items():
+    assert ui.views()[ui.DEFAULT_VIEW] in page.locator("#view-label").inner_text()  # the default view, and its method
+    for key, title in ui.views().items():
         page.locator("#view").get_by_text(title, exact=True).click()
         if key in ("occlusion", "integrated_gradients"):  # off unless asked for: said so, and no empty box
             page.locator("#view-label").get_by_text("not computed with these settings").wait_for(timeout=30_000)

@@ -235,7 +235,7 @@ def test_a_cached_explanation_of_a_phone_photo_takes_less_than_a_megabyte(explai
     cached = fresh(explainer)
     explanation = cached.explain(photo, 0, caption=cached.caption(photo, Settings(max_new_tokens=3)),
                                  settings=Settings(occlusion=True))
-    assert explanation.grounding.mask.shape == (1536, 2048) and explanation.gradcam.shape == (1536, 2048)
+    assert explanation.grounding.mask.shape == (1536, 2048) and explanation.maps["gradcam"].values.shape == (1536, 2048)
     assert nbytes(explanation) < 1_000_000
     # everything the image has cached: its caption, segments, proposals and their embeddings, the stages of
     # this word (maps, region, occlusion sweep, trust numbers' passes)

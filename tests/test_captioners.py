@@ -9,19 +9,19 @@ from PIL import Image
 from transformers import BertConfig, GPT2Config, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
 
 from ipag import Explainer, ModelUnavailableError, Settings
-from ipag.attribution import Target, target_gradients
+from ipag.attribution import target_gradients
 from ipag.captioners import (
-    KNOWN_CAPTIONERS,
-    TINY_CAPTIONERS,
     BlipCaptioner,
     ClipCapCaptioner,
     DecodeOptions,
     VitGpt2Captioner,
+    known_captioners,
     load_captioner,
     tiny_captioner,
 )
 from ipag.captioners.clipcap import DEFAULT_CHECKPOINT
-from ipag.maps import MAP_TITLES, CrossAttentionMap, GradCAMMap, MapContext, SaliencyMap
+from ipag.maps import CrossAttentionMap, GradCAMMap, MapContext, SaliencyMap, map_titles
+from ipag.target import Target
 from tests.helpers import expected_maps
 
 CPU = torch.device("cpu")
@@ -44,11 +44,11 @@ def vit_gpt2_explainer(vit_gpt2):
 
 
 def test_friendly_names_and_their_tiny_stand_ins():
-    assert KNOWN_CAPTIONERS == {"blip-base": "Salesforce/blip-image-captioning-base",
-                                "blip-large": "Salesforce/blip-image-captioning-large",
-                                "vit-gpt2": "nlpconnect/vit-gpt2-image-captioning",
-                                "clipcap": str(DEFAULT_CHECKPOINT)}
-    assert set(TINY_CAPTIONERS) == set(KNOWN_CAPTIONERS)
+    assert known_captioners() == {"blip-base": "Salesforce/blip-image-captioning-base",
+                                  "blip-large": "Salesforce/blip-image-captioning-large",
+                                  "vit-gpt2": "nlpconnect/vit-gpt2-image-captioning",
+                                  "clipcap": str(DEFAULT_CHECKPOINT)}
+    assert isinstance(tiny_captioner("blip-base"), BlipCaptioner)
     assert isinstance(tiny_captioner("blip-large"), BlipCaptioner)
     assert isinstance(tiny_captioner("vit-gpt2"), VitGpt2Captioner)
     assert isinstance(tiny_captioner("clipcap"), ClipCapCaptioner)
@@ -67,7 +67,7 @@ def test_each_captioner_captions_and_explains_every_map_type(captioner, photo):
                                                                                 integrated_gradients=True))
     settings = Settings(occlusion=True, integrated_gradients=True)
     assert set(explanation.maps) == expected_maps(captioner, settings, clip=False)  # every map this captioner has
-    assert set(explanation.unavailable_maps) == set(MAP_TITLES) - expected_maps(captioner, settings) - {
+    assert set(explanation.unavailable_maps) == set(map_titles()) - expected_maps(captioner, settings) - {
         "clip_relevance"}  # and for the others, why not (ClipCap: no cross-attention)
     for key, heatmap in explanation.maps.items():
         assert heatmap.values.shape == (47, 61) and heatmap.values.dtype == np.float32

@@ -13,12 +13,12 @@ import pytest
 from PIL import Image
 
 from ipag import Explainer, cli
-from ipag.maps import MAP_TITLES
+from ipag.maps import map_titles
 from ipag.evaluation import captions as caption_metrics
 from tests.fixtures.tiny_flickr import write_tiny_flickr
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--tiny", "--device", "cpu", "--max-tokens", "3"]
+TINY = ["--tiny", "--device", "cpu", "--max-new-tokens", "3"]
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -68,7 +68,7 @@ def test_explain_writes_pngs_and_json_for_every_word(photos, explained):
             assert details["word_logprob"] == pytest.approx(entry["word_logprob"])
             assert set(details["verification"]) >= {"clip_region", "region_says_word", "delta_logprob_blurred"}
             assert entry["verification"] == details["verification"]
-            assert set(details["maps"]) == set(MAP_TITLES) - {"integrated_gradients"}  # off unless asked for
+            assert set(details["maps"]) == set(map_titles()) - {"integrated_gradients"}  # off unless asked for
             for key in details["maps"]:
                 assert Image.open(folder / f"{key}_overlay.png").size == size
             assert Image.open(folder / "region.png").size == size

@@ -14,11 +14,12 @@ from safetensors.torch import save_file
 
 import playground
 from ipag import Explainer, Explainers, ModelUnavailableError, Settings, cli, ui
-from ipag.attribution import Target, target_gradients
+from ipag.attribution import target_gradients
 from ipag.captioners import ClipCapCaptioner, DecodeOptions, VitGpt2Captioner, load_captioner, tiny_captioner
 from ipag.captioners.clipcap import DEFAULT_CHECKPOINT
 from ipag.render import enlarged
 from ipag.settings import DEFAULTS
+from ipag.target import Target
 
 CPU = torch.device("cpu")
 NO_CROSS_ATTENTION = "This captioner has no cross-attention: ClipCap feeds the image to GPT-2 as a prefix."
@@ -420,7 +421,7 @@ def test_a_clipcap_page_builds_with_the_cross_attention_layer_switched_off(clipc
 
 def test_the_cli_explains_and_evaluates_with_clipcap(tmp_path, photo):
     photo.save(tmp_path / "photo.png")
-    options = ["--tiny", "--captioner", "clipcap", "--device", "cpu", "--max-tokens", "3"]
+    options = ["--tiny", "--captioner", "clipcap", "--device", "cpu", "--max-new-tokens", "3"]
     assert cli.main(["explain", str(tmp_path / "photo.png"), "--out", str(tmp_path / "out"), *options]) == 0
     word = json.loads(next((tmp_path / "out").rglob("explanation.json")).read_text())
     assert word["captioner"].startswith("clipcap (tiny-clipcap-vit-mlp")

@@ -6,9 +6,10 @@ import torch
 from PIL import Image
 
 from ipag import Explainer, ModelUnavailableError, QueryError, Settings
-from ipag.attribution import Target, target_gradients
+from ipag.attribution import target_gradients
 from ipag.captioners import BlipCaptioner, DecodeOptions
 from ipag.maps import CAM_METHODS
+from ipag.target import Target
 from tests.helpers import expected_maps
 
 
@@ -127,7 +128,7 @@ def test_gradcam_and_cross_attention_match_an_independent_computation(explainer,
 @pytest.mark.parametrize("method", sorted(CAM_METHODS))
 def test_every_cam_method_gives_a_valid_map(explainer, photo, caption, method):
     explanation = explainer.explain(photo, 0, caption=caption, settings=Settings(cam_method=method))
-    values = explanation.gradcam
+    values = explanation.maps["gradcam"].values
     assert values.shape == (47, 61) and values.dtype == np.float32
     assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1
 
@@ -158,8 +159,8 @@ def test_smoothgrad_differs_from_plain_saliency_and_is_reproducible(explainer, p
     assert second is not first
     plain = explainer.explain(photo, 0, caption=caption)
     assert first.maps["saliency"].method.startswith("SmoothGrad")
-    np.testing.assert_array_equal(first.saliency, second.saliency)
-    assert not np.allclose(first.saliency, plain.saliency)
+    np.testing.assert_array_equal(first.maps["saliency"].values, second.maps["saliency"].values)
+    assert not np.allclose(first.maps["saliency"].values, plain.maps["saliency"].values)
 
 
 def test_free_text_is_explained_after_the_neutral_prompt(explainer, photo, caption):
@@ -169,7 +170,7 @@ def test_free_text_is_explained_after_the_neutral_prompt(explainer, photo, capti
     assert explanation.context == "a picture of"
     assert explanation.tokens == tuple(query.split())
     assert "not in the caption" in explanation.notes[0]
-    assert explanation.gradcam.shape == (47, 61)
+    assert explanation.maps["gradcam"].values.shape == (47, 61)
 
 
 def test_a_caption_phrase_typed_as_text_is_explained_in_context(explainer, photo, caption):
@@ -260,7 +261,7 @@ def test_no_weight_gradients_and_no_hooks_left(explainer, photo, caption, monkey
 
 
 @pytest.mark.parametrize("values, message", [
-    (dict(cam_method="ScoreCAM"), "Unknown CAM method"),
+    (dict(cam_method="ScoreCAM"), "Unknown cam_method"),
     (dict(vision_layer=7), "out of range"),
     (dict(cross_attention_layer=-3), "out of range"),
     (dict(smoothgrad_samples=-1), "between 1 and 64"),

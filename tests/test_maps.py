@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ipag.images import normalize_map, resize_map
-from ipag.maps import MAP_TITLES, MAP_TYPES
+from ipag.maps import MAP_TYPES, map_titles
 from ipag.results import COMPACT_ABOVE, Heatmap
 from ipag.settings import Settings
 
@@ -43,7 +43,7 @@ def test_an_all_zero_map_stays_zero():
 
 def test_the_registry_names_every_map_once_and_settings_switch_the_optional_ones():
     keys = [map_type.key for map_type in MAP_TYPES]
-    assert len(keys) == len(set(keys)) == len(MAP_TITLES)
+    assert len(keys) == len(set(keys)) == len(map_titles())
     default = {map_type.key for map_type in MAP_TYPES if map_type.from_settings(Settings()) is not None}
     assert {"gradcam", "saliency", "cross_attention", "clip_relevance"} <= default and "occlusion" not in default
     assert all(map_type.from_settings(Settings(occlusion=True)) is not None for map_type in MAP_TYPES

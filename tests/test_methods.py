@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-import ipag.explainer
 from ipag import Explainer, Settings
 from ipag.grounding.composite import backdrop
 from ipag.images import BACKGROUND
 from ipag.maps import MAP_TYPES, MapContext, MapType
 from ipag.sanity import FLAG_ABOVE, rank_correlation, randomize_top_blocks
+from tests.helpers import registered
 
 
 def direct_pass(captioner, pixels, token_ids, positions, attention_layer):
@@ -90,11 +90,11 @@ class EdgeMap(MapType):
         return np.hypot(*np.gradient(grey))
 
 
-def test_the_sanity_check_flags_a_map_that_ignores_the_weights(explainer, photo, caption, monkeypatch):
-    monkeypatch.setattr(ipag.explainer, "MAP_TYPES", (*MAP_TYPES, EdgeMap))
+def test_the_sanity_check_flags_a_map_that_ignores_the_weights(explainer, photo, caption):
     engine = Explainer(explainer.captioner, explainer.clip, "superpixels")
-    explanation = engine.explain(photo, 1, caption=caption)
-    check = engine.sanity_check(photo, explanation)
+    with registered(MAP_TYPES, EdgeMap):
+        explanation = engine.explain(photo, 1, caption=caption)
+        check = engine.sanity_check(photo, explanation)
     assert check.blocks == 1 and check.total_blocks == 2
     assert check.correlations["edges"] == pytest.approx(1.0) and "edges" in check.flagged
     assert check.correlations["gradcam"] < FLAG_ABOVE and "gradcam" not in check.flagged  # it moved

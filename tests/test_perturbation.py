@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from ipag.attribution import Target
 from ipag.captioners import Captioner, DecodeOptions, tiny_captioner
 from ipag.maps import Occlusion
+from ipag.target import Target
 
 CPU = torch.device("cpu")
 ROWS, COLUMNS = slice(16, 24), slice(40, 48)  # the planted square, in 64 × 64 model-input pixels

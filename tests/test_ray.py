@@ -21,7 +21,7 @@ from ipag import batch, cli
 from tests.fixtures.dying import dying_explain_worker
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--tiny", "--device", "cpu", "--max-tokens", "3"]
+TINY = ["--tiny", "--device", "cpu", "--max-new-tokens", "3"]
 NAMES = ("beach", "forest", "park")
 
 

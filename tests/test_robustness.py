@@ -76,7 +76,7 @@ def test_awkward_but_valid_images_work(explainer, tmp_path):
         rgb = load_image(image)
         caption = explainer.caption(rgb, Settings(max_new_tokens=3))
         explanation = explainer.explain(rgb, 0, caption=caption)
-        assert explanation.gradcam.shape == (rgb.height, rgb.width), name
+        assert explanation.maps["gradcam"].values.shape == (rgb.height, rgb.width), name
         assert max(rgb.size) <= MAX_SIDE, name
     assert load_image(rotated).size == (20, 40)
     assert load_image(noise(1, 4000)).size == (1, MAX_SIDE)
@@ -148,9 +148,9 @@ def test_a_failing_map_type_leaves_the_others_and_a_note(explainer, photo, capti
 
 
 def test_a_missing_segmenter_is_a_note_with_the_fix(explainer, photo, caption, monkeypatch):
-    from ipag import segmenters
+    from ipag.segmenters import detectron2
 
-    monkeypatch.setattr(segmenters, "_detectron2_installed", lambda: False)
+    monkeypatch.setattr(detectron2, "find_spec", lambda name: None)
     explanation = Explainer(explainer.captioner, explainer.clip, "superpixels").explain(
         photo, 0, caption=caption, settings=Settings(segmenter="detectron2"))
     assert explanation.grounding is None and "gradcam" in explanation.maps

@@ -15,6 +15,8 @@ from skimage import data
 
 from ipag import segmenters
 from ipag.segmenters import ModelUnavailableError, Segment, Segmenter, available_segmenters, load_segmenter
+from ipag.segmenters import detectron2 as detectron2_backend
+from ipag.segmenters.detectron2 import Detectron2Segmenter
 from ipag.segmenters.superpixels import METHODS, Superpixels
 from ipag.segmenters.torchvision_maskrcnn import WEIGHTS, TorchvisionMaskRCNN
 
@@ -286,13 +288,11 @@ def test_auto_picks_detectron2_panoptic_iff_installed(monkeypatch, installed):
         return object() if installed else None
 
     built = []
-    monkeypatch.setattr(segmenters, "find_spec", find_spec)
-    monkeypatch.setattr(segmenters, "Detectron2Segmenter", lambda **options: built.append(("detectron2", options)))
-    monkeypatch.setattr(segmenters, "TorchvisionMaskRCNN", lambda **options: built.append(("torchvision", options)))
+    monkeypatch.setattr(detectron2_backend, "find_spec", find_spec)
+    for segmenter in (Detectron2Segmenter, TorchvisionMaskRCNN):
+        monkeypatch.setattr(segmenter, "load", classmethod(lambda cls, **options: built.append((cls.name, options))))
     load_segmenter("auto", device="cuda:1", score_threshold=0.3)
-    expected = ("detectron2", {"model": "panoptic", "device": "cuda:1", "score_threshold": 0.3}) if installed \
-        else ("torchvision", {"device": "cuda:1", "score_threshold": 0.3})
-    assert built == [expected]
+    assert built == [("detectron2" if installed else "torchvision", {"device": "cuda:1", "score_threshold": 0.3})]
     assert ("detectron2" in available_segmenters()) is installed
     assert ("detectron2-maskrcnn" in available_segmenters()) is installed
 
@@ -300,7 +300,7 @@ def test_auto_picks_detectron2_panoptic_iff_installed(monkeypatch, installed):
 def test_unknown_segmenter_name_lists_the_known_ones():
     with pytest.raises(ValueError) as error:
         load_segmenter("sam")
-    assert "'sam'" in str(error.value) and all(name in str(error.value) for name in segmenters.SEGMENTER_NAMES)
+    assert "'sam'" in str(error.value) and all(name in str(error.value) for name in segmenters.segmenter_names())
 
 
 @pytest.mark.parametrize("name", ["detectron2", "detectron2-maskrcnn"])

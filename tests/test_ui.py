@@ -52,7 +52,7 @@ def test_select_handler_explains_the_clicked_word(explainer, captioned):
     assert session.query == word.index
     size = session.image.size
     assert rendered.picture.size == size and session.view == ui.DEFAULT_VIEW
-    for key in ui.VIEWS:
+    for key in ui.views():
         session, shown = ui.select_view(session, key, Settings())
         if key in ("occlusion", "integrated_gradients"):  # off unless asked for: they cost many extra passes
             assert shown.picture is None and "not computed with these settings" in shown.label

@@ -1,8 +1,9 @@
-"""Captioners behind one interface (`base.Captioner`); adding one is one small file plus a registry line."""
+"""Captioners behind one interface (`base.Captioner`). `CAPTIONERS` is the registry: the built-in classes below,
+then those installed as plugins (entry point group "ipag.captioners", loaded by `ipag/__init__.py`), then those registered at run time with
+`register` (docs/plugins.md). A class says which models it runs and which friendly names it offers."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -10,46 +11,39 @@ from transformers import AutoConfig
 
 from ..errors import ModelUnavailableError
 from ..hub import download_fix, require_hub
+from ..plugins import Registry
 from .base import Captioner, DecodeOptions, DecoderPass, Piece
 from .blip import BlipCaptioner
-from .clipcap import DEFAULT_CHECKPOINT, ClipCapCaptioner, is_clipcap_checkpoint
+from .clipcap import ClipCapCaptioner
 from .vit_gpt2 import VitGpt2Captioner
 
-#: Friendly names for the captioners the playground offers; any hub id or local folder works too, and any
-#: ClipCap checkpoint file (see `ipag.captioners.clipcap`).
-KNOWN_CAPTIONERS = {
-    "blip-base": "Salesforce/blip-image-captioning-base",
-    "blip-large": "Salesforce/blip-image-captioning-large",
-    "vit-gpt2": "nlpconnect/vit-gpt2-image-captioning",
-    "clipcap": str(DEFAULT_CHECKPOINT),
-}
+CAPTIONERS: Registry[type[Captioner]] = Registry("ipag.captioners", Captioner, lambda captioner: captioner.name)
+register = CAPTIONERS.register
+unregister = CAPTIONERS.unregister
 
-#: Which class runs a model, by the `model_type` of its config (so a local folder needs no naming convention).
-CAPTIONER_CLASSES: dict[str, type[Captioner]] = {
-    "blip": BlipCaptioner,
-    "vision-encoder-decoder": VitGpt2Captioner,
-}
+for _builtin in (BlipCaptioner, VitGpt2Captioner, ClipCapCaptioner):
+    register(_builtin)
 
-#: Tiny random stand-ins for each friendly name (same class, same code paths), for `--tiny`, tests and CI.
-TINY_CAPTIONERS: dict[str, Callable[[int, torch.device], Captioner]] = {
-    "blip-base": BlipCaptioner.tiny,
-    "blip-large": BlipCaptioner.tiny,
-    "vit-gpt2": VitGpt2Captioner.tiny,
-    "clipcap": ClipCapCaptioner.tiny,
-}
+
+def known_captioners() -> dict[str, str]:
+    """The friendly names the playground offers, and the model each stands for; any hub id, local folder or
+    file a registered class `handles` works too."""
+    return {name: model for captioner in CAPTIONERS for name, model in captioner.models.items()}
 
 
 def load_captioner(model: str, device: torch.device) -> Captioner:
-    """Load a captioner by friendly name, hub id, local folder or ClipCap checkpoint, with a clear error when
-    that fails.
+    """Load a captioner by friendly name, hub id, local folder or checkpoint file, with a clear error when that
+    fails.
 
     A local folder or a model already in the Hugging Face cache loads without touching the network; anything
-    else is downloaded (with progress) if the hub can be reached, and refused at once if it cannot. A ClipCap
-    checkpoint (no transformers config to dispatch on) goes to ClipCap, which finds its parts the same way.
+    else is downloaded (with progress) if the hub can be reached, and refused at once if it cannot. A file that
+    a class `handles` (a ClipCap checkpoint: no transformers config to dispatch on) goes to that class, which
+    finds its parts the same way.
     """
-    model_id = KNOWN_CAPTIONERS.get(model, model)
-    if is_clipcap_checkpoint(model_id):
-        return ClipCapCaptioner.load(model_id, device)
+    model_id = known_captioners().get(model, model)
+    for captioner in CAPTIONERS:
+        if captioner.handles(model_id):
+            return captioner.load(model_id, device)
     try:
         return _load(model_id, device, local_files_only=True)
     except (OSError, ValueError) as err:
@@ -67,18 +61,21 @@ def load_captioner(model: str, device: torch.device) -> Captioner:
 
 def _load(model_id: str, device: torch.device, local_files_only: bool) -> Captioner:
     model_type = AutoConfig.from_pretrained(model_id, local_files_only=local_files_only).model_type
-    if model_type not in CAPTIONER_CLASSES:
+    captioner = next((captioner for captioner in CAPTIONERS if model_type in captioner.model_types), None)
+    if captioner is None:
+        supported = [model_type for captioner in CAPTIONERS for model_type in captioner.model_types]
         raise ModelUnavailableError(
             f"'{model_id}' is a '{model_type}' model, which the playground cannot explain. Supported model types: "
-            f"{', '.join(CAPTIONER_CLASSES)} (friendly names: {', '.join(KNOWN_CAPTIONERS)}).")
-    return CAPTIONER_CLASSES[model_type].load(model_id, device, local_files_only=local_files_only)
+            f"{', '.join(supported)} (friendly names: {', '.join(known_captioners())}).")
+    return captioner.load(model_id, device, local_files_only=local_files_only)
 
 
 def tiny_captioner(name: str, seed: int = 0, device: torch.device = torch.device("cpu")) -> Captioner:
     """The tiny random version of a friendly-named captioner (offline, in about a second)."""
-    if name not in TINY_CAPTIONERS:
-        raise ValueError(f"Unknown captioner '{name}'. Choose one of: {', '.join(TINY_CAPTIONERS)}.")
-    return TINY_CAPTIONERS[name](seed, device)
+    captioner = next((captioner for captioner in CAPTIONERS if name in captioner.models), None)
+    if captioner is None:
+        raise ValueError(f"Unknown captioner '{name}'. Choose one of: {', '.join(known_captioners())}.")
+    return captioner.tiny(seed, device)
 
 
 def _unavailable(model_id: str, err: Exception) -> ModelUnavailableError:
@@ -87,5 +84,5 @@ def _unavailable(model_id: str, err: Exception) -> ModelUnavailableError:
         f"Fix: {download_fix(model_id)}")
 
 
-__all__ = ["BlipCaptioner", "CAPTIONER_CLASSES", "Captioner", "ClipCapCaptioner", "DecodeOptions", "DecoderPass",
-           "KNOWN_CAPTIONERS", "Piece", "TINY_CAPTIONERS", "VitGpt2Captioner", "load_captioner", "tiny_captioner"]
+__all__ = ["BlipCaptioner", "CAPTIONERS", "Captioner", "ClipCapCaptioner", "DecodeOptions", "DecoderPass", "Piece",
+           "VitGpt2Captioner", "known_captioners", "load_captioner", "register", "tiny_captioner", "unregister"]

@@ -5,7 +5,9 @@ feature maps (`vision_grid` makes a grid of either) — and a text decoder, whic
 tokens (BLIP, ViT-GPT2) or not (ClipCap, whose GPT-2 sees the image as a prefix: `num_decoder_layers` is 0 and
 `no_cross_attention` says why). A new captioner subclasses `Captioner` and implements the handful of abstract
 methods below (model loading, preprocessing, generation, one teacher-forced forward, how its tokenizer marks
-word pieces); everything else — caption alignment, attribution, grounding — is shared.
+word pieces); everything else — caption alignment, attribution, grounding — is shared. It says which models it
+runs (`model_types`, `handles`) and which friendly names it offers (`models`), and is registered with
+`ipag.captioners.register` or an entry point (docs/plugins.md).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import unicodedata
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Iterator, Literal
 
 import torch
@@ -23,22 +25,21 @@ from PIL import Image
 from torch import nn
 from transformers.image_processing_utils import BaseImageProcessor
 
+from ..target import token_logprobs
+
 PieceKind = Literal["start", "continue", "punct", "special"]
 
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """How to generate a caption. `num_beams=1` is greedy decoding; the end token counts as a new token."""
+    """How to generate a caption. `num_beams=1` is greedy decoding; the end token counts as a new token.
+    (`Settings` declares and checks the first two; the explainer makes these options from it.)"""
 
     num_beams: int = 1
     max_new_tokens: int = 20
     min_new_tokens: int | None = None  # None: the model's own minimum (its generation config)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.num_beams <= 16:
-            raise ValueError(f"num_beams must be between 1 and 16, got {self.num_beams}.")
-        if not 1 <= self.max_new_tokens <= 128:
-            raise ValueError(f"max_new_tokens must be between 1 and 128, got {self.max_new_tokens}.")
         if self.min_new_tokens is not None and not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
                              f"got {self.min_new_tokens}.")
@@ -90,6 +91,10 @@ class Captioner(ABC):
     """Base class: subclasses hold a frozen model and say how to run it; see the module docstring."""
 
     name: ClassVar[str]
+    #: The transformers `model_type`s of the configs this class runs (`load_captioner` dispatches on them).
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: The friendly names the page and the CLI offer for this class, and the model (hub id or path) of each.
+    models: ClassVar[Mapping[str, str]] = {}
     #: Why the decoder has no cross-attention to the image, for a captioner without it (`num_decoder_layers` 0);
     #: shown where the cross-attention map would be.
     no_cross_attention: ClassVar[str | None] = None
@@ -109,6 +114,17 @@ class Captioner(ABC):
             torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None)
 
     # --- what each captioner implements -------------------------------------------------------------------
+
+    @classmethod
+    def handles(cls, model_id: str) -> bool:
+        """Whether this class loads `model_id` although it has no transformers config (a checkpoint file in a
+        format of its own); `load_captioner` asks before it reads a config."""
+        return False
+
+    @classmethod
+    def tiny(cls, seed: int = 0, device: torch.device = torch.device("cpu")) -> "Captioner":
+        """A tiny random model of this class, built offline in seconds (`--tiny`, tests and CI)."""
+        raise NotImplementedError(f"The {cls.name} captioner has no tiny random version.")
 
     @classmethod
     @abstractmethod
@@ -257,8 +273,7 @@ class Captioner(ABC):
         ids = torch.tensor([list(token_ids)], device=self.device).expand(pixel_values.shape[0], -1)
         with self.autocast():
             logits, _ = self._forward(pixel_values, ids, None)
-        logprobs = torch.log_softmax(_at_least_float32(logits[:, :-1]), dim=-1)
-        return logprobs.gather(2, ids[:, 1:, None])[..., 0]
+        return token_logprobs(torch.log_softmax(_at_least_float32(logits), dim=-1), token_ids)
 
     def forward_for_attribution(self, pixel_values: torch.Tensor, token_ids: list[int], vision_layer: int,
                                 cross_attention_layer: int | None, attentions: bool = False) -> DecoderPass:

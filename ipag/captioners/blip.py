@@ -31,6 +31,8 @@ class BlipCaptioner(Captioner):
     """BLIP image captioning (base or large). Its decoder starts every caption with [DEC] and ends with [SEP]."""
 
     name = "blip"
+    model_types = ("blip",)
+    models = {"blip-base": "Salesforce/blip-image-captioning-base", "blip-large": "Salesforce/blip-image-captioning-large"}
 
     def __init__(self, model: BlipForConditionalGeneration, processor: BlipProcessor, device: torch.device,
                  model_id: str) -> None:

@@ -292,6 +292,7 @@ class ClipCapCaptioner(Gpt2Words, Captioner):
     """ClipCap: an open_clip image tower, ClipCap's mapping network and GPT-2 (see the module docstring)."""
 
     name = "clipcap"
+    models = {"clipcap": str(DEFAULT_CHECKPOINT)}
     no_cross_attention = "ClipCap feeds the image to GPT-2 as a prefix"
 
     def __init__(self, model: ClipCapModel, image_processor: CLIPImageProcessor, tokenizer: PreTrainedTokenizerBase,
@@ -305,6 +306,10 @@ class ClipCapCaptioner(Gpt2Words, Captioner):
         generation.eos_token_id, generation.pad_token_id = [self._stop, self._end], self._end
         # A caption has a word before its full stop: an empty caption has nothing to explain.
         generation.min_new_tokens = 1
+
+    @classmethod
+    def handles(cls, model_id: str) -> bool:
+        return is_clipcap_checkpoint(model_id)
 
     @classmethod
     def load(cls, model_id: str, device: torch.device, local_files_only: bool = False) -> "ClipCapCaptioner":

@@ -5,7 +5,7 @@ captioning papers report, with its PTB tokenisation: numbers are comparable with
 offline (METEOR's jar ships its paraphrase table; it and the tokenizer need Java). SPICE is left out: its jar
 downloads Stanford CoreNLP models on first use.
 
-CLIP gives two more views (seed 004 compared captions through CLIP text embeddings; Hessel et al. 2021 score
+CLIP gives two more views (captions compared through CLIP text embeddings; Hessel et al. 2021 score
 the caption against the image itself):
 - text similarity: mean cosine between the caption's and each reference's CLIP text embedding;
 - CLIPScore: w·max(cos(image, "A photo depicts " + caption), 0) with w = 2.5, reference-free.

@@ -27,13 +27,13 @@ from PIL import Image
 from pytorch_grad_cam.metrics.road import ROADCombined
 from tqdm import tqdm
 
-from ..attribution import Target
 from ..captioners import Captioner
 from ..errors import QueryError
 from ..explainer import Explainer
 from ..grounding.composite import backdrop
 from ..images import ImageError, load_image
 from ..settings import DEFAULTS, Settings
+from ..target import Target
 from .inputs import select_queries
 from .report import summarize
 
@@ -54,14 +54,13 @@ class WordTarget:
                  batch_size: int = 32) -> None:
         self.captioner = captioner
         self.token_ids = list(token_ids)
-        target = Target(tuple(positions))
-        target.check(len(self.token_ids))
-        self.rows = target.rows
+        self.target = Target(tuple(positions))
+        self.target.check(len(self.token_ids))
         self.batch_size = batch_size
 
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         chunks = (chunk.to(self.captioner.device) for chunk in pixel_values.split(self.batch_size))
-        return torch.cat([self.captioner.batch_token_logprobs(chunk, self.token_ids)[:, self.rows].sum(dim=1)
+        return torch.cat([self.target.score(self.captioner.batch_token_logprobs(chunk, self.token_ids))
                           for chunk in chunks])
 
 

@@ -23,20 +23,20 @@ the per-scene records alone, so both give the same numbers.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..attribution import Target, target_gradients
+from ..attribution import target_gradients
 from ..explainer import Explainer
-from ..maps import CAM_METHODS, MAP_TITLES, GradCAMMap, MapContext, MapType, SaliencyMap
+from ..maps import CAM_METHODS, GradCAMMap, MapContext, MapType, SaliencyMap, map_titles
 from ..results import Caption, Explanation
 from ..sanity import FLAG_ABOVE
-from ..settings import DEFAULTS, Settings
+from ..settings import Settings
 from ..synthetic.scenes import COLOURS, Scene, generate_scene
+from ..target import Target
 from .localisation import (
     METRICS,
     RIGHT_OBJECT_IOU,
@@ -50,7 +50,7 @@ from .localisation import (
 from .report import describe, format_table, summarize
 
 #: What the benchmark explains with: the page's defaults plus the maps that are off by default on CPU.
-EVALUATED = replace(DEFAULTS, occlusion=True, integrated_gradients=True, verify=False)
+EVALUATED = Settings(occlusion=True, integrated_gradients=True, verify=False)
 #: The map variants the page computes only when its settings ask: every other Grad-CAM weighting and SmoothGrad,
 #: all from one more gradient pass per word (with SmoothGrad's noisy copies), whose gradients they share.
 VARIANTS: tuple[tuple[str, MapType], ...] = (
@@ -99,7 +99,7 @@ def scene_record(explainer: Explainer, seed: int, sanity: bool = False, settings
 def quick_check(explainer: Explainer, seeds: Iterable[int]) -> dict[str, float]:
     """The headline numbers without the maps' scores (for training summaries and tests): caption exact match,
     and on the true captions' content words the grounding's right-object rate and mean IoU."""
-    settings = replace(DEFAULTS, verify=False)
+    settings = Settings(verify=False)
     exact, ious = [], []
     for seed in seeds:
         scene = generate_scene(seed)
@@ -143,8 +143,8 @@ def counterfactuals(explainer: Explainer, scene: Scene, caption: Caption, indice
         logprobs = captioner.batch_token_logprobs(pixels, list(caption.token_ids)).double().cpu().numpy()
     deltas = []
     for index in indices:
-        rows = Target(caption.words[index].token_positions).rows
-        change = logprobs[1:, rows].sum(axis=1) - logprobs[0, rows].sum()
+        word = Target(caption.words[index].token_positions).score(logprobs)
+        change = word[1:] - word[0]
         own = scene.object_of(index)
         others = [float(value) for obj, value in enumerate(change) if obj != own]
         deltas.append({"own": float(change[own]), "other": float(np.mean(others)) if others else None})
@@ -192,8 +192,9 @@ def groundtruth_result(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def map_order(keys: Iterable[str]) -> list[str]:
     """The page's map order (Grad-CAM weightings together), then the variants, then the baselines."""
     rank = {f"gradcam:{method}": index for index, method in enumerate(CAM_METHODS)}
-    rank |= {key: 100 + index for index, key in enumerate(MAP_TITLES)}
-    rank |= {"saliency:SmoothGrad": 100 + list(MAP_TITLES).index("saliency") + 0.5}
+    titles = list(map_titles())
+    rank |= {key: 100 + index for index, key in enumerate(titles)}
+    rank |= {"saliency:SmoothGrad": 100 + titles.index("saliency") + 0.5}
     rank |= {key: 1000 + index for index, key in enumerate(BASELINES)}
     return sorted(set(keys), key=lambda key: (rank.get(key, 500), key))
 
@@ -236,7 +237,7 @@ def sanity_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def map_label(key: str) -> str:
     """How a map key reads in tables: "gradcam:GradCAM++" → "Grad-CAM (GradCAM++)"."""
     base, _, variant = key.partition(":")
-    title = BASELINES.get(key) or MAP_TITLES.get(base, base)
+    title = BASELINES.get(key) or map_titles().get(base, base)
     return f"{title} ({variant})" if variant else title
 
 

@@ -1,7 +1,7 @@
 """Grounding a word in the image: the segment (or union, or superpixel part) CLIP matches to it best.
 
 `Grounder(ClipModel.from_pretrained()).prepare(image, segments)` once per image, then `ground(prepared,
-word)` per query. `ClipModel.relevance_map` is CLIP's own view of where the word is (Chefer et al.).
+word)` per query. `ClipModel.relevance` is CLIP's own view of where the word is (Chefer et al.).
 """
 
 from .clip import ClipModel

@@ -110,7 +110,7 @@ class ClipModel:
         R = I + cam·R accumulates block by block. Returns the CLS row of R over the patch tokens, on the patch
         grid (non-negative float32; stretch it to the image, which CLIP saw squashed, to draw it).
         ("Generic Attention-model Explainability for Interpreting Bi-Modal and Encoder-Decoder
-        Transformers", ICCV 2021; the map the seed system showed via CLIP_Explainability.)
+        Transformers", ICCV 2021; the map the original IPAG showed via CLIP_Explainability.)
         """
         image = to_rgb(image)
         text_embedding = self.encode_text([text])[0].to(self.device)

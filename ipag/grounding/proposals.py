@@ -1,7 +1,7 @@
 """The regions CLIP chooses among: the segments, a bounded number of their unions, and the whole image.
 
 A word often names more than one segment ("people", "a man and his dog"), so unions are proposed too, but
-never all 2ⁿ − 2 of them as the seed system did: only the union of each class's segments, then pairs of
+never all 2ⁿ − 2 of them as the original IPAG did: only the union of each class's segments, then pairs of
 the most confident segments, at most `max_unions` in all. Stage II's superpixel parts are cut here too.
 
 Every proposal is labelled for a person (`region_label`): by what the segmenter says it is when it says

@@ -3,8 +3,8 @@
 `Grounder.prepare` does everything that does not depend on the query once per image: proposals, their
 composites and CLIP embeddings. `Grounder.ground` then costs one text encoding and a few dot products.
 
-The choice is a softmax over logits, the whole image included as a baseline, and the argmax wins. The seed
-system clipped scores at 1 and OR-ed the tied masks, so every query got the same mask; here nothing is clipped
+The choice is a softmax over logits, the whole image included as a baseline, and the argmax wins. The original
+IPAG clipped scores at 1 and OR-ed the tied masks, so every query got the same mask; here nothing is clipped
 and nothing is merged after scoring, so different queries can, and do, pick different regions. CLIP alone
 favours large regions (a composite with more of the scene left sharp looks more like any scene), so the logits
 can also punish background: a crop instead of a composite, an area penalty, the counterfactual drop, and the

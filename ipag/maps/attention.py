@@ -1,6 +1,6 @@
 """Raw cross-attention: where the decoder's attention went while it predicted the word. No gradient.
 
-This is what attention captioners show as "where the model looked" (seed 004's per-word attention plots). It is
+This is what attention captioners show as "where the model looked" (per-word attention plots, as in Show, Attend and Tell). It is
 attention, not an explanation: a head may attend to a patch whose content it then ignores, which is why the
 cross-attention Grad-CAM beside it weights the same probabilities by their gradient. Shown for comparison.
 """

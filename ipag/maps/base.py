@@ -9,66 +9,36 @@ Map types differ in what they need (`needs`): the gradients of the word's target
 vision tokens and cross-attention ("tokens": Grad-CAM, cross-attention), with respect to the pixels
 ("pixels": saliency), or passes of their own ("own": occlusion, CLIP relevance). The explainer computes the
 first two kinds from the word's one backward pass, in two steps, so the token maps are shown before the
-backward pass through the vision encoder finishes; "own" maps run after them.
+backward pass through the vision encoder finishes; "own" maps run after them. What a map needs of that pass
+beyond the gradients (SmoothGrad's noisy copies, every layer's attention) it says in `pass_needs`, and the
+settings it owns it declares in `declares`: the explainer only combines these declarations.
 
 A map type may not exist for every captioner (`MapType.unavailable`: there is no cross-attention map of a
 decoder without cross-attention); the explanation then says why in the map's place.
 
-A new map type is one file with a `MapType` subclass plus one line in `ipag.maps.MAP_TYPES`; the page, the
-API, exports, the CLI and the benchmarks list `MAP_TYPES` and pick it up.
+A new map type is one file with a `MapType` subclass, registered with `ipag.maps.register` (or an entry point,
+see docs/plugins.md); the page, the API, exports, the CLI and the benchmarks read the registry and pick it up.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..attribution import PassNeeds
+from ..captioners.base import Captioner
+from ..grounding import ClipModel
 from ..results import Heatmap
-
-if TYPE_CHECKING:
-    from ..attribution import Target
-    from ..captioners.base import Captioner
-    from ..grounding import ClipModel
-    from ..settings import Settings
+from ..settings import Setting, Settings
+from ..target import Target, TargetGradients
 
 Needs = Literal["tokens", "pixels", "own"]
-
-
-@dataclass(frozen=True)
-class TargetGradients:
-    """What one target's backward pass left behind, as numpy arrays (batch dimension removed).
-
-    `pixels` holds one input gradient per pass: (1, 3, S, S) normally, (n + 1, 3, S, S) with SmoothGrad's n
-    noisy copies after the clean one; None until the backward pass through the vision encoder has run.
-    `attention` / `attention_gradients` are the cross-attention rows that predict the target tokens,
-    shape (heads, rows, patches), None for a decoder without cross-attention; `vision_*` are the chosen vision
-    layer's output as a (D, gh, gw) grid (ViT patch tokens or CNN feature maps).
-    """
-
-    vision_activations: np.ndarray
-    vision_gradients: np.ndarray
-    attention: np.ndarray | None
-    attention_gradients: np.ndarray | None
-    vision_layer: str
-    attention_layer: str | None
-    pixels: np.ndarray | None = None
-    #: Every attention layer's (probabilities, gradient) as torch tensors (heads, queries, keys), by
-    #: ("vision" | "decoder_self" | "decoder_cross", layer); None unless a map type needs them.
-    attentions: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] | None = None
-
-    def layers(self, kind: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The (probabilities, gradient) pairs of one kind of attention, first layer first."""
-        return [self.attentions[key] for key in sorted(self.attentions) if key[0] == kind]
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.vision_activations.shape[1], self.vision_activations.shape[2]
 
 
 @dataclass(frozen=True)
@@ -79,13 +49,13 @@ class MapContext:
 
     image_size: tuple[int, int]  #: (width, height) of the input image
     gradients: TargetGradients | None = None
-    captioner: "Captioner | None" = None
+    captioner: Captioner | None = None
     pixel_values: torch.Tensor | None = None  #: the captioner's input (1, 3, S, S)
     token_ids: tuple[int, ...] = ()
-    target: "Target | None" = None
+    target: Target | None = None
     image: Image.Image | None = None
     text: str = ""  #: the words explained (or the free query), e.g. for a CLIP prompt
-    clip: "ClipModel | None" = None
+    clip: ClipModel | None = None
     memo: Callable[[Hashable, Callable[[], Any]], Any] = lambda key, compute: compute()
 
 
@@ -101,11 +71,18 @@ class MapType(ABC):
     needs: ClassVar[Needs] = "tokens"
     needs_clip: ClassVar[bool] = False
     needs_attentions: ClassVar[bool] = False  #: every layer's attention and its gradient (`TargetGradients`)
+    #: The settings this map type owns, by name: registering it declares them (widget, CLI option, check).
+    declares: ClassVar[Mapping[str, Setting]] = {}
 
     @classmethod
-    def from_settings(cls, settings: "Settings") -> "MapType | None":
+    def from_settings(cls, settings: Settings) -> "MapType | None":
         """The instance these settings ask for, or None when the settings switch this map off."""
         return cls()
+
+    def pass_needs(self) -> PassNeeds:
+        """What this map needs of its word's pass beyond the gradients every pass gives ("tokens" and
+        "pixels" maps only)."""
+        return PassNeeds(attentions=self.needs_attentions)
 
     @property
     @abstractmethod
@@ -126,7 +103,7 @@ class MapType(ABC):
         `raw` (maps whose raw values live on another grid, like occlusion's windows, override this)."""
         return None
 
-    def unavailable(self, captioner: "Captioner") -> str | None:
+    def unavailable(self, captioner: Captioner) -> str | None:
         """Why `captioner` cannot have this map (None: it can); the explanation says so in the map's place."""
         return None
 

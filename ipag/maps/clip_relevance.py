@@ -1,6 +1,6 @@
 """CLIP relevance: where CLIP's image embedding matches the word's prompt (Chefer et al. 2021).
 
-Not an explanation of the captioner: it is CLIP's own view of where the word is, the map the seed system showed
+Not an explanation of the captioner: it is CLIP's own view of where the word is, the map the original IPAG showed
 through CLIP_Explainability, and the evidence behind the grounding's choice of region. It is computed with the
 same prompt the region was chosen with, so it explains the same comparison.
 """

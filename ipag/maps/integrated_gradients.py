@@ -19,7 +19,7 @@ from captum.attr import IntegratedGradients
 from PIL import Image
 
 from ..grounding.composite import backdrop
-from ..settings import Settings
+from ..settings import Setting, Settings
 from .base import MapContext, MapType
 
 
@@ -30,6 +30,10 @@ class IntegratedGradientsMap(MapType):
     key = "integrated_gradients"
     title = "Integrated gradients"
     needs = "own"
+    declares = {
+        "integrated_gradients": Setting(False, "maps", "Integrated gradients (a forward and backward per step)"),
+        "ig_steps": Setting(16, "maps", "Integrated gradients: steps", minimum=2, maximum=256, step=1),
+    }
     steps: int = 16
     batch_size: int = 8
 
@@ -58,11 +62,11 @@ class IntegratedGradientsMap(MapType):
                             lambda: self.compute(context))
 
     def compute(self, context: MapContext) -> tuple[np.ndarray, float, float]:
-        captioner, rows = context.captioner, context.target.rows
+        captioner = context.captioner
         baseline = captioner.preprocess(Image.fromarray(backdrop(context.image, "blur")))
 
         def word_logprob(pixels: torch.Tensor) -> torch.Tensor:
-            return captioner.differentiable_token_logprobs(pixels, context.token_ids)[:, rows].sum(dim=1)
+            return context.target.score(captioner.differentiable_token_logprobs(pixels, context.token_ids))
 
         started = time.perf_counter()
         with torch.enable_grad():

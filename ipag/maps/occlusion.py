@@ -18,19 +18,17 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from torchvision.transforms.v2.functional import gaussian_blur
 
+from ..captioners.base import Captioner
 from ..results import Heatmap
-from ..settings import Settings
+from ..settings import Setting, Settings
+from ..target import Target
 from .base import MapContext, MapType
-
-if TYPE_CHECKING:
-    from ..attribution import Target
-    from ..captioners.base import Captioner
 
 Baseline = Literal["blur", "mean"]
 
@@ -75,6 +73,7 @@ class Occlusion(MapType):
     key = "occlusion"
     title = "Occlusion"
     needs = "own"
+    declares = {"occlusion": Setting(False, "maps", "Occlusion map (model-agnostic: 225 occluded copies, slower)")}
 
     patch: float = 0.125
     stride: float = 0.5
@@ -136,8 +135,7 @@ class Occlusion(MapType):
     @staticmethod
     def evidence(sweep: Sweep, target: Target) -> np.ndarray:
         """log p(word | image) − log p(word | window occluded), per window, on the window grid."""
-        target.check(sweep.logprobs.shape[1] + 1)
-        word = sweep.logprobs[:, target.rows].sum(axis=1)
+        word = target.score(sweep.logprobs)
         return (word[0] - word[1:]).reshape(sweep.grid).astype(np.float32)
 
     def sweep(self, captioner: Captioner, pixel_values: torch.Tensor, token_ids: Sequence[int]) -> Sweep:

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..settings import Settings
+from ..attribution import PassNeeds
+from ..settings import Setting, Settings
 from .base import MapContext, MapType
 
 
@@ -22,6 +23,12 @@ class SaliencyMap(MapType):
     key = "saliency"
     title = "Saliency"
     needs = "pixels"
+    declares = {
+        "saliency": Setting("gradient", "gradients", "Saliency", choices=("gradient", "SmoothGrad"), widget="radio"),
+        "smoothgrad_samples": Setting(8, "gradients", "SmoothGrad samples", minimum=1, maximum=64, step=1),
+        "smoothgrad_noise": Setting(0.15, "gradients", "SmoothGrad noise (fraction of the input range)",
+                                    minimum=0.0, maximum=1.0, step=0.05),
+    }
     samples: int = 0
     noise: float = 0.15
 
@@ -29,6 +36,10 @@ class SaliencyMap(MapType):
     def from_settings(cls, settings: Settings) -> "SaliencyMap":
         smooth = settings.saliency == "SmoothGrad"
         return cls(settings.smoothgrad_samples if smooth else 0, settings.smoothgrad_noise)
+
+    def pass_needs(self) -> PassNeeds:
+        """SmoothGrad's noisy copies go through the word's pass as one extra batch."""
+        return PassNeeds(self.samples, self.noise)
 
     @property
     def method(self) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -38,9 +38,20 @@ class Segment:
 
 
 class Segmenter(ABC):
-    """Proposes regions of an image. Subclasses implement `_segment` on an RGB uint8 array and `describe`."""
+    """Proposes regions of an image. Subclasses implement `_segment` on an RGB uint8 array and `describe`, and
+    are registered with `ipag.segmenters.register` or an entry point (docs/plugins.md)."""
 
     name: ClassVar[str]  #: short registry name, e.g. "detectron2"; also each Segment's `source`
+
+    @classmethod
+    def load(cls, device: str = "cpu", **options: Any) -> "Segmenter":
+        """Build one on `device`; `options` go to the constructor (`load_segmenter` calls this)."""
+        return cls(device=device, **options)
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether it can be built here (its library is installed); the page offers only those that can."""
+        return True
 
     def __init__(self, max_segments: int | None = 24) -> None:
         """`max_segments` bounds what CLIP has to score per query; None keeps every region."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+from importlib.util import find_spec
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,11 @@ class Detectron2Segmenter(Segmenter):
     """Detectron2 inference on one image, as `DefaultPredictor` does it, returning panoptic or instance masks."""
 
     name = "detectron2"
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether Detectron2 can be imported, without importing it (that takes seconds and a C extension)."""
+        return find_spec("detectron2") is not None
 
     def __init__(
         self,
@@ -143,6 +149,15 @@ class Detectron2Segmenter(Segmenter):
             )
             for info in segments_info
         ]
+
+
+class Detectron2MaskRCNN(Detectron2Segmenter):
+    """Detectron2's Mask R-CNN (things only), under a registry name of its own."""
+
+    name = "detectron2-maskrcnn"
+
+    def __init__(self, device: str = "cpu", **options: Any) -> None:
+        super().__init__("maskrcnn", device, **options)
 
 
 def config_file(config_path: str) -> Path:

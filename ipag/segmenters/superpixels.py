@@ -26,6 +26,10 @@ class Superpixels(Segmenter):
 
     name = "superpixels"
 
+    @classmethod
+    def load(cls, device: str = "cpu", **options: Any) -> "Superpixels":
+        return cls(**options)  # CPU-only scikit-image: no device to place
+
     def __init__(
         self,
         method: Method = "slic",
