@@ -119,13 +119,6 @@ def _segmenters() -> list[str]:
     return segmenter_names()
 
 
-def _map_keys() -> list[str]:
-    """The registered map types' keys (plugins register more)."""
-    from .maps import map_titles
-
-    return list(map_titles())
-
-
 def _has_placeholder(template: str) -> str | None:
     return None if "{}" in template else "must contain '{}' where the word goes"
 
@@ -165,9 +158,8 @@ class Settings:
                                    minimum=0.0, maximum=50.0, step=0.5)
     counterfactual: bool = _setting(False, "grounding", "Add CLIP's drop when the region is blurred away")
     stage2: bool = _setting(False, "grounding", "Stage II: refine with superpixels")
-    #: The map of the word fused into the choice: the captioner's own evidence (it must be computed with the
-    #: settings; otherwise the region is chosen without it, and a note says so).
-    fusion_map: str = _setting("saliency", "grounding", "Captioner map fused into the choice", choices=_map_keys)
+    #: The weight of the captioner's own map of the word in the choice; which map is `fusion_map`, declared with
+    #: the registry of map types (`ipag.maps`), whose keys are its choices.
     fusion_weight: float = _setting(10.0, "grounding", "Fusion weight of that map (0 = CLIP alone)", minimum=0.0,
                                     maximum=100.0, step=0.5)
     top_k: int = _setting(5, "grounding", "Candidate regions shown", minimum=1)
