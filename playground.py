@@ -110,15 +110,19 @@ class Page:
 
     def outputs(self) -> list:
         """What an explanation updates: the session, the large view and the line under it, the candidates, the
-        trust table, the status line, the raw JSON and the sanity check's table."""
+        trust table, the status line, the raw JSON, the sanity check's table and the view's choice (which only
+        picking a candidate region changes: to the region view)."""
         return [self.session, self.picture, self.label, self.candidates, self.trust, self.status, self.details,
-                self.sanity]
+                self.sanity, self.view]
 
-    def show(self, session: ui.Session, rendered: ui.Rendered) -> tuple:
+    def show(self, session: ui.Session, rendered: ui.Rendered, switch_view: bool = False) -> tuple:
+        """The outputs' new values. The view's choice is set only when `switch_view`: set on every answer, a late
+        answer would turn back the choice of a user clicking through the views."""
         candidate = rendered.candidates[session.candidate] if rendered.candidates else None
         return (session, gr.update(value=rendered.picture, visible=rendered.picture is not None),  # no empty box
                 rendered.label, gr.update(choices=rendered.candidates, value=candidate), rendered.trust,
-                rendered.status, rendered.details, gr.update(visible=False))  # a sanity check was for the last word
+                rendered.status, rendered.details, gr.update(visible=False),  # a sanity check was for the last word
+                session.view if switch_view else gr.skip())
 
 
 def build_app(explainers: Explainers | Explainer,
@@ -242,7 +246,7 @@ def _wire_explaining(page: Page) -> None:
 
     @friendly(len(outputs))
     def on_candidate(label, state, *values):
-        return page.show(*ui.select_candidate(get(state.captioner), state, label, page.read(values)))
+        return page.show(*ui.select_candidate(get(state.captioner), state, label, page.read(values)), switch_view=True)
 
     @friendly(1)
     def on_sanity(state):

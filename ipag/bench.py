@@ -10,6 +10,10 @@ WordPiece vocabulary, CLIP ViT-B/32, and the segmenter "auto" stands for (Detect
 torchvision Mask R-CNN v2). Random weights generate gibberish of any length, so the caption is a fixed
 sentence of 10 words / 12 tokens, and generation is forced to that length. `--tiny` runs the same code on
 the tiny test models in seconds (for tests; its numbers mean nothing).
+
+Grounding is timed apart too, on the segmenter's proposals for the photo: once per image (`prepare`: proposals
+and their CLIP embeddings) and once per word (`ground`, with a map fused as the defaults do), for every way
+CLIP can be shown a region (`GROUNDING_VARIANTS`).
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import string
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import open_clip
 import torch
 import transformers
@@ -67,6 +72,11 @@ FREE_QUERIES = ("dog", "cat", "bus", "horse", "kite", "bird", "train", "pizza", 
 #: (`max_segments`, 24 by default); a trained detector finds ~5–15 on a busy COCO photo. The count drives
 #: CLIP's cost: 1 + segments + at most 16 unions are embedded per image.
 SEGMENTS = 10
+#: What CLIP is shown of each region, as settings changed from the defaults (whose view is one of them).
+GROUNDING_VARIANTS = {"blur": {"region_view": "blur"}, "grey": {"region_view": "grey"}, "crop": {"region_view": "crop"},
+                      "grey + counterfactual": {"region_view": "grey", "counterfactual": True}}
+#: The phrase the benchmark grounds (the caption's last noun phrase).
+GROUNDED_PHRASE = "red car"
 #: Side of the float32 matrices whose product measures the machine's peak (2·n³ FLOPs each).
 MATMUL_SIZE = 2048
 
@@ -92,6 +102,9 @@ METRICS = (
     Metric("integrated_gradients_s", "integrated gradients, 16 steps (a word)", "s"),
     Metric("occlusion_s", "occlusion sweep (every word of a caption)", "s"),
     Metric("sanity_check_s", "live sanity check (a word)", "s"),
+    Metric("segment_s", "segmenter on the photo", "s"),
+    Metric("ground_prepare_s", "grounding: proposals embedded (an image)", "s"),
+    Metric("ground_word_s", "grounding: one word, map fused", "s"),
     Metric("explanation_gflop", "explanation FLOPs", "GFLOP"),
     Metric("matmul_peak_gflops", "matmul peak", "GFLOP/s"),
     Metric("flop_floor_s", "explanation FLOP floor", "s"),
@@ -229,6 +242,19 @@ def original_way(explainer: Explainer, rgb: Image.Image, token_ids: Sequence[int
     return click(explainer, ui.Session(image=rgb, caption=caption), query, settings)
 
 
+def grounding_costs(explainer: Explainer, rgb: Image.Image, segments: Sequence[Any], cam: np.ndarray,
+                    device: torch.device) -> dict[str, dict[str, float]]:
+    """Seconds per image (`prepare`) and per word (`ground`, with `cam` fused) of each `GROUNDING_VARIANTS`
+    entry."""
+    costs = {}
+    for name, changes in GROUNDING_VARIANTS.items():
+        grounder = Grounder.from_settings(explainer.clip, replace(DEFAULTS, **changes))
+        prepare_s, prepared = timed(device, grounder.prepare, rgb, segments)
+        word_s, _ = timed(device, grounder.ground, prepared, GROUNDED_PHRASE, cam)
+        costs[name] = {"prepare_s": prepare_s, "word_s": word_s}
+    return costs
+
+
 def explanation_flops(explainer: Explainer, pixel_values: torch.Tensor, token_ids: Sequence[int],
                       target: Target) -> float:
     """FLOPs of one explanation's forward and backward (matrix products, convolutions and attention).
@@ -301,7 +327,7 @@ def processor_name(device: torch.device) -> str:
 
 def run_benchmark(runs: int = 3, device: str = "auto", tiny: bool = False, segments: int = SEGMENTS,
                   progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """Run every measurement `runs` times; returns {"environment", "samples", "metrics", "goals"}.
+    """Run every measurement `runs` times; returns {"environment", "samples", "metrics", "grounding", "goals"}.
 
     Metrics are medians over the runs (the machine may be shared: medians shrug off a disturbed run);
     ratios are taken between medians. Each run clicks a different word and types a different query.
@@ -330,7 +356,10 @@ def run_benchmark(runs: int = 3, device: str = "auto", tiny: bool = False, segme
 
     progress("warming up (segments, CLIP proposals, one explanation)")
     segments_found = explainer.segmenter().segment(rgb)
-    proposal_count = len(Grounder(explainer.clip).prepare(rgb, segments_found).proposals)
+    grounder = Grounder.from_settings(explainer.clip, settings)
+    prepared = grounder.prepare(rgb, segments_found)
+    proposal_count = len(prepared.proposals)
+    cam = np.random.default_rng(0).random(rgb.size[::-1]).astype(np.float32)  # the values do not change the cost
     original_way(explainer, rgb, token_ids, 0, settings)
     gflop = explanation_flops(explainer, pixel_values, token_ids, Target(caption.words[0].token_positions)) / 1e9
 
@@ -358,6 +387,9 @@ def run_benchmark(runs: int = 3, device: str = "auto", tiny: bool = False, segme
                 image=rgb)),
             "occlusion_s": lambda: Occlusion().sweep(captioner, pixel_values, token_ids),
             "sanity_check_s": lambda: explainer.sanity_check(rgb, click(explainer, session, word, settings).explanation),
+            "segment_s": lambda: explainer.segmenter().segment(rgb),
+            "ground_prepare_s": lambda: grounder.prepare(rgb, segments_found),
+            "ground_word_s": lambda: grounder.ground(prepared, GROUNDED_PHRASE, cam),
         }
         results = {}
         for key, step in steps.items():  # in this order: the click must follow the precompute
@@ -366,6 +398,8 @@ def run_benchmark(runs: int = 3, device: str = "auto", tiny: bool = False, segme
         if results["click_s"]:
             raise RuntimeError("The click after precompute ran a backward pass: the benchmark is wrong.")
 
+    progress("timing the grounding variants")
+    grounding = grounding_costs(explainer, rgb, segments_found, cam, resolved)
     progress("measuring the matmul peak")
     metrics = {key: statistics.median(values) for key, values in samples.items()}
     metrics["speedup_vs_original"] = metrics["original_way_s"] / metrics["click_s"]
@@ -398,6 +432,7 @@ def run_benchmark(runs: int = 3, device: str = "auto", tiny: bool = False, segme
         },
         "samples": samples,
         "metrics": {metric.key: metrics[metric.key] for metric in METRICS},
+        "grounding": grounding,
         "goals": [{"metric": goal.metric, "goal": goal.describe(), "value": metrics[goal.metric],
                    "met": goal.met(metrics[goal.metric])} for goal in goals],
     }
@@ -425,6 +460,9 @@ def format_report(results: dict[str, Any]) -> str:
         verdict = ("yes" if goal["met"] else "NO") if goal else ""
         lines.append(f"{metric.label:<42} {_number(value):>8} {metric.unit:<4} "
                      f"{goal['goal'] if goal else '':<10} {verdict:<4} {runs}")
+    lines += ["", "grounding variants (one run each): s per image (proposals embedded) / s per word"]
+    lines += [f"  {name:<40} {cost['prepare_s']:>8.3g} s / {cost['word_s']:.3g} s"
+              for name, cost in results["grounding"].items()]
     return "\n".join(lines)
 
 

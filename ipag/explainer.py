@@ -27,7 +27,7 @@ from .cache import DEFAULT_CACHE_MB, ImageCache, image_key
 from .captioners import Captioner, DecodeOptions, load_captioner, tiny_captioner
 from .device import resolve_device
 from .errors import QueryError
-from .grounding import ClipModel
+from .grounding import ClipModel, GroundedImage
 from .images import ImageInput, load_image
 from .results import Caption, Explanation, Word
 from .sanity import SanityCheck, compare, randomize_top_blocks
@@ -36,7 +36,7 @@ from .segmenters import Segmenter, load_segmenter, resolve_name
 from .settings import DEFAULTS, Settings
 from .target import Target
 from .verify import verify
-from .word import Keys, PreparedQuery, Query, WordStages, Workshop, region_checks
+from .word import Keys, PreparedQuery, Query, WordStages, Workshop, grounded_image, region_checks
 
 #: The longest free query we explain, in tokens (a caption is ~10; longer text is not a "word" any more).
 MAX_QUERY_TOKENS = 32
@@ -131,6 +131,23 @@ class Explainer:
                        cross_attention_layer=captioner.resolve_layer(cross, decoder, "Cross-attention layer")
                        if decoder else None,
                        segmenter=segmenter)
+
+    def grounded_image(self, image: ImageInput, settings: Settings = DEFAULTS) -> GroundedImage:
+        """What the regions of `image` are chosen among with `settings`' segmenter: its proposals and their CLIP
+        embeddings (cached; computed here if no word of the image was grounded yet)."""
+        rgb = load_image(image)
+        return self._grounded(rgb, image_key(rgb), self.resolve(settings))
+
+    def _grounded(self, rgb: Image.Image, image: str, settings: Settings) -> GroundedImage:
+        segmenter = settings.segmenter
+        return self.cache.get_or_compute(image, ("grounded", segmenter), lambda: Grounder.from_settings(
+            self.clip, settings).prepare(rgb, self.segmenter(segmenter).segment(rgb)))
+
+    def grounded_image(self, image: ImageInput, settings: Settings = DEFAULTS) -> GroundedImage:
+        """What the regions of `image` are chosen among with `settings`' segmenter: its proposals and their CLIP
+        embeddings (cached; computed here if no word of the image was grounded yet)."""
+        rgb = load_image(image)
+        return grounded_image(self._workshop(), self._keys(rgb), rgb, self.resolve(settings))
 
     def wait_until_idle(self, timeout: float | None = None) -> bool:
         """Block until the worker has nothing queued or running (every background precompute done); returns

@@ -24,6 +24,7 @@ from PIL import Image
 from .errors import ModelUnavailableError, QueryError
 from .evaluation.localisation import score_map
 from .explainer import Explainer, Explainers
+from .grounding import Grounding
 from .export import export_files, safe_name, write_zip
 from .images import ImageError, ImageInput, load_image
 from .maps import CrossAttentionMap, map_titles
@@ -217,13 +218,13 @@ def select_word(explainer: Explainer, session: Session, segment: int,
 def select_candidate(explainer: Explainer, session: Session, label: str | None,
                      settings: Settings) -> tuple[Session, Rendered]:
     """Take another of the candidate regions (chosen from the list by its label) as the word's region: the
-    region shown, the status line and the trust numbers all follow it."""
+    picture switches to the region view and shows it, and the status line and the trust numbers follow it."""
     if session.explanation is None or session.explanation.grounding is None:
         raise UserError("Explain a word first.")
     labels = candidate_labels(session.explanation)
     index = labels.index(label) if label in labels else 0
     explanation = explainer.choose_region(session.image, session.explanation, index)
-    session = replace(session, explanation=explanation, candidate=index)
+    session = replace(session, explanation=explanation, candidate=index, view="region")
     return session, render(session, settings)
 
 
@@ -294,7 +295,8 @@ def view_label(view: str, explanation: Explanation) -> str:
     if view == "region":
         grounding = explanation.grounding
         if grounding is not None:
-            return f"Chosen by CLIP among {explanation.segmenter} proposals: **{html.escape(grounding.label)}**."
+            return (f"Region among {explanation.segmenter} proposals: **{html.escape(grounding.label)}**"
+                    f"{'' if grounding.decided else ' (CLIP cannot decide)'}.")  # no query here: see `status_line`
         return "Still being computed…" if "region" in explanation.pending else "No region: grounding is off."
     heatmap = explanation.maps.get(view)
     if heatmap is not None:
@@ -314,14 +316,25 @@ def status_line(explanation: Explanation) -> str:
     where = "in the caption" if explanation.in_caption else f"after the prompt “{html.escape(explanation.context)}”"
     line = (f"Explained <strong>{html.escape(what)}</strong> {where}: p = {explanation.word_probability:.3f} "
             f"(log p = {explanation.word_logprob:.2f}).")
-    grounding = explanation.grounding
-    if grounding is not None:
-        line += (f" Region: <strong>{html.escape(grounding.label)}</strong> (p = {grounding.score:.2f}"
-                 f"{', the whole image won' if grounding.baseline_won else ''}).")
+    if explanation.grounding is not None:
+        line += " " + region_sentence(explanation.grounding)
     if explanation.pending:
         line += f" Computing {', '.join(explanation.pending)}…"
     notes = [note for note in explanation.notes if "not in the caption" not in note]
     return f"<p>{line}</p>" + "".join(f"<p>• {html.escape(note)}</p>" for note in notes)
+
+
+def region_sentence(grounding: Grounding) -> str:
+    """What the status line says of the region (HTML, escaped): the phrase that was grounded and the region
+    chosen for it, or, when the probabilities are nearly flat (`Grounding.decided`), that CLIP cannot decide."""
+    phrase = f"Region of “{html.escape(grounding.query)}”"
+    if not grounding.decided:
+        rival = grounding.rival
+        return (f"{phrase}: CLIP cannot decide between <strong>{html.escape(grounding.label)}</strong> "
+                f"(p = {grounding.score:.2f}) and <strong>{html.escape(rival.label)}</strong> (p = "
+                f"{rival.probability:.2f}) elsewhere; the first is shown, pick another below.")
+    return (f"{phrase}: <strong>{html.escape(grounding.label)}</strong> (p = {grounding.score:.2f}"
+            f"{', the whole image won' if grounding.baseline_won else ''}).")
 
 
 def trust_rows(explanation: Explanation) -> list[list[Any]]:

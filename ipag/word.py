@@ -26,7 +26,7 @@ from .align import align
 from .attribution import AttributionPass, KeptPass, PassNeeds, PassSpec
 from .cache import ImageCache, image_key
 from .captioners import Captioner, DecodeOptions
-from .grounding import ClipModel, Grounder, Grounding
+from .grounding import ClipModel, GroundedImage, Grounder, Grounding, noun_phrase
 from .maps import MAP_TYPES, MapContext, MapType
 from .results import Caption, Explanation, Heatmap, Word
 from .schedule import Key, Publish, Scheduler
@@ -79,7 +79,7 @@ class Keys:
         return self._of("own maps", item.text, tuple(map_types), item.token_ids, item.target.positions)
 
     def region(self, text: str, settings: Settings, fused: Key | None) -> Key:
-        """The region depends on the word's text and the grounding settings (and on the maps it is fused with)."""
+        """The region depends on the grounded text and the grounding settings (and on the maps it is fused with)."""
         return self.image, ("region", text, settings.key("grounding"), None if fused is None else fused[1])
 
     def checks(self, item: PreparedQuery, region: Key | None) -> Key:
@@ -161,6 +161,14 @@ class Stage:
     work: Callable[[Publish], None]
 
 
+def grounded_image(tools: Workshop, keys: Keys, rgb: Image.Image, settings: Settings) -> GroundedImage:
+    """What the regions of the image are chosen among with `settings`' segmenter: its proposals and their CLIP
+    embeddings (cached per segmenter; the views a grounder needs beyond them are added when first asked for)."""
+    segmenter = settings.segmenter
+    return tools.get(keys.segments(segmenter), lambda: Grounder.from_settings(tools.clip, settings).prepare(
+        rgb, tools.segmenter(segmenter).segment(rgb)))
+
+
 def region_checks(tools: Workshop, keys: Keys, rgb: Image.Image, mask: np.ndarray,
                   token_ids: tuple[int, ...]) -> Checks:
     """The region's own caption and the sequence's token log-probabilities with only the region / without
@@ -225,8 +233,28 @@ class WordStages:
     def _own_key(self) -> Key:
         return self.keys.own_maps(self.item, self.map_types["own"])
 
+    @property
+    def grounded_text(self) -> str:
+        """What the region is asked for: a clicked caption word's noun phrase ("red circle" for "red") when
+        `ground_phrase`, else the query as typed (or the caption phrase it matched)."""
+        item, caption = self.item, self.caption
+        if self.settings.ground_phrase and isinstance(item.query, int):
+            return noun_phrase(caption.text, [word.span for word in caption.words], item.query)
+        return item.text
+
+    def _fusion_stage(self) -> tuple[Key, Callable[[Publish], None]] | None:
+        """The stage whose maps include the one fused into the region's choice (`fusion_map`), or None when
+        fusion is off or that map is not computed with these settings."""
+        if not self.settings.fusion_weight:
+            return None
+        stages = {"tokens": (self._token_key(), self._token_maps), "pixels": (self._pixel_key(), self._pixel_maps),
+                  "own": (self._own_key(), self._own_maps)}
+        return next((stages[needs] for needs, map_types in self.map_types.items()
+                     if any(map_type.key == self.settings.fusion_map for map_type in map_types)), None)
+
     def _region_key(self) -> Key:
-        return self.keys.region(self.item.text, self.settings, self._token_key() if self.settings.fusion_weight else None)
+        fusion = self._fusion_stage()
+        return self.keys.region(self.grounded_text, self.settings, None if fusion is None else fusion[0])
 
     def _checks_key(self) -> Key:
         return self.keys.checks(self.item, self._region_key() if self.grounded else None)
@@ -286,20 +314,21 @@ class WordStages:
 
     def _region(self, publish: Publish) -> None:
         tools, settings = self.tools, self.settings
-        segmenter = settings.segmenter
         try:
-            grounder = Grounder(tools.clip, template=settings.template, top_k=settings.top_k,
-                                stage2=settings.stage2, fusion_weight=settings.fusion_weight)
-            prepared = tools.get(self.keys.segments(segmenter),
-                                 lambda: grounder.prepare(self.rgb, tools.segmenter(segmenter).segment(self.rgb)))
-            cam = None
-            if settings.fusion_weight:
-                gradcam = tools.scheduler.result(self._token_key(), self._token_maps).maps.get("gradcam")
-                cam = gradcam.at(prepared.pixels.shape[1::-1]) if gradcam is not None else None
-            result = RegionResult(grounder.ground(prepared, self.item.text, cam=cam), prepared.segmenter, [])
+            prepared = grounded_image(tools, self.keys, self.rgb, settings)
+            cam, notes = None, []
+            fusion = self._fusion_stage()
+            if fusion is not None:
+                fused = tools.scheduler.result(*fusion).maps.get(settings.fusion_map)
+                cam = fused.at(prepared.pixels.shape[1::-1]) if fused is not None else None
+            if settings.fusion_weight and cam is None:
+                notes.append(f"The region was chosen without the captioner's evidence: its {settings.fusion_map!r} "
+                             "map is not computed with these settings (or failed).")
+            grounding = Grounder.from_settings(tools.clip, settings).ground(prepared, self.grounded_text, cam=cam)
+            result = RegionResult(grounding, prepared.segmenter, notes)
         except Exception as err:  # noqa: BLE001 — the maps are still worth showing without a region
             logger.exception("grounding failed")
-            result = RegionResult(None, segmenter, [f"No region: grounding failed ({err})"])
+            result = RegionResult(None, settings.segmenter, [f"No region: grounding failed ({err})"])
         publish(self._region_key(), result)
 
     def _checks(self, publish: Publish) -> None:

@@ -1,6 +1,7 @@
 """The running app: its API through gradio_client, and the page in a real browser (Chromium + Playwright)."""
 
 import os
+import re
 import shutil
 import socket
 import time
@@ -156,8 +157,11 @@ def test_click_a_word_in_a_real_browser(app_url, browser, monkeypatch):
             page.locator("#view-label").get_by_text("not computed with these settings").wait_for(timeout=30_000)
             assert page.locator("#picture img").count() == 0 or not page.locator("#picture").is_visible()
             continue
-        expected = "Chosen by CLIP" if key == "region" else title
-        page.locator("#view-label").get_by_text(expected).first.wait_for(timeout=30_000)
+        # the label's start, exactly: a substring match would take "Cross-attention: …" for "Attention", click on
+        # while that answer is pending, and Gradio drops a click made while the same event is pending
+        expected = "Region among" if key == "region" else f"{title}:"
+        page.wait_for_function("(text) => (document.querySelector('#view-label')?.innerText || '').trim()"
+                               ".startsWith(text)", arg=expected, timeout=30_000)
         page.wait_for_function("() => { const img = document.querySelector('#picture img');"
                                " return img && img.complete && img.naturalWidth > 0; }", timeout=30_000)
     assert page.locator("#trust").get_by_text("Word probability").count() == 1
@@ -382,19 +386,28 @@ def test_the_live_sanity_check_reports_every_captioner_map(app_url, browser):
     page.close()
 
 
-def test_picking_another_candidate_region_updates_the_trust_numbers(app_url, browser):
+def test_candidate_regions_read_as_places_and_picking_one_shows_it(app_url, browser):
+    """Superpixels have no classes: the candidates are named by place and size, the status line names the phrase
+    that was grounded, and picking a candidate shows it on the picture (the region view) with its trust numbers."""
     page = open_page(browser, app_url)
     words = upload(page, EXAMPLES / "rocket.jpg")
     words.first.click()
-    finished(page)
+    finished(page, "Region of “")
     before = page.locator("#trust").inner_text()
     choices = page.locator("#candidates label")
     assert choices.count() >= 2
-    label = choices.nth(1).inner_text().split("—")[0].split(". ", 1)[1].strip()
+    labels = [choices.nth(index).inner_text().split("—")[0].split(". ", 1)[1].strip()
+              for index in range(choices.count())]
+    readable = r"whole image|(\d+ )?segments?, [a-z ]+, (<1|\d+)% of the image"
+    assert all(re.fullmatch(readable, label) for label in labels), labels
     choices.nth(1).click()
-    page.locator("#status").get_by_text(f"Region: {label}").wait_for(timeout=60_000)
+    page.locator("#status").get_by_text(labels[1]).wait_for(timeout=60_000)
     page.wait_for_function("(before) => document.querySelector('#trust').innerText !== before", arg=before,
                            timeout=60_000)
+    page.locator("#view-label").get_by_text(labels[1]).wait_for(timeout=30_000)
+    assert page.locator("#view input[value=region]").is_checked()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "candidates.png"), full_page=True)
     page.close()
 
 

@@ -38,6 +38,8 @@ def test_every_metric_is_reported_positive_and_finite(run):
     assert results["metrics"]["explanation_gflop"] > 0
     for key, values in results["samples"].items():
         assert len(values) == 1, key
+    assert list(results["grounding"]) == list(bench.GROUNDING_VARIANTS)
+    assert all(cost["prepare_s"] > 0 and cost["word_s"] > 0 for cost in results["grounding"].values())
 
 
 def test_medians_and_ratios_are_consistent(run):
@@ -71,6 +73,7 @@ def test_environment_json_and_table(run):
     for metric in bench.METRICS:
         assert metric.label in table
     assert "torch " + env["torch"] in table
+    assert all(name in table for name in bench.GROUNDING_VARIANTS)
 
 
 def test_real_size_vocabulary_fits_blip_base_and_gives_the_same_caption_tokens():

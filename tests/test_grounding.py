@@ -7,6 +7,7 @@ so the assertions say which region must win and why; the tiny random CLIP covers
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import numpy as np
@@ -16,11 +17,13 @@ from PIL import Image
 from torchvision.transforms import Normalize
 
 from ipag.errors import ModelUnavailableError, QueryError
-from ipag.grounding import ClipModel, Grounder, composite
+from ipag.grounding import ClipModel, Grounder, composite, noun_phrase
 from ipag.grounding.clip import TINY_MODEL, recorded_attention
+from ipag.grounding.composite import backdrop, crop_to, paste
+from ipag.grounding.proposals import position, region_label
 from ipag.images import BACKGROUND, normalize_map, resize_map
 from ipag.maps import ClipRelevanceMap, MapContext
-from ipag.segmenters import Segment
+from ipag.segmenters import Segment, Superpixels
 
 SIZE = 128
 COLOURS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
@@ -253,7 +256,7 @@ def test_stage_two_keeps_a_part_that_scores_higher(method):
     grounder = Grounder(ColourScorer(), stage2=True, superpixels=method, top_k=None)
     result = grounder.ground(grounder.prepare(image, segments), "red")
     assert plain.label == "flag" and not plain.refined
-    assert result.refined and result.label == "part of flag"
+    assert result.refined and result.label.startswith("part of flag, upper left, ")
     assert not (result.mask & ~region).any()
     assert result.mask[colours["red"]].mean() > 0.5 and not result.mask[colours["blue"]].any()
     winner = next(c for c in result.candidates if c.members == (0,) and not c.refined)
@@ -327,7 +330,7 @@ def test_bad_inputs_are_refused_with_clear_errors(scene):
     prepared = grounder.prepare(image, segments)
     with pytest.raises(QueryError):
         grounder.ground(prepared, "   ")
-    with pytest.raises(ValueError, match="CAM"):
+    with pytest.raises(ValueError, match="2-D map"):
         grounder.ground(prepared, "red", cam=np.zeros((10, 10, 3)))
     with pytest.raises(ValueError, match="Segment 0"):
         grounder.prepare(image, [Segment(np.ones((5, 5), dtype=bool), "x", None, "test")])
@@ -567,7 +570,7 @@ def test_a_flat_image_still_gives_a_valid_grounding(tiny_clip):
     assert result.mask.shape == (47, 61) and result.mask.dtype == bool
     probabilities = [c.probability for c in result.candidates]
     assert np.isfinite(probabilities).all() and sum(probabilities) == pytest.approx(1.0)
-    assert {c.label for c in result.candidates} >= {"whole image", "square", "region 2"}
+    assert {c.label for c in result.candidates} >= {"whole image", "square", "segment, lower right, 22% of the image"}
 
 
 def test_relevance_hook_tolerates_other_threads_mid_registration():
@@ -582,3 +585,167 @@ def test_relevance_hook_tolerates_other_threads_mid_registration():
     output = attention(tokens, tokens, tokens)
     assert hook(attention, (tokens, tokens, tokens), output) is None
     assert hook(attention, (tokens, tokens, tokens), {}, output) is None
+
+
+# ---------------------------------------------------------------- scoring that punishes background
+
+def probability(result, label: str) -> float:
+    return next(c.probability for c in result.candidates if c.label == label)
+
+
+def test_a_crop_punishes_background_that_a_blurred_composite_does_not(scene):
+    image, segments, masks = scene
+    blur = Grounder(ColourScorer(), top_k=None)
+    prepared = blur.prepare(image, segments)
+    blurred = blur.ground(prepared, "red")
+    cropped = Grounder(ColourScorer(), top_k=None, view="crop").ground(prepared, "red")
+    # Blurred composites of the red square alone and with all the background hold the same red pixels: a tie.
+    assert probability(blurred, "red thing") == pytest.approx(probability(blurred, "red thing + background"))
+    # Cropped, the square fills its view and the background dilutes the other one.
+    assert np.array_equal(cropped.mask, masks["red"])
+    assert probability(cropped, "red thing") > 10 * probability(cropped, "red thing + background")
+    assert not blurred.decided and cropped.decided  # the tie is a coin toss between two places; the crop is not
+
+
+def test_the_area_penalty_costs_logits_in_proportion_to_the_area(scene):
+    image, segments, masks = scene
+    penalty = 4.0
+    grounder = Grounder(ColourScorer(), top_k=None, area_penalty=penalty)
+    result = grounder.ground(grounder.prepare(image, segments), "red")
+    # CLIP ties the two (see above): what separates them is the penalty on the background's share of the image.
+    extra_area = (segments[3].mask | masks["red"]).mean() - masks["red"].mean()
+    ratio = probability(result, "red thing") / probability(result, "red thing + background")
+    assert np.log(ratio) == pytest.approx(penalty * extra_area)
+    assert np.array_equal(result.mask, masks["red"])
+
+
+def test_the_counterfactual_adds_the_drop_when_the_region_is_blurred_away(scene):
+    image, segments, masks = scene
+    scorer = ColourScorer()
+    grounder = Grounder(scorer, top_k=None, counterfactual=True)
+    result = grounder.ground(grounder.prepare(image, segments), "red")
+    plain = Grounder(scorer, top_k=None).ground(grounder.prepare(image, segments), "red")
+
+    def cosine(picture: Image.Image) -> float:
+        embedding, text = scorer.encode_images([picture])[0], scorer.encode_text(["a photo of red"])[0]
+        return float(torch.nn.functional.cosine_similarity(embedding.double(), text.double(), dim=0))
+
+    pixels, blurred = np.asarray(image), backdrop(image)
+    logits = {}
+    for label in ("red thing", "blue thing"):
+        mask = masks[label.split()[0]]
+        kept, removed = cosine(paste(pixels, blurred, mask)), cosine(paste(blurred, pixels, mask))
+        logits[label] = scorer.logit_scale * (kept + cosine(image) - removed)
+    expected = logits["red thing"] - logits["blue thing"]
+    assert np.log(probability(result, "red thing") / probability(result, "blue thing")) == pytest.approx(expected)
+    # Removing the red square loses the match, removing the blue one does not: red gains on blue.
+    gained = np.log(probability(plain, "red thing") / probability(plain, "blue thing"))
+    assert expected > gained + 1.0
+
+
+def test_a_runner_up_that_is_mostly_the_winner_is_no_rival():
+    red = box(10, 10, 14)
+    sliver = red.copy()
+    sliver[10:24, 24:26] = True  # the red square and a strip of grey beside it: IoU 0.875 with the square
+    image = paint({"red": red, "blue": box(90, 90, 14)})
+    segments = [Segment(red, "red thing", 0.9, "test"), Segment(sliver, "red and grey", 0.8, "test"),
+                Segment(box(90, 90, 14), "blue thing", 0.7, "test")]
+    grounder = Grounder(ColourScorer(), top_k=None, max_unions=0)
+    result = grounder.ground(grounder.prepare(image, segments), "red")
+    assert probability(result, "red and grey") == pytest.approx(result.score)  # a tie, yet no doubt where red is
+    assert result.rival.label != "red and grey" and result.decided
+    assert result.to_dict()["decided"] and result.choose(1).rival is None
+
+
+def test_two_equally_likely_places_leave_the_grounding_undecided():
+    left, right = box(10, 10, 14), box(90, 90, 14)
+    image = paint({"red": left, "red 2": right})
+    segments = [Segment(left, "left thing", 0.9, "test"), Segment(right, "right thing", 0.8, "test")]
+    grounder = Grounder(ColourScorer(), max_unions=0, view="crop")  # (blurred, the whole image holds both reds)
+    result = grounder.ground(grounder.prepare(image, segments), "red")
+    assert result.label == "left thing" and result.rival.label == "right thing"
+    assert result.rival.probability == pytest.approx(result.score) and not result.decided
+
+
+def test_views_must_be_known():
+    with pytest.raises(ValueError, match="Unknown view"):
+        Grounder(ColourScorer(), view="removed")
+
+
+def test_a_crop_is_a_square_around_the_region_kept_inside_the_image():
+    image = Image.new("RGB", (100, 60))
+    mask = box(20, 40, 10, size=(100, 60))
+    assert crop_to(image, mask).size == (13, 13)  # 10 px and 15% on each side, rounded up
+    corner = box(0, 0, 10, size=(100, 60))
+    assert crop_to(image, corner, margin=0.5).size == (20, 20)  # moved inside, not cut
+    assert crop_to(image, np.ones((60, 100), dtype=bool)).size == (100, 60)  # wider than high: the image
+    assert crop_to(image, np.zeros((60, 100), dtype=bool)).size == (100, 60)  # nothing to crop to
+
+
+# ---------------------------------------------------------------- labels a person can read
+
+def test_regions_are_labelled_by_class_or_by_place_and_size():
+    upper_left = box(0, 0, 36)  # 8% of the image, centred in the upper left ninth
+    lower_right = box(100, 100, 28)
+    segments = [Segment(box(40, 40, 40), "dog", 0.9, "test"), Segment(upper_left, None, None, "test"),
+                Segment(lower_right, None, None, "test"), Segment(box(0, 90, 10), "person", 0.8, "test"),
+                Segment(box(90, 0, 10), "person", 0.7, "test")]
+    assert region_label(segments, (0,), segments[0].mask) == "dog"
+    assert region_label(segments, (3, 4), segments[3].mask | segments[4].mask) == "person ×2"
+    assert region_label(segments, (1,), upper_left) == "segment, upper left, 8% of the image"
+    assert region_label(segments, (1, 2), upper_left | lower_right) == "2 segments, centre, 13% of the image"
+    assert region_label(segments, (0, 1), segments[0].mask | upper_left).startswith("dog + segment, ")
+    assert region_label(segments, (0,), box(40, 40, 8), part=True) == "part of dog, centre, <1% of the image"
+
+
+@pytest.mark.parametrize(("top", "left", "where"), [
+    (0, 0, "upper left"), (0, 60, "top"), (0, 120, "upper right"), (60, 0, "left"), (60, 60, "centre"),
+    (60, 120, "right"), (120, 0, "lower left"), (120, 60, "bottom"), (120, 120, "lower right")])
+def test_a_region_is_placed_in_a_three_by_three_grid(top, left, where):
+    assert position(box(top, left, 8)) == where
+
+
+def test_the_page_grounding_uses_readable_labels_for_superpixels(scene):
+    image, _, _ = scene
+    grounder = Grounder(ColourScorer(), top_k=None)
+    result = grounder.ground(grounder.prepare(image, Superpixels(n_segments=6).segment(image)), "red")
+    assert all(c.label == "whole image" or "% of the image" in c.label for c in result.candidates)
+    assert not any("region" in c.label for c in result.candidates)
+
+
+# ---------------------------------------------------------------- the phrase a word is grounded in
+
+def phrase(caption: str, word: str, occurrence: int = 1) -> str:
+    spans = [match.span() for match in re.finditer(r"[\w'-]+", caption)]
+    indices = [index for index, (start, end) in enumerate(spans) if caption[start:end] == word]
+    return noun_phrase(caption, spans, indices[occurrence - 1])
+
+
+@pytest.mark.parametrize(("caption", "word", "expected"), [
+    ("a red circle, a blue square and a green triangle", "red", "red circle"),
+    ("a red circle, a blue square and a green triangle", "square", "blue square"),
+    ("a red circle, a blue square and a green triangle", "triangle", "green triangle"),
+    ("a brown dog on the grass", "dog", "brown dog"),
+    ("a brown dog on the grass", "grass", "grass"),
+    ("two small brown dogs and a cat", "small", "two small brown dogs"),
+    ("a man riding a horse on a beach", "man", "man"),
+    ("a man riding a horse on a beach", "horse", "horse"),
+    ("there is a cat sitting on a couch", "couch", "couch"),
+    ("a tall building next to a parking lot", "building", "tall building"),
+    ("a tall building next to a parking lot", "lot", "parking lot"),
+    ("a painting of a woman", "painting", "painting"),
+    ("a red, white and blue flag", "red", "red"),
+    ("a black-and-white photo of a cat", "photo", "black-and-white photo"),
+    ("a dog", "a", "a"),  # a function word is grounded as itself
+    ("the man is riding", "riding", "riding"),
+    ("pizza", "pizza", "pizza"),
+])
+def test_a_word_is_grounded_in_its_noun_phrase(caption, word, expected):
+    assert phrase(caption, word) == expected
+
+
+def test_the_phrase_keeps_the_caption_as_written_and_refuses_a_missing_word():
+    caption = "A Red  Circle and a blue square"
+    assert phrase(caption, "Circle") == "Red  Circle"
+    with pytest.raises(IndexError):
+        noun_phrase(caption, [(0, 1)], 3)

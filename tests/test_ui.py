@@ -135,7 +135,7 @@ def test_candidate_selection_shows_that_region(explainer, captioned):
     if len(rendered.candidates) < 2:
         pytest.skip("only one candidate")
     second, shown = ui.select_candidate(explainer, session, rendered.candidates[1], Settings())
-    assert second.candidate == 1
+    assert second.candidate == 1 and second.view == "region"  # the picture shows the region picked
     assert np.asarray(shown.picture).tolist() != np.asarray(rendered.picture).tolist()
     chosen = session.explanation.grounding.candidates[1]
     assert second.explanation.grounding.label == chosen.label and chosen.label in shown.status
@@ -263,3 +263,21 @@ def test_the_blurred_region_reading_follows_its_sign(explainer, captioned, delta
     changed = replace(explanation, verification=replace(explanation.verification, delta_logprob_blurred=delta))
     row = next(row for row in ui.trust_rows(changed) if row[0] == "Δlog p(word), region blurred")
     assert row[1] == f"{delta:+.3f}" and row[2].startswith(reading)
+
+
+def test_the_status_says_which_phrase_was_grounded_and_when_clip_cannot_decide(explainer, captioned):
+    _, session, _ = captioned
+    *_, (session, rendered) = ui.explain(explainer, session, 0, Settings())
+    grounding = session.explanation.grounding
+    decided = replace(grounding, query="brown <dog>", rival=None)
+    sentence = ui.region_sentence(decided)
+    assert sentence.startswith("Region of “brown &lt;dog&gt;”: <strong>") and "cannot decide" not in sentence
+    rival = replace(grounding.candidates[1], label="segment, left, 9% of the image", probability=grounding.score / 1.2)
+    undecided = replace(decided, rival=rival)
+    assert not undecided.decided
+    sentence = ui.region_sentence(undecided)
+    assert "CLIP cannot decide" in sentence and "segment, left, 9% of the image" in sentence
+    shown = ui.render(replace(session, explanation=replace(session.explanation, grounding=undecided), view="region"),
+                      Settings())
+    assert "CLIP cannot decide" in shown.status and "(CLIP cannot decide)" in shown.label
+    assert replace(undecided, rival=replace(rival, probability=grounding.score / 1.6)).decided  # 1.6 × its rival's

@@ -8,7 +8,9 @@ shape) names exactly one object, whose mask is the word's evidence. For each sce
   would have said it, and every map explains the same target), explained with every map of `MAP_TYPES`, every
   Grad-CAM weighting and SmoothGrad, and scored against the mask (`localisation`: pointing game, relevance
   mass and rank accuracy, AUROC), next to two baselines, a random map on the Grad-CAM grid and a centre prior;
-- the grounding: is the region CLIP chose the word's object (IoU ≥ 0.5), and its IoU with the mask;
+- the grounding: is the region chosen for the word its object (IoU ≥ 0.5), and if not, was the object among the
+  proposals at all; the region's precision and coverage on the object, its area and probability
+  (`localisation.region_record`; `python -m ipag evaluate-grounding` compares grounding settings this way);
 - the counterfactual: Δlog p(word) when the word's own object is removed from the scene, against removing
   another object (a captioner that uses the evidence loses the word only in the first case);
 - on the first `sanity_scenes` scenes, the cascading randomisation check (Adebayo et al. 2018): each map's rank
@@ -36,12 +38,18 @@ from ..settings import Settings
 from ..synthetic.check import caption_report
 from ..synthetic.scenes import COLOURS, Scene, generate_scene
 from ..target import Target
-from .localisation import METRICS, centre_prior, random_map, score_map
+from .localisation import (
+    METRICS,
+    RIGHT_OBJECT_IOU,
+    centre_prior,
+    iou,
+    random_map,
+    region_record,
+    region_summary,
+    score_map,
+)
 from .report import describe, format_table, summarize
 
-#: A region is the right object when its IoU with the object's mask is at least this (the usual detection
-#: criterion; objects never overlap, so no other object can reach it at the same time).
-RIGHT_OBJECT_IOU = 0.5
 #: What the benchmark explains with: the page's defaults plus the maps that are off by default on CPU.
 EVALUATED = Settings(occlusion=True, integrated_gradients=True, verify=False)
 #: The map variants the page computes only when its settings ask: every other Grad-CAM weighting and SmoothGrad,
@@ -77,7 +85,8 @@ def scene_record(explainer: Explainer, seed: int, sanity: bool = False, settings
         found |= {key: map_type.attribute(context).values for key, map_type in VARIANTS}
     rng = np.random.default_rng([baseline_seed, seed])
     deltas = counterfactuals(explainer, scene, truth, indices)
-    words = [word_record(scene, index, found, explanation, delta, rng)
+    proposals = proposal_masks(explainer, image, settings) if settings.grounding and explainer.clip else []
+    words = [word_record(scene, index, found, explanation, delta, rng, proposals)
              for index, found, explanation, delta in zip(indices, maps, explanations, deltas)]
     record = {"seed": seed, "truth": scene.caption, "caption": caption.text, "exact": caption.text == scene.caption,
               "objects": len(scene.objects), "words": words, "sanity": []}
@@ -105,6 +114,12 @@ def quick_check(explainer: Explainer, seeds: Iterable[int]) -> dict[str, float]:
     return {"scenes": len(exact), "exact_match": float(np.mean(exact)), "words": len(ious),
             "right_object": float(np.mean(np.array(ious) >= RIGHT_OBJECT_IOU)) if ious else float("nan"),
             "iou": float(np.mean(ious)) if ious else float("nan")}
+
+
+def proposal_masks(explainer: Explainer, image, settings: Settings) -> list[np.ndarray]:
+    """The masks of every region the grounding chose among for `image` (at its size), the whole image first."""
+    grounded = explainer.grounded_image(image, settings)
+    return [grounded.mask(proposal) for proposal in grounded.proposals]
 
 
 def true_caption(explainer: Explainer, scene: Scene) -> Caption:
@@ -138,8 +153,10 @@ def counterfactuals(explainer: Explainer, scene: Scene, caption: Caption, indice
 
 
 def word_record(scene: Scene, index: int, maps: Mapping[str, np.ndarray], explanation: Explanation,
-                counterfactual: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    """The scores of one content word's maps, baselines, region and counterfactual."""
+                counterfactual: dict[str, Any], rng: np.random.Generator,
+                proposals: Sequence[np.ndarray]) -> dict[str, Any]:
+    """The scores of one content word's maps, baselines, region (against every proposal's mask) and
+    counterfactual."""
     word, mask = scene.evidence[index]
     size = scene.image.size
     baselines = {"random": random_map(size, explanation.maps["gradcam"].raw.shape, rng), "centre": centre_prior(size)}
@@ -150,9 +167,7 @@ def word_record(scene: Scene, index: int, maps: Mapping[str, np.ndarray], explan
         "counterfactual": counterfactual, "grounding": None,
     }
     if explanation.grounding is not None:
-        overlap = iou(explanation.grounding.mask, mask)
-        record["grounding"] = {"iou": overlap, "right": overlap >= RIGHT_OBJECT_IOU,
-                               "label": explanation.grounding.label, "whole_image": explanation.grounding.baseline_won}
+        record["grounding"] = region_record(explanation.grounding, mask, proposals)
     return record
 
 
@@ -162,11 +177,6 @@ def cascade(explainer: Explainer, image, explanation: Explanation) -> list[dict[
     return [{"map": _key(key), "blocks": blocks, "spearman": None if np.isnan(value) else value}
             for blocks in range(1, total + 1)
             for key, value in explainer.sanity_check(image, explanation, blocks).correlations.items()]
-
-
-def iou(first: np.ndarray, second: np.ndarray) -> float:
-    """Intersection over union of two boolean masks."""
-    return float((first & second).sum() / (first | second).sum())
 
 
 # --- the summary -----------------------------------------------------------------------------------------------
@@ -193,7 +203,7 @@ def map_order(keys: Iterable[str]) -> list[str]:
 def summarize_groundtruth(captions: Sequence[Mapping], words: Sequence[Mapping], sanity: Sequence[Mapping]) -> dict:
     """Means ± std (with counts) per map and metric, overall and per word kind; grounding; counterfactual;
     caption exact match; the sanity check per map."""
-    kinds = {"all": list(words)} | {kind: [w for w in words if w["kind"] == kind] for kind in KINDS}
+    kinds = by_kind(words)
     keys = map_order(key for word in words for key in word["maps"])
     grounded = {kind: [w["grounding"] for w in group if w["grounding"]] for kind, group in kinds.items()}
     return {
@@ -202,13 +212,15 @@ def summarize_groundtruth(captions: Sequence[Mapping], words: Sequence[Mapping],
         "captions": caption_report(captions),
         "maps": {key: {kind: {metric: summarize(w["maps"][key][metric] for w in group if key in w["maps"])
                               for metric in METRICS} for kind, group in kinds.items()} for key in keys},
-        "grounding": {kind: {"right_object": summarize(float(g["right"]) for g in found),
-                             "iou": summarize(g["iou"] for g in found),
-                             "whole_image": summarize(float(g["whole_image"]) for g in found)}
-                      for kind, found in grounded.items()} if grounded["all"] else None,
+        "grounding": {kind: region_summary(found) for kind, found in grounded.items()} if grounded["all"] else None,
         "counterfactual": {which: summarize(w["counterfactual"][which] for w in words) for which in ("own", "other")},
         "sanity": sanity_summary(sanity),
     }
+
+
+def by_kind(words: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """Words grouped as "all" and by kind (colour / shape)."""
+    return {"all": list(words)} | {kind: [w for w in words if w["kind"] == kind] for kind in KINDS}
 
 
 def sanity_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -242,17 +254,22 @@ def groundtruth_table(result: Mapping[str, Any]) -> str:
              f"captions (teacher-forced). The captioner's own captions: exact match "
              f"{describe(summary['exact_match'])}; colour words {captions['colour_words']:.3f}, shape words "
              f"{captions['shape_words']:.3f} right. Exact / colour / shape by scene: {by_objects}."]
-    rows = [[map_label(key), *(f"{_mean(by_kind['all'][m])} ({_mean(by_kind['colour'][m])} / "
-                               f"{_mean(by_kind['shape'][m])})" for m in METRICS)]
-            for key, by_kind in summary["maps"].items()]
+    rows = [[map_label(key), *(f"{_mean(scores['all'][m])} ({_mean(scores['colour'][m])} / "
+                               f"{_mean(scores['shape'][m])})" for m in METRICS)]
+            for key, scores in summary["maps"].items()]
     lines += ["", "Maps against the word's object mask, all content words (colour / shape words):",
               format_table(["Map", *(METRIC_NAMES[m] for m in METRICS)], rows)]
     if summary["grounding"]:
         grounding = summary["grounding"]
-        rows = [[kind, _mean(found["right_object"]), _mean(found["iou"]), _mean(found["whole_image"]),
-                 str(found["iou"]["n"])] for kind, found in grounding.items()]
-        lines += ["", "Grounding (the region CLIP chooses among the segmenter's proposals):",
-                  format_table(["Words", "right object (IoU ≥ 0.5)", "mean IoU", "whole image chosen", "n"], rows)]
+        columns = {"right object (IoU ≥ 0.5)": "right_object", "object proposed": "recall",
+                   "right if proposed": "right_given_recall", "mean IoU": "iou", "precision": "precision",
+                   "coverage": "coverage", "area": "area", "p(chosen)": "probability", "decided": "decided",
+                   "whole image": "whole_image"}
+        rows = [[kind, *(_mean(found[key]) for key in columns.values()), str(found["iou"]["n"])]
+                for kind, found in grounding.items()]
+        lines += ["", "Grounding (the region chosen among the segmenter's proposals; precision and coverage on the "
+                      "word's object, area as a share of the image):",
+                  format_table(["Words", *columns, "n"], rows)]
     counterfactual = summary["counterfactual"]
     lines += ["", f"Counterfactual Δlog p(word): its own object removed {describe(counterfactual['own'])}; "
                   f"another object removed {describe(counterfactual['other'])}."]

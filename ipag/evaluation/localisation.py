@@ -9,16 +9,29 @@ For a map M ≥ 0 and the evidence mask G of the word (both H×W):
 
 Ties are resolved by their expectation under random tie-breaking, so a constant map (or an all-zero one, which
 says nothing) scores exactly chance: |G|/N on the first three and 0.5 on AUROC, never a lucky 1.
+
+A region chosen for the word (grounding) is scored against G too (`region_record`): is it the right object, and if
+not, was the object among the proposals at all.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.stats import rankdata
 
 from ..images import normalize_map, resize_map
+from .report import summarize
+
+if TYPE_CHECKING:
+    from ..grounding import Grounding
 
 METRICS = ("pointing", "mass", "rank", "auroc")
+#: A region is the right object when its IoU with the object's mask is at least this (the usual detection
+#: criterion; objects never overlap, so no other object can reach it at the same time).
+RIGHT_OBJECT_IOU = 0.5
 
 
 def score_map(heatmap: np.ndarray, mask: np.ndarray) -> dict[str, float]:
@@ -74,3 +87,38 @@ def centre_prior(size: tuple[int, int], spread: float = 0.25) -> np.ndarray:
     rows = (np.arange(height) + 0.5 - height / 2) / (spread * height)
     cols = (np.arange(width) + 0.5 - width / 2) / (spread * width)
     return np.exp(-0.5 * (rows[:, None] ** 2 + cols[None, :] ** 2)).astype(np.float32)
+
+
+def region_record(grounding: "Grounding", truth: np.ndarray, proposals: Sequence[np.ndarray]) -> dict[str, Any]:
+    """How the grounding of one word went against the mask of its object (`truth`), with every proposal's mask
+    (at the image size) to tell a missing proposal from a wrong choice."""
+    chosen = grounding.mask
+    overlap = float(np.count_nonzero(chosen & truth))
+    best = max(iou(mask, truth) for mask in proposals)
+    right = iou(chosen, truth)
+    return {"query": grounding.query, "label": grounding.label, "iou": right, "right": right >= RIGHT_OBJECT_IOU,
+            "best_iou": best, "recall": best >= RIGHT_OBJECT_IOU, "precision": overlap / np.count_nonzero(chosen),
+            "coverage": overlap / np.count_nonzero(truth), "area": float(chosen.mean()),
+            "probability": grounding.score, "decided": grounding.decided, "whole_image": grounding.baseline_won}
+
+
+def iou(first: np.ndarray, second: np.ndarray) -> float:
+    """Intersection over union of two boolean masks."""
+    return float((first & second).sum() / (first | second).sum())
+
+
+def region_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Means ± std of `region_record`s: overall, the choice among words whose object was proposed, and the
+    choice among decided and undecided words."""
+    def where(condition: str, value: bool) -> list[float]:
+        return [float(r["right"]) for r in records if r[condition] == value]
+
+    numbers = ("iou", "precision", "coverage", "area", "probability")
+    return {"right_object": summarize(float(r["right"]) for r in records),
+            "recall": summarize(float(r["recall"]) for r in records),
+            "right_given_recall": summarize(where("recall", True)),
+            **{name: summarize(r[name] for r in records) for name in numbers},
+            "decided": summarize(float(r["decided"]) for r in records),
+            "right_when_decided": summarize(where("decided", True)),
+            "right_when_undecided": summarize(where("decided", False)),
+            "whole_image": summarize(float(r["whole_image"]) for r in records)}

@@ -6,11 +6,12 @@ word)` per query. `ClipModel.relevance` is CLIP's own view of where the word is 
 
 from .clip import ClipModel
 from .composite import CompositeMode, composite
+from .phrase import noun_phrase
 from .proposals import Proposal
 from .result import Candidate, Grounding, mask_summary
 from .select import GroundedImage, Grounder, Scorer
 
 __all__ = [
     "Candidate", "ClipModel", "CompositeMode", "GroundedImage", "Grounder", "Grounding", "Proposal", "Scorer",
-    "composite", "mask_summary",
+    "composite", "mask_summary", "noun_phrase",
 ]

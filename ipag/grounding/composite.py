@@ -1,8 +1,11 @@
 """Composites that show CLIP one region in context: the region pixel-exact, everything else blurred or greyed.
 
-Blurring (the default) keeps the scene's colours and layout, so CLIP still sees "a dog on grass" rather than
-a dog cut out onto nothing, but removes the detail that would let other objects match the query. Grey
-removes the context entirely, which is stricter and useful to compare against.
+Blurring keeps the scene's colours and layout, so CLIP still sees "a dog on grass" rather than a dog cut out
+onto nothing, but removes the detail that would let other objects match the query. Grey removes the context
+entirely, which is stricter and useful to compare against. A crop (`crop_to`) is the blurred composite cut to
+a square around the region: a small object fills CLIP's view instead of a few of its pixels, and a region that
+is mostly background stays mostly background. "Removed" is the other way round: the region blurred away and
+the rest sharp, for the counterfactual score (how much the match drops without the region).
 """
 
 from __future__ import annotations
@@ -17,10 +20,18 @@ from skimage.filters import gaussian
 from ..images import BACKGROUND, to_rgb
 
 CompositeMode = Literal["blur", "grey"]
+#: What CLIP is shown of a region (`view`): a blurred or grey composite, the blurred composite cropped to the
+#: region, or the image with the region blurred away.
+View = Literal["blur", "grey", "crop", "removed"]
+VIEWS: tuple[View, ...] = ("blur", "grey", "crop", "removed")
 
 #: Blur sigma as a fraction of the image's longer side: about 9 px once CLIP has resized the image to 224 px,
 #: enough to wipe out object detail whatever the image's resolution.
 DEFAULT_SIGMA = 0.04
+
+#: A crop's margin around the region's bounding box, as a fraction of the box's longer side on each side:
+#: enough context to see the region's outline against its surroundings.
+CROP_MARGIN = 0.15
 
 #: Blurs wider than this (in pixels) are computed on a downscaled copy: a Gaussian that wide removes
 #: everything the downscaling loses, and a 4000 px photo would otherwise need kernels of over 1000 taps.
@@ -50,6 +61,38 @@ def backdrop(image: Image.Image, mode: CompositeMode = "blur", sigma: float = DE
 def paste(pixels: np.ndarray, background: np.ndarray, mask: np.ndarray) -> Image.Image:
     """`pixels` where `mask` is True, `background` elsewhere (all H×W×3 uint8 / H×W bool)."""
     return Image.fromarray(np.where(mask[:, :, None], pixels, background))
+
+
+def view(name: View, pixels: np.ndarray, backdrop: np.ndarray, mask: np.ndarray) -> Image.Image:
+    """What CLIP sees of the region `mask` for view `name`, from the image's `pixels` and the `backdrop` the view
+    uses (grey for "grey", blurred otherwise; all at one size)."""
+    if name in ("blur", "grey"):
+        return paste(pixels, backdrop, mask)
+    if name == "crop":
+        return crop_to(paste(pixels, backdrop, mask), mask)
+    if name == "removed":
+        return paste(backdrop, pixels, mask)
+    raise ValueError(f"Unknown view {name!r}; choose one of {', '.join(VIEWS)}.")
+
+
+def crop_to(image: Image.Image, mask: np.ndarray, margin: float = CROP_MARGIN) -> Image.Image:
+    """`image` cut to a square around `mask`'s bounding box, `margin` of its longer side wider on every side,
+    moved inside the image where it would cross a border (and narrower only where the image is). An empty mask
+    leaves the image whole."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return image
+    width, height = image.size
+    side = max(rows[-1] + 1 - rows[0], cols[-1] + 1 - cols[0])
+    side = math.ceil(side * (1 + 2 * margin))
+    left = _start((cols[0] + cols[-1] + 1) / 2, side, width)
+    top = _start((rows[0] + rows[-1] + 1) / 2, side, height)
+    return image.crop((left, top, min(left + side, width), min(top + side, height)))
+
+
+def _start(centre: float, side: int, length: int) -> int:
+    """Where a window of `side` centred at `centre` starts once moved inside [0, length)."""
+    return int(np.clip(round(centre - side / 2), 0, max(0, length - side)))
 
 
 def composite(image: Image.Image, mask: np.ndarray, mode: CompositeMode = "blur",

@@ -3,6 +3,10 @@
 A word often names more than one segment ("people", "a man and his dog"), so unions are proposed too, but
 never all 2ⁿ − 2 of them as the original IPAG did: only the union of each class's segments, then pairs of
 the most confident segments, at most `max_unions` in all. Stage II's superpixel parts are cut here too.
+
+Every proposal is labelled for a person (`region_label`): by what the segmenter says it is when it says
+("dog", "person ×3", "man + dog"), else by where it is and how large ("segment, upper left, 8% of the image"):
+"region 2 + region 4" tells a reader nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from .composite import check_mask
 
 #: Label and source of the whole-image baseline proposal.
 WHOLE_IMAGE = "whole image"
+
+#: Where a region is, by its centre of mass in a 3×3 grid over the image (rows top to bottom).
+POSITIONS = (("upper left", "top", "upper right"), ("left", "centre", "right"), ("lower left", "bottom", "lower right"))
 
 #: Superpixel parts smaller than this fraction of the region they split are dropped: CLIP cannot judge them.
 MIN_PART_FRACTION = 0.02
@@ -84,7 +91,7 @@ def segment_proposals(segments: Sequence[Segment], image_size: tuple[int, int], 
         if key in seen or not mask.any():
             continue
         seen.add(key)
-        proposals.append(Proposal(_union_label(segments, members), _union_source(segments, members), members,
+        proposals.append(Proposal(region_label(segments, members, mask), _union_source(segments, members), members,
                                   _union_score(segments, members), mask))
     return proposals
 
@@ -130,10 +137,36 @@ def _union_groups(segments: Sequence[Segment]) -> Iterator[tuple[int, ...]]:
                 yield pair
 
 
-def _union_label(segments: Sequence[Segment], members: tuple[int, ...]) -> str:
-    """'dog', 'person ×3', 'man + dog'; unlabelled segments are 'region k' (1-based)."""
-    counts = Counter(segments[i].label or f"region {i + 1}" for i in members)
-    return " + ".join(label if count == 1 else f"{label} ×{count}" for label, count in counts.items())
+def region_label(segments: Sequence[Segment], members: tuple[int, ...], mask: np.ndarray, part: bool = False) -> str:
+    """What a person reads for the union of `members` (its `mask` at any size): 'dog', 'person ×3', 'man + dog'
+    when every member has a class; with unclassified members, where and how large it is: 'segment, upper left,
+    8% of the image', 'dog + 2 segments, centre, 30% of the image'. A stage II `part` is 'part of dog, top, 2%
+    of the image'."""
+    counts = Counter(segments[i].label for i in members if segments[i].label)
+    unnamed = sum(not segments[i].label for i in members)
+    names = [label if count == 1 else f"{label} ×{count}" for label, count in counts.items()]
+    if unnamed:
+        names.append("segment" if unnamed == 1 else f"{unnamed} segments")
+    name = " + ".join(names)
+    if part:
+        name = f"part of {name}"
+    if not (unnamed or part):
+        return name
+    return f"{name}, {position(mask)}, {_percent(float(mask.mean()))} of the image"
+
+
+def position(mask: np.ndarray) -> str:
+    """Where `mask`'s centre of mass lies, in words ("upper left", "centre", …; see `POSITIONS`)."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return "nowhere"
+    row = min(int(3 * (rows.mean() + 0.5) / mask.shape[0]), 2)
+    col = min(int(3 * (cols.mean() + 0.5) / mask.shape[1]), 2)
+    return POSITIONS[row][col]
+
+
+def _percent(fraction: float) -> str:
+    return "<1%" if 0 < fraction < 0.005 else f"{fraction:.0%}"
 
 
 def _union_source(segments: Sequence[Segment], members: tuple[int, ...]) -> str:
