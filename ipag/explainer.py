@@ -136,17 +136,6 @@ class Explainer:
         """What the regions of `image` are chosen among with `settings`' segmenter: its proposals and their CLIP
         embeddings (cached; computed here if no word of the image was grounded yet)."""
         rgb = load_image(image)
-        return self._grounded(rgb, image_key(rgb), self.resolve(settings))
-
-    def _grounded(self, rgb: Image.Image, image: str, settings: Settings) -> GroundedImage:
-        segmenter = settings.segmenter
-        return self.cache.get_or_compute(image, ("grounded", segmenter), lambda: Grounder.from_settings(
-            self.clip, settings).prepare(rgb, self.segmenter(segmenter).segment(rgb)))
-
-    def grounded_image(self, image: ImageInput, settings: Settings = DEFAULTS) -> GroundedImage:
-        """What the regions of `image` are chosen among with `settings`' segmenter: its proposals and their CLIP
-        embeddings (cached; computed here if no word of the image was grounded yet)."""
-        rgb = load_image(image)
         return grounded_image(self._workshop(), self._keys(rgb), rgb, self.resolve(settings))
 
     def wait_until_idle(self, timeout: float | None = None) -> bool:

@@ -28,7 +28,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 
 from ..explainer import Explainer
 from ..settings import DEFAULTS, Settings
