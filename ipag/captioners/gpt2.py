@@ -9,6 +9,7 @@ GPT-2 marks a word start by a leading space ("Ġdog"); a piece without one conti
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import GPT2Tokenizer, PreTrainedTokenizerBase
@@ -69,9 +70,15 @@ class Gpt2Words:
 
 def tiny_tokenizer() -> GPT2Tokenizer:
     """A GPT-2 tokenizer whose byte-level BPE vocabulary and merges are trained on `TINY_CORPUS`."""
+    return bpe_tokenizer(TINY_CORPUS, vocab_size=1000, max_length=64)
+
+
+def bpe_tokenizer(corpus: Sequence[str], vocab_size: int, max_length: int) -> GPT2Tokenizer:
+    """A GPT-2 tokenizer whose byte-level BPE is trained on `corpus` (in memory, deterministically), with GPT-2's
+    one special token."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(TINY_CORPUS, trainers.BpeTrainer(vocab_size=1000, special_tokens=[END_OF_TEXT],
-                                                             show_progress=False))
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT],
+                                                        show_progress=False))
     merges = [tuple(pair) for pair in json.loads(bpe.to_str())["model"]["merges"]]
-    return GPT2Tokenizer(vocab=bpe.get_vocab(), merges=merges, model_max_length=64)
+    return GPT2Tokenizer(vocab=bpe.get_vocab(), merges=merges, model_max_length=max_length)

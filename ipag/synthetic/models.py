@@ -21,14 +21,13 @@ from typing import Any
 
 import open_clip
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
                           BlipProcessor, GPT2Tokenizer)
 
 from ..captioners.base import Captioner
 from ..captioners.blip import TINY_SPECIALS, BlipCaptioner
-from ..captioners.gpt2 import END_OF_TEXT
+from ..captioners.gpt2 import bpe_tokenizer
 from ..captioners.vit_gpt2 import VitGpt2Captioner
 from ..errors import ModelUnavailableError
 from ..grounding.clip import LOCAL_CONFIG, ClipModel, register_config
@@ -127,12 +126,7 @@ def grammar_bpe() -> GPT2Tokenizer:
     space ("Ġred") and without it (a caption's first word, "a")."""
     corpus = [caption_of(generate_scene(seed).objects) for seed in range(200)] + [" ".join(WORDS)] * 2
     corpus += [word for word in WORDS]  # each word also without the space before it
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=[END_OF_TEXT],
-                                                        show_progress=False))
-    merges = [tuple(pair) for pair in json.loads(bpe.to_str())["model"]["merges"]]
-    return GPT2Tokenizer(vocab=bpe.get_vocab(), merges=merges, model_max_length=32)
+    return bpe_tokenizer(corpus, vocab_size=400, max_length=32)
 
 
 def model_names(folder: str | Path | None = None, captioner: str = DEFAULT_FAMILY) -> tuple[str, str]:
