@@ -35,9 +35,10 @@ EXAMPLES_LABEL = "Examples (public domain / CC0, see examples/)"
 #: Where `--synthetic` writes its example scenes (generated at start-up, deterministic).
 SCENES = Path(tempfile.gettempdir()) / "ipag-scenes"
 INTRO = """# IPAG playground — why did the captioner say that?
-Upload a photo (or use the webcam, paste one, or pick an example). BLIP captions it; **click any caption word**
-(or type one) to see the image region CLIP matches to it, the Grad-CAM and saliency of BLIP's own
-log-probability for that word, and numbers that say how far to trust them."""
+Upload a photo (or use the webcam, paste one, or pick an example). {captioner} captions it (another captioner:
+see *Captioner and decoding*); **click any caption word** (or type one) to see where in the picture the captioner's
+own log-probability of that word came from, every map side by side, the image region CLIP matches to the word,
+and numbers that say how far to trust them."""
 
 #: Local system fonts only: the page must not fetch anything from the internet (offline use, privacy).
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -45,19 +46,23 @@ THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
 
 
 def friendly(outputs: int) -> Callable[[Callable], Callable]:
-    """Decorate a handler with `outputs` outputs so that the errors a user can act on become a message (escaped:
-    it may quote what they typed) while everything on the page stays as it was; the app keeps running. Works
-    for plain handlers and for generators (progressive outputs)."""
+    """Decorate a handler with `outputs` outputs to give it one more, the page's message line (list it last among
+    the outputs): an error the user can act on becomes the message while everything else on the page stays as it
+    was, and the app keeps running; a handler that succeeds clears it, so a message stays until the next action.
+    Works for plain handlers and for generators (progressive outputs)."""
     def unchanged(err: Exception) -> tuple:
-        gr.Warning(html.escape(str(err)))
-        return tuple(gr.skip() for _ in range(outputs)) if outputs > 1 else gr.skip()
+        return (*(gr.skip() for _ in range(outputs)), message(err))
+
+    def cleared(value: Any) -> tuple:  # a handler with several outputs returns a tuple
+        return (*(value if isinstance(value, tuple) else (value,)), "")
 
     def decorate(fn: Callable) -> Callable:
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
             def stream(*args: Any, **kwargs: Any) -> Any:
                 try:
-                    yield from fn(*args, **kwargs)
+                    for value in fn(*args, **kwargs):
+                        yield cleared(value)
                 except (ui.UserError, ModelUnavailableError) as err:
                     yield unchanged(err)
             return stream
@@ -65,11 +70,16 @@ def friendly(outputs: int) -> Callable[[Callable], Callable]:
         @functools.wraps(fn)
         def plain(*args: Any, **kwargs: Any) -> Any:
             try:
-                return fn(*args, **kwargs)
+                return cleared(fn(*args, **kwargs))
             except (ui.UserError, ModelUnavailableError) as err:
                 return unchanged(err)
         return plain
     return decorate
+
+
+def message(err: Exception) -> str:
+    """The message line's HTML for an error (escaped here, in the page: it may quote what the user typed)."""
+    return f'<div class="message" role="alert">⚠ {html.escape(str(err))}</div>'
 
 
 def _upload_path(self: gr.Image, payload: Any) -> str | None:
@@ -104,25 +114,37 @@ class Page:
         except KeyError as err:
             raise AttributeError(name) from err
 
+    def caption_update(self, session: ui.Session) -> tuple:
+        """The caption marked with how far each word's background explanation is, and the timer that keeps it so
+        while it changes (`ui.readiness`)."""
+        segments, label, changing = ui.readiness(session)
+        return gr.update(value=segments, label=label), gr.Timer(active=changing)
+
     def read(self, values: tuple) -> Settings:
         """The settings widgets' values (in `self.settings` order) as a `Settings`."""
         return _settings(dict(zip(self.settings, values)))
 
     def outputs(self) -> list:
-        """What an explanation updates: the session, the large view and the line under it, the candidates, the
-        trust table, the status line, the raw JSON, the sanity check's table and the view's choice (which only
-        picking a candidate region changes: to the region view)."""
-        return [self.session, self.picture, self.label, self.candidates, self.trust, self.status, self.details,
-                self.sanity, self.view]
+        """What an explanation updates: the session, the large view, the line under it and its colour bar, the
+        small maps, the candidates, the trust panel's summary and table, the status line, the raw JSON, the sanity
+        check's table and the view's choice (which only picking a small map or a candidate region changes)."""
+        return [self.session, self.picture, self.label, self.legend, self.grid, self.candidates, self.summary,
+                self.trust, self.status, self.details, self.sanity, self.view]
 
-    def show(self, session: ui.Session, rendered: ui.Rendered, switch_view: bool = False) -> tuple:
+    def show(self, session: ui.Session, rendered: ui.Rendered, switch_view: bool = False,
+             same_word: bool = False) -> tuple:
         """The outputs' new values. The view's choice is set only when `switch_view`: set on every answer, a late
-        answer would turn back the choice of a user clicking through the views."""
+        answer would turn back the choice of a user clicking through the views. The sanity check's table is hidden
+        unless the word is the `same_word` (it was for the word it was run for)."""
         candidate = rendered.candidates[session.candidate] if rendered.candidates else None
+        trust = rendered.trust
         return (session, gr.update(value=rendered.picture, visible=rendered.picture is not None),  # no empty box
-                rendered.label, gr.update(choices=rendered.candidates, value=candidate), rendered.trust,
-                rendered.status, rendered.details, gr.update(visible=False),  # a sanity check was for the last word
-                session.view if switch_view else gr.skip())
+                rendered.label, rendered.legend,
+                gr.skip() if rendered.grid is None else gr.update(value=rendered.grid, visible=bool(rendered.grid)),
+                gr.update(choices=rendered.candidates, value=candidate), rendered.summary,
+                gr.update(value={"headers": trust.headers, "data": trust.rows}, visible=True) if trust.rows
+                else gr.update(visible=False), rendered.status, rendered.details,
+                gr.skip() if same_word else gr.update(visible=False), session.view if switch_view else gr.skip())
 
 
 def build_app(explainers: Explainers | Explainer,
@@ -134,7 +156,7 @@ def build_app(explainers: Explainers | Explainer,
     page = Page(explainers, explainers.names, examples, ui.settings_panels(explainers.get()))
     with gr.Blocks(title="IPAG playground") as demo:
         page.parts["session"] = gr.State(ui.Session())
-        gr.Markdown(INTRO)
+        gr.Markdown(INTRO.format(captioner=explainers.get().captioner.short_name))
         with gr.Row():
             with gr.Column(scale=2, min_width=320):
                 _image_panel(page)
@@ -163,31 +185,41 @@ def _image_panel(page: Page) -> None:
 
 
 def _caption_panel(page: Page) -> None:
-    page.parts["caption"] = gr.HighlightedText(label="Caption — click a word (colour: its probability)",
-                                               show_legend=False, show_inline_category=False, elem_id="caption")
+    page.parts["caption"] = gr.HighlightedText(label=ui.CAPTION_LABEL, show_legend=False, show_inline_category=False,
+                                               elem_id="caption")
+    page.parts["ticker"] = gr.Timer(1.0, active=False)  # updates the words' readiness while they are precomputed
     with gr.Row():
         page.parts["query"] = gr.Textbox(placeholder="…or type a word or phrase and press Enter", show_label=False,
                                          max_lines=1, max_length=500, scale=4, elem_id="query")
         page.parts["explain"] = gr.Button("Explain", variant="primary", scale=1, elem_id="explain")
+    page.parts["message"] = gr.HTML(elem_id="message")  # the last error, until the next action
     page.parts["status"] = gr.HTML(ui.NO_WORD, elem_id="status")
 
 
 def _maps_panel(page: Page) -> None:
     page.parts["view"] = gr.Radio([(title, key) for key, title in ui.views().items()], value=ui.DEFAULT_VIEW,
                                   show_label=False, elem_id="view")
-    page.parts["picture"] = gr.Image(show_label=False, interactive=False, height=480, format="jpeg",
-                                     elem_id="picture")
-    page.parts["label"] = gr.Markdown(elem_id="view-label")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=320):
+            page.parts["picture"] = gr.Image(show_label=False, interactive=False, height=440, format="jpeg",
+                                             elem_id="picture")
+            page.parts["label"] = gr.Markdown(elem_id="view-label")
+            page.parts["legend"] = gr.HTML(elem_id="legend")
+        with gr.Column(scale=2, min_width=240):
+            page.parts["grid"] = gr.Gallery(label="Every map of the word (click one to see it large)", columns=3,
+                                            height="auto", allow_preview=False, interactive=False, format="png",
+                                            object_fit="contain", visible=False, elem_id="grid")
     page.parts["candidates"] = gr.Radio(label="Candidate regions (the chosen one first): pick one to take it as the "
                                         "word's region", choices=[], elem_id="candidates")
-    page.parts["trust"] = gr.Dataframe(headers=["Measure", "Value", "How to read it"], label="How far to trust this",
-                                       interactive=False, wrap=True, column_widths=["32%", "14%", "54%"],
-                                       max_height=2400, elem_id="trust")  # never scrolls inside itself
+    with gr.Group():
+        page.parts["summary"] = gr.HTML(elem_id="summary")
+        page.parts["trust"] = gr.Dataframe(label="How far to trust each map", interactive=False, wrap=True,
+                                           max_height=2400, visible=False, elem_id="trust")  # never scrolls inside
     page.parts["check"] = gr.Button("Sanity check: do these maps depend on what the model learned?",
                                     elem_id="sanity-check")
-    page.parts["sanity"] = gr.Dataframe(headers=["Map", "Rank correlation with the top vision blocks re-initialised",
-                                                 "Verdict"], interactive=False, wrap=True, visible=False,
-                                        column_widths=["22%", "28%", "50%"], elem_id="sanity")
+    page.parts["sanity"] = gr.Dataframe(label="Rank correlation of each map with itself once the captioner's top vision "
+                                        "blocks are re-initialised", interactive=False, wrap=True, visible=False,
+                                        max_height=2400, elem_id="sanity")
     with gr.Row():
         page.parts["export"] = gr.Button("Export this explanation (PNGs + JSON)", elem_id="export")
         page.parts["download"] = gr.File(label="Download", interactive=False, visible=False, elem_id="download")
@@ -216,48 +248,57 @@ def _compare_panel(page: Page) -> None:
 
 
 def _wire_explaining(page: Page) -> None:
-    """Uploads, clicks, typed queries, candidate picks and exports."""
-    get, widgets, outputs = page.explainers.get, list(page.settings.values()), page.outputs()
+    """Uploads, clicks, typed queries, candidate picks, small maps, the sanity check and exports. Every handler that
+    can fail also clears or sets the message line (`friendly`), listed last among its outputs."""
+    get, widgets, outputs = page.explainers.get, list(page.settings.values()), [*page.outputs(), page.message]
+    count = len(page.outputs())
     # Gradio finds its special arguments (event data) only among the positional parameters, so they come
     # before the *values of the settings widgets.
 
     def on_image(picture, name, state, *values):
         try:
-            segments, state, message = ui.caption_image(get(name), picture, page.read(values),
-                                                        replace(state, captioner=name))
+            _, state, status = ui.caption_image(get(name), picture, page.read(values), replace(state, captioner=name))
         except (ui.UserError, ModelUnavailableError) as err:  # keep the page as it was, the last good image too
-            gr.Warning(html.escape(str(err)))
-            return (state.source, *(gr.skip() for _ in range(len(outputs) + 1)))
-        return (gr.skip(), segments, *page.show(state, replace(ui.render(state, page.read(values)), status=message)))
+            return (state.source, *(gr.skip() for _ in range(count + 2)), message(err))
+        return (gr.skip(), *page.caption_update(state), *page.show(state, replace(ui.render(state, page.read(values)),
+                                                                                    status=status)), "")
 
-    @friendly(len(outputs))
+    @friendly(count)
     def on_select(state, evt: gr.SelectData, *values):
         for shown in ui.select_word(get(state.captioner), state, evt.index, page.read(values)):
             yield page.show(*shown)
 
-    @friendly(len(outputs))
+    @friendly(count)
     def on_query(text, state, *values):
         for shown in ui.explain(get(state.captioner), state, text, page.read(values)):
             yield page.show(*shown)
 
-    @friendly(len(outputs))
+    @friendly(count)
     def on_view(view, state, *values):
-        return page.show(*ui.select_view(state, view, page.read(values)))
+        return page.show(*ui.select_view(state, view, page.read(values)), same_word=True)
 
-    @friendly(len(outputs))
+    @friendly(count)
+    def on_tile(state, evt: gr.SelectData, *values):
+        return page.show(*ui.select_tile(state, evt.index, page.read(values)), switch_view=True, same_word=True)
+
+    @friendly(count)
     def on_candidate(label, state, *values):
         return page.show(*ui.select_candidate(get(state.captioner), state, label, page.read(values)), switch_view=True)
 
     @friendly(1)
     def on_sanity(state):
-        return gr.update(value=ui.sanity_check(get(state.captioner), state), visible=True)
+        for table in ui.sanity_check(get(state.captioner), state):
+            yield gr.update(value={"headers": table.headers, "data": table.rows}, visible=True)
 
     @friendly(1)
     def on_export(state, *values):
-        return gr.update(value=ui.export(state, page.read(values)), visible=True)
+        return gr.update(value=ui.export(get(state.captioner), state, page.read(values)), visible=True)
+
+    def on_tick(state):
+        return page.caption_update(state)
 
     upload = dict(fn=on_image, inputs=[page.image, page.captioner, page.session, *widgets],
-                  outputs=[page.image, page.caption, *outputs], api_visibility="private")
+                  outputs=[page.image, page.caption, page.ticker, *outputs], api_visibility="private")
     gr.on([page.image.upload, page.recaption.click, page.captioner.input], **upload)
     page.examples.load_input_event.then(**upload)
     page.caption.select(on_select, [page.session, *widgets], outputs, api_visibility="private")
@@ -266,60 +307,68 @@ def _wire_explaining(page: Page) -> None:
     page.candidates.input(on_candidate, [page.candidates, page.session, *widgets], outputs, api_visibility="private")
     page.view.input(on_view, [page.view, page.session, *widgets], outputs, api_visibility="private",
                     show_progress="hidden")
-    page.export.click(on_export, [page.session, *widgets], page.download, api_visibility="private")
-    page.check.click(on_sanity, [page.session], page.sanity, api_visibility="private")
+    page.grid.select(on_tile, [page.session, *widgets], outputs, api_visibility="private", show_progress="hidden")
+    page.export.click(on_export, [page.session, *widgets], [page.download, page.message], api_visibility="private")
+    page.check.click(on_sanity, [page.session], [page.sanity, page.message], api_visibility="private")
+    # cheap (no model runs), so it neither waits for nor holds one of the slots the explaining handlers queue for
+    page.ticker.tick(on_tick, [page.session], [page.caption, page.ticker], api_visibility="private",
+                     show_progress="hidden", concurrency_limit=None)
     _wire_compare(page)
 
 
 def _wire_compare(page: Page) -> None:
-    get, widgets, outputs = page.explainers.get, list(page.settings.values()), page.outputs()
+    get, widgets = page.explainers.get, list(page.settings.values())
+    count = len(page.outputs())
 
     @friendly(len(page.compared))
     def on_compare(state, *values):
-        return ui.compare_captions(page.explainers, page.names, state.image, page.read(values))
+        return tuple(ui.compare_captions(page.explainers, page.names, state.image, page.read(values)))
 
     def on_compare_select(name):
-        @friendly(len(outputs) + 2)
+        @friendly(count + 3)
         def handler(state, evt: gr.SelectData, *values):
             settings = page.read(values)
-            segments, state, _ = ui.caption_image(get(name), state.image, settings, replace(state, captioner=name))
+            _, state, _ = ui.caption_image(get(name), state.image, settings, replace(state, captioner=name))
             for shown in ui.select_word(get(name), state, evt.index, settings):
-                yield (segments, gr.update(value=name), *page.show(*shown))
+                yield (*page.caption_update(shown[0]), gr.update(value=name), *page.show(*shown))
         return handler
 
-    page.compare.click(on_compare, [page.session, *widgets], page.compared, api_visibility="private")
+    page.compare.click(on_compare, [page.session, *widgets], [*page.compared, page.message], api_visibility="private")
     for name, component in zip(page.names, page.compared):
-        component.select(on_compare_select(name), [page.session, *widgets], [page.caption, page.captioner, *outputs],
+        component.select(on_compare_select(name), [page.session, *widgets],
+                         [page.caption, page.ticker, page.captioner, *page.outputs(), page.message],
                          api_visibility="private")
 
 
 def _wire_settings(page: Page) -> None:
     """A setting that changes what is computed re-plans the background work and re-explains the word on
     screen; drawing settings only redraw."""
-    get, widgets, outputs = page.explainers.get, list(page.settings.values()), page.outputs()
+    get, widgets = page.explainers.get, list(page.settings.values())
+    outputs, count = [*page.outputs(), page.message], len(page.outputs())
     drawing = {name for name, _ in DEFAULTS.key("draw")}
     decoding = {name for name, _ in DEFAULTS.key("caption")}
 
-    @friendly(len(outputs))
+    @friendly(count + 2)
     def on_settings(state, *values):
         settings = page.read(values)
         state = ui.replan(get(state.captioner), state, settings)
         if state.explanation is None:
-            yield page.show(state, ui.render(state, settings))
+            yield (*page.caption_update(state), *page.show(state, ui.render(state, settings)))
             return
         for shown in ui.explain(get(state.captioner), state, state.query, settings):
-            yield page.show(*shown)
+            yield (*page.caption_update(shown[0]), *page.show(*shown))
 
-    @friendly(len(outputs))
+    @friendly(count)
     def on_redraw(state, *values):
-        return page.show(state, ui.render(state, page.read(values)))
+        return page.show(state, ui.render(state, page.read(values)), same_word=True)
 
     for name, widget in page.settings.items():
         if name in drawing:
             widget.input(on_redraw, [page.session, *widgets], outputs, api_visibility="private",
                          show_progress="hidden")
         elif name not in decoding:  # decoding options apply to the next caption ("Caption again")
-            widget.input(on_settings, [page.session, *widgets], outputs, api_visibility="private")
+            widget.input(on_settings, [page.session, *widgets], [page.caption, page.ticker, *outputs],
+                         api_visibility="private")
 
 
 def _api(explainer: Explainer) -> None:
@@ -338,31 +387,33 @@ def _api(explainer: Explainer) -> None:
 
     @_api_errors
     def explain(image: FileData, word: int | None = None, text: str | None = None, occurrence: int = 1,
-                settings: dict | None = None) -> dict:
+                settings: dict | None = None, sanity: bool = False) -> dict:
         """Explain caption word number `word` (0-based), or `text` (its `occurrence`-th appearance in the caption,
-        or a phrase, or any free text), with `settings` (names and values of `ipag.Settings`). Returns the
-        explanation as JSON and its images (region and every map) as files, by name."""
+        or a phrase, or any free text), with `settings` (names and values of `ipag.Settings`); with `sanity`, run
+        its sanity check too. Returns the explanation as JSON (with its ground truth on a generated scene, and the
+        sanity check) and its images (region and every map) as files, by name."""
         chosen = _settings(settings or {})
-        explanation, drawings = ui.api_explain(explainer, _path(image), word, text, occurrence, chosen)
+        explained, drawings = ui.api_explain(explainer, _path(image), word, text, occurrence, chosen, sanity)
         files = {}
         for name, picture in drawings.items():
             path = ui.fresh_path(f"api_{name}", ".png")
             picture.save(path)
             files[name] = FileData(path=str(path)).model_dump()
-        return {"explanation": explanation.to_dict(), "images": files}
+        return {"explanation": explained.record(), "images": files}
 
     gr.api(caption, api_name="caption")
     gr.api(explain, api_name="explain")
 
 
 def _api_errors(fn: Callable) -> Callable:
-    """API errors a caller can act on become Gradio errors with the message (escaped, as the page shows it)."""
+    """API errors a caller can act on become Gradio errors with the message as plain text (escaping it is the
+    page's business, not the data's)."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except (ui.UserError, ModelUnavailableError) as err:
-            raise gr.Error(html.escape(str(err)), print_exception=False) from err
+            raise gr.Error(str(err), print_exception=False) from err
     return wrapper
 
 

@@ -52,18 +52,20 @@ from .evaluation.inputs import (
 )
 from .evaluation.report import describe, format_table
 from .explainer import Explainer
-from .export import export_files, safe_name
+from .evaluation.localisation import ground_truth
+# INDEX marks an image as finished: it is written last, inside a temporary folder that is renamed into place only
+# when complete, so an interrupted run never leaves a folder that looks finished.
+from .export import INDEX, WordExport, image_export
 from .images import ImageError, load_image
-from .results import Caption, Explanation
+from .results import Caption
+from .sanity import SanityCascade
 from .segmenters import available_segmenters
 from .settings import DEFAULTS, Setting, Settings, declarations
 from .synthetic.models import DEFAULT_FAMILY, FAMILIES, SCENE_SUPERPIXELS, model_names
+from .synthetic.scenes import find_scene
 from .synthetic.teacher import TEACHER_STEPS
 from .synthetic.train import CAPTIONER_STEPS, CLIP_STEPS
 
-#: The file that marks an image as finished. It is written last, inside a temporary folder that is renamed into
-#: place only when complete, so an interrupted run never leaves a folder that looks finished.
-INDEX = "image.json"
 #: The captioner when none is named (a friendly name of `known_captioners()`).
 DEFAULT_CAPTIONER = "blip-base"
 #: The exit status after Ctrl-C (128 + SIGINT, as shells report it).
@@ -255,19 +257,20 @@ def explain_worker(args: argparse.Namespace, names: dict[Path, str]) -> Worker:
     """Load the models, then explain image by image into `--out` (once here, or once per Ray actor)."""
     explainer = load_explainer(args)
     settings = settings_of(args)
-    record = model_settings(explainer, settings) | {"words": "all" if args.words is None else list(args.words)}
+    record = model_settings(explainer, settings) | {"words": "all" if args.words is None else list(args.words),
+                                                    "sanity": args.sanity}
 
     def explain(index: int, path: Path) -> Record:
-        return explain_image(explainer, path, args.out / names[path], record, settings, args.words)
+        return explain_image(explainer, path, args.out / names[path], record, settings, args.words, args.sanity)
 
     return explain
 
 
 def explain_image(explainer: Explainer, path: Path, folder: Path, record: dict[str, Any], settings: Settings,
-                  words: Sequence[str] | None) -> Record:
-    """Explain one image's words into `folder`, unless they are finished there already. Returns the image's
-    status ("explained" or "skipped"), or the error that stopped it (an unreadable image, a bad query, a folder
-    that is not ours)."""
+                  words: Sequence[str] | None, sanity: bool = False) -> Record:
+    """Explain one image's words into `folder` (with their ground truth on a generated scene, and their sanity
+    check if asked), unless they are finished there already. Returns the image's status ("explained" or
+    "skipped"), or the error that stopped it (an unreadable image, a bad query, a folder that is not ours)."""
     try:
         rgb = load_image(path)
         key = image_key(rgb)
@@ -279,7 +282,11 @@ def explain_image(explainer: Explainer, path: Path, folder: Path, record: dict[s
         explanations = explainer.explain_many(rgb, select_queries(caption, words), caption, settings)
     except (ImageError, QueryError, FileExistsError) as err:
         return {"image": str(path), "error": str(err)}
-    write_image(folder, {"image": str(path), "image_key": key, "settings": record}, rgb, caption, explanations,
+    scene = find_scene(rgb)
+    explained = [WordExport(explanation, ground_truth(explanation, scene),
+                            SanityCascade(tuple(explainer.sanity_cascade(rgb, explanation))) if sanity else None)
+                 for explanation in explanations]
+    write_image(folder, {"image": str(path), "image_key": key, "settings": record}, rgb, caption, explained,
                 settings)
     return {"image": str(path), "status": "explained"}
 
@@ -295,8 +302,9 @@ def finished(folder: Path, record: dict[str, Any], key: str) -> bool:
 
 
 def write_image(folder: Path, header: dict[str, Any], image: Image.Image, caption: Caption,
-                explanations: list[Explanation], settings: Settings) -> None:
-    """Write one image's results into a scratch folder of this attempt's own, then swap it in for `folder`.
+                words: list[WordExport], settings: Settings) -> None:
+    """Write one image's export (`ipag.export.image_export`, the page's files for every word) into a scratch folder
+    of this attempt's own, then swap it in for `folder`.
 
     Scratch folders live in `.NAME.partial/`, one per attempt, so an attempt retried after its process died
     never writes into the dead one's files; once the result is in place, the whole `.NAME.partial/` goes, with
@@ -304,12 +312,7 @@ def write_image(folder: Path, header: dict[str, Any], image: Image.Image, captio
     scratch = folder.with_name(f".{folder.name}.partial")
     partial = scratch / uuid.uuid4().hex
     partial.mkdir(parents=True)
-    entries = []
-    for explanation in explanations:
-        name = word_folder(explanation)
-        write_files(partial / name, export_files(image, explanation, settings, include_image=False))
-        entries.append({"folder": name, **_word_summary(explanation)})
-    _write_json(partial / INDEX, header | {"caption": caption.to_dict(), "explanations": entries})
+    write_files(partial, image_export(image, caption, words, settings, header))
     swap_in(partial, folder)
     shutil.rmtree(scratch, ignore_errors=True)
 
@@ -323,24 +326,11 @@ def swap_in(partial: Path, folder: Path) -> None:
     partial.rename(folder)
 
 
-def word_folder(explanation: Explanation) -> str:
-    """`03-dog` for caption word 3, `query-red-car` for a free query."""
-    if explanation.in_caption:
-        return f"{explanation.words[0].index:02d}-{safe_name(' '.join(w.text for w in explanation.words))}"
-    return f"query-{safe_name(explanation.query)}"
-
-
 def write_files(folder: Path, files: dict[str, bytes]) -> None:
-    """The files the playground's Export button downloads (JSON, overlays, maps, region), into `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Files by path relative to `folder` (sub-folders made as needed), in their order: the index is last."""
     for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
-
-
-def _word_summary(explanation: Explanation) -> dict[str, Any]:
-    summary = explanation.to_dict()
-    return {key: summary[key] for key in ("query", "in_caption", "words", "word_indices", "word_logprob",
-                                          "word_probability", "verification")}
 
 
 # --- evaluate-captions -----------------------------------------------------------------------------------------
@@ -511,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--out", type=lambda text: Path(text).absolute(), required=True,
                          help="output folder (a re-run skips finished images)")
     explain.add_argument("--words", type=_words, default=None, help="'all' (default) or a comma-separated list")
+    explain.add_argument("--sanity", action="store_true",
+                         help="run each word's sanity check too (the page's cascade: an explanation per step)")
     explain.set_defaults(run=run_explain)
 
     captions = commands.add_parser("evaluate-captions", help="BLEU, METEOR, ROUGE-L, CIDEr, CLIP scores, gender bias")

@@ -30,7 +30,7 @@ from .errors import QueryError
 from .grounding import ClipModel, GroundedImage
 from .images import ImageInput, load_image
 from .results import Caption, Explanation, Word
-from .sanity import SanityCheck, compare, randomize_top_blocks
+from .sanity import SanityCascade, SanityCheck, cascade_levels, compare, randomize_top_blocks
 from .schedule import Key, Plan, Priority, Publish, Scheduler
 from .segmenters import Segmenter, load_segmenter, resolve_name
 from .settings import DEFAULTS, Settings
@@ -222,11 +222,13 @@ class Explainer:
 
     def precompute_async(self, image: ImageInput, caption: Caption, settings: Settings = DEFAULTS) -> Plan:
         """Queue every caption word's stages in the background (every word's maps first, then regions, …) and
-        return the plan; `Plan.cancel()` drops what has not started (e.g. when the user changes a setting).
+        return the plan; `Plan.cancel()` drops what has not started (e.g. when the user changes a setting), and
+        `Plan.progress()` says how far each word is.
         Clicks go before it, and a click on a word it has queued raises that word's tasks to the front."""
         rgb = load_image(image)
         words = [self._word(rgb, index, caption, settings) for index in range(len(caption.words))]
         plan = self.scheduler.new_plan()
+        plan.groups = [tuple(word.all_keys()) for word in words]  # each word's progress, for the page to show
         self._queue(words, Priority.BACKGROUND, plan)
         return plan
 
@@ -251,13 +253,14 @@ class Explainer:
                        notes=explanation.notes + checks.notes)
 
     def sanity_check(self, image: ImageInput, explanation: Explanation, blocks: int | None = None) -> SanityCheck:
-        """Explain the same word again with the top `blocks` vision blocks re-initialised (default: the top half)
-        and compare each captioner map with the original (`ipag.sanity`); cached per word and settings."""
+        """Explain the same word again with the top `blocks` vision blocks re-initialised (default: all of them,
+        the basis of the verdict) and compare each captioner map with the original (`ipag.sanity`); cached per word
+        and settings."""
         rgb = load_image(image)
         total = len(self.captioner.vision_layers)
-        blocks = blocks or max(1, total // 2)
-        settings = replace(explanation.settings or self.resolve(), grounding=False, verify=False)
-        key = self._keys(rgb).sanity(explanation.token_ids, explanation.token_positions, settings, blocks)
+        blocks = blocks or total
+        settings = self._sanity_settings(explanation)
+        key = self._sanity_key(rgb, explanation, blocks)
 
         def work(publish: Publish) -> None:
             other = Explainer(randomize_top_blocks(self.captioner, blocks), self.clip, self.default_segmenter,
@@ -269,6 +272,28 @@ class Explainer:
             publish(key, compare(explanation, again, blocks, total))
 
         return self.scheduler.result(key, work)
+
+    def sanity_cascade(self, image: ImageInput, explanation: Explanation) -> Iterator[SanityCheck]:
+        """The sanity check's steps, one by one (`ipag.sanity.cascade_levels`: top 1, 2, 4, … and all vision blocks
+        re-initialised); wrap them in a `SanityCascade` for its verdict."""
+        for blocks in cascade_levels(len(self.captioner.vision_layers)):
+            yield self.sanity_check(image, explanation, blocks)
+
+    def cached_sanity(self, image: ImageInput, explanation: Explanation) -> SanityCascade | None:
+        """The sanity cascade of `explanation` if all of it was run and is still cached (None otherwise): what an
+        export carries without running it."""
+        rgb = load_image(image)
+        steps = [self.cache.get(*self._sanity_key(rgb, explanation, blocks))
+                 for blocks in cascade_levels(len(self.captioner.vision_layers))]
+        return SanityCascade(tuple(steps)) if steps and None not in steps else None
+
+    def _sanity_settings(self, explanation: Explanation) -> Settings:
+        """The settings a word is explained with again for its sanity check: its maps only."""
+        return replace(explanation.settings or self.resolve(), grounding=False, verify=False)
+
+    def _sanity_key(self, rgb: Image.Image, explanation: Explanation, blocks: int) -> Key:
+        return self._keys(rgb).sanity(explanation.token_ids, explanation.token_positions,
+                                      self._sanity_settings(explanation), blocks)
 
     def _queue(self, words: list[WordStages], priority: Priority, plan: Plan | None = None) -> dict[Key, Any]:
         futures: dict[Key, Any] = {}

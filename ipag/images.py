@@ -74,8 +74,9 @@ def _open(path: str | PathLike) -> Image.Image:
         raise ImageError(f"The image is larger than {MAX_PIXELS / 1e6:.0f} megapixels, the most accepted (a "
                          "guard against decompression bombs). Downscale it first.") from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageError(f"Cannot read {os.path.basename(path)} as an image: the file is not an image, or it is "
-                         f"truncated or corrupt ({err}).") from err
+        name = os.path.basename(path)  # the file's own name only: never where a server keeps its uploads
+        raise ImageError(f"Cannot read {name} as an image: the file is not an image, or it is truncated or corrupt "
+                         f"({str(err).replace(os.fspath(path), name)}).") from err
 
 
 def _check_pixels(width: int, height: int) -> None:

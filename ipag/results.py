@@ -74,10 +74,12 @@ class Heatmap:
 
     `raw` is the method's unnormalised attribution at the model's resolution (a patch grid, the pixels of the
     model's input, occlusion's window grid) for anyone who wants to post-process it, as Captum users expect.
-    `display` is what is drawn, at the model's resolution (the positive part of `raw`, unless the method says
-    otherwise); `values` is it resized to the input image and scaled to [0, 1] (H×W float32), computed when
-    asked for: a full-size float map of a 12-megapixel photo is ~50 MB, a stored one a few hundred KB at most
-    (`make` keeps pixel-sized maps in float16, scaled so that small gradients do not underflow).
+    `display` is the evidence for the word, at the model's resolution: the positive part of `signed_display`
+    (`raw`, unless the method puts it on another grid); every score and the default drawing use it. `values` is
+    it resized to the input image and scaled to [0, 1] (H×W float32), computed when asked for: a full-size
+    float map of a 12-megapixel photo is ~50 MB, a stored one a few hundred KB at most (`make` keeps
+    pixel-sized maps in float16, scaled so that small gradients do not underflow). `signed` and `pixel_level`
+    say how to draw it (`ipag.render`).
     """
 
     stored: np.ndarray  #: `raw / scale`, in a compact dtype
@@ -85,21 +87,29 @@ class Heatmap:
     size: tuple[int, int]  #: (width, height) of the input image
     method: str  #: e.g. "GradCAM", "cross-attention Grad-CAM", "saliency", "SmoothGrad"
     layer: str  #: which module it was taken from, e.g. "vision_model.encoder.layers.10"
-    shown: np.ndarray | None = None  #: `display` when it is not the positive part of `raw` (compact too)
+    shown: np.ndarray | None = None  #: `signed_display` when it is not `raw` (compact too)
+    signed: bool = False  #: the sign of `raw` means something: negative values are evidence against the word
+    pixel_level: bool = False  #: one value per pixel of the model's input (noisy at that scale: drawn smoothed)
 
     @classmethod
-    def make(cls, raw: np.ndarray, size: tuple[int, int], method: str, layer: str,
-             display: np.ndarray | None = None) -> "Heatmap":
+    def make(cls, raw: np.ndarray, size: tuple[int, int], method: str, layer: str, display: np.ndarray | None = None,
+             signed: bool = False, pixel_level: bool = False) -> "Heatmap":
         stored, scale = _compact(raw)
-        return cls(stored, scale, size, method, layer, None if display is None else _compact(display, scaled=False)[0])
+        shown = None if display is None else _compact(display, scaled=False)[0]
+        return cls(stored, scale, size, method, layer, shown, signed, pixel_level)
 
     @property
     def raw(self) -> np.ndarray:
         return self.stored.astype(np.float32) * np.float32(self.scale)
 
     @property
+    def signed_display(self) -> np.ndarray:
+        """The method's values on the grid they are drawn on, with their sign."""
+        return self.shown.astype(np.float32) if self.shown is not None else self.raw
+
+    @property
     def display(self) -> np.ndarray:
-        return self.shown.astype(np.float32) if self.shown is not None else np.maximum(self.raw, 0.0)
+        return np.maximum(self.signed_display, 0.0)
 
     @property
     def values(self) -> np.ndarray:
@@ -115,7 +125,7 @@ class Heatmap:
         return self.stored.nbytes + (self.shown.nbytes if self.shown is not None else 0)
 
     def describe(self) -> dict[str, Any]:
-        return {"method": self.method, "layer": self.layer, "raw_shape": list(self.stored.shape)}
+        return {"method": self.method, "layer": self.layer, "raw_shape": list(self.stored.shape), "signed": self.signed}
 
 
 def _compact(values: np.ndarray, scaled: bool = True) -> tuple[np.ndarray, float]:
@@ -179,6 +189,8 @@ class Explanation:
     caption: Caption | None = None
     #: Map key → why the captioner cannot have that map (no cross-attention map for a decoder without any).
     unavailable_maps: dict[str, str] = field(default_factory=dict)
+    #: Map key → why computing that map failed (the others were computed).
+    failed_maps: dict[str, str] = field(default_factory=dict)
     grounding: Grounding | None = None  #: the region CLIP matches to the query (None without CLIP)
     verification: Verification | None = None
     segmenter: str = ""  #: which segmenter proposed the regions
@@ -214,6 +226,7 @@ class Explanation:
             "image_evidence": self.image_evidence,
             "maps": {name: heatmap.describe() for name, heatmap in self.maps.items()},
             "unavailable_maps": dict(self.unavailable_maps),
+            "failed_maps": dict(self.failed_maps),
             "image_size": list(self.image_size),
             "caption": self.caption.text if self.caption else None,
             "grounding": self.grounding.to_dict() if self.grounding else None,

@@ -25,7 +25,7 @@ from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import Any, Literal
 
 from .cache import ImageCache
 
@@ -57,17 +57,28 @@ class Task:
         self.futures = {key: Future() for key in self.keys}
 
 
+#: How far the work for a group of keys is: all of it done, some of it running now, some of it done and the rest
+#: waiting, all of it waiting, or none of it done nor queued (dropped by a cancel, or failed).
+Progress = Literal["ready", "running", "partial", "queued", "dropped"]
+
+
 class Plan:
     """The background tasks queued for one purpose (say, every word of a caption with the page's settings).
-    `cancel()` drops those not started yet, unless a caller asked for them meanwhile."""
+    `cancel()` drops those not started yet, unless a caller asked for them meanwhile. `groups` are the keys of
+    each item the plan is for (a caption's words), whose `progress` a page can show."""
 
     def __init__(self, scheduler: "Scheduler", number: int) -> None:
         self._scheduler = scheduler
         self.number = number
         self.tasks: list[Task] = []
+        self.groups: list[tuple[Key, ...]] = []
 
     def cancel(self) -> None:
         self._scheduler.cancel(self)
+
+    def progress(self) -> list[Progress]:
+        """How far each group is, in order."""
+        return [self._scheduler.progress(keys) for keys in self.groups]
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until every task of the plan is done or cancelled (re-raising a task's failure)."""
@@ -128,6 +139,19 @@ class Scheduler:
             work(lambda k, v: (self.cache.put(*k, v), published.__setitem__(k, v)))
             return published[key]
         return self.request([key], work, priority)[key].result(timeout)
+
+    def progress(self, keys: Sequence[Key]) -> Progress:
+        """How far the work publishing `keys` is (see `Progress`)."""
+        with self._condition:
+            done = [self.cache.get(*key) is not None for key in keys]
+            states = {task.state for key in keys if (task := self._owner.get(key)) is not None}
+        if all(done):
+            return "ready"
+        if "running" in states:
+            return "running"
+        if any(done):
+            return "partial"
+        return "queued" if states else "dropped"
 
     def on_idle(self, callback: Callable[[], None]) -> None:
         """Call `callback` in the worker whenever the queue runs empty (e.g. to free a kept autograd graph)."""

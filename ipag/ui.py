@@ -5,6 +5,11 @@ loaded once per process) plus the user's own `Session` (kept in `gr.State`, neve
 page's `Settings`, and returns plain values, so every function is unit-tested without a browser. Explaining
 is a generator: it yields the page's content after each stage (first maps, saliency, region, more maps,
 trust numbers), so the page shows each output as soon as it exists.
+
+What the page shows for a word (`Rendered`): the chosen view drawn large with its colour bar, every map small
+beside it, the candidate regions, and the trust panel — a summary sentence (how sure the captioner was, whether
+the picture mattered, whether CLIP could decide) above one row per map. Every number is shown as what it is: an
+undefined one says so, and every sentence names the captioner in use.
 """
 
 from __future__ import annotations
@@ -18,28 +23,41 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from .errors import ModelUnavailableError, QueryError
-from .evaluation.localisation import score_map
+from .evaluation.localisation import GroundTruth, ground_truth
 from .explainer import Explainer, Explainers
+from .export import WordExport, image_export, safe_name, write_zip
 from .grounding import Grounding
-from .export import export_files, safe_name, write_zip
+from .grounding.result import DECISIVE_RATIO
 from .images import ImageError, ImageInput, load_image
-from .maps import CrossAttentionMap, map_titles
-from .render import draw_map, draw_maps, draw_outline, draw_region, enlarged
+from .maps import MAP_TYPES, CrossAttentionMap, map_titles
+from .render import colours, draw_map, draw_maps, draw_outline, draw_region, enlarged
 from .results import Caption, Explanation
-from .schedule import Plan
+from .sanity import FLAG_ABOVE, SanityCascade, SanityCheck, cascade_levels, verdict
+from .schedule import Plan, Progress
 from .segmenters import available_segmenters
 from .settings import DEFAULTS, Settings, Widget, declarations
-from .synthetic.scenes import Scene, evidence_for, find_scene
+from .synthetic.scenes import Scene, find_scene
 
 NO_WORD = "Click a caption word, or type a word and press Explain."  #: plain text: fine as HTML too
 #: Input × gradient: the map that found the named object most often on the ground-truth benchmark among those that
 #: pass the sanity check and cost no more than Grad-CAM (docs/evaluation.md).
 DEFAULT_VIEW = "input_x_gradient"
 EXPORTS = Path(tempfile.gettempdir()) / "ipag-exports"
+#: The small maps beside the large view are drawn at most this many pixels along the longer side (and enlarged to
+#: `GRID_MIN_SIDE`, by whole pixels, when the image is smaller).
+GRID_SIDE, GRID_MIN_SIDE = 192, 160
+#: The mark after a caption word while the background precompute explains the caption's words (`Plan.progress`).
+MARKS: dict[Progress, str] = {"ready": "✓", "running": "⟳", "partial": "◐", "queued": "○", "dropped": ""}
+#: The caption's label while words are marked, and once every word is explained.
+CAPTION_MARKED = "Caption — click a word (colour: its probability; ✓ explained, ⟳ computing, ◐ partly, ○ queued)"
+CAPTION_READY = "Caption — click a word (colour: its probability; every word is explained: clicks answer at once)"
+CAPTION_LABEL = "Caption — click a word (colour: its probability)"
+#: The image evidence (Δlog p, photo vs blank image) below which the picture "barely changed" the word (in nats:
+#: 0.05 is a 5% change of its probability).
+BARELY = 0.05
 
 
 class UserError(Exception):
@@ -54,6 +72,7 @@ class Session:
     caption: Caption | None = None
     explanation: Explanation | None = None
     captioner: str | None = None  #: which captioner made `caption` (None: the default one)
+    speaker: str = "The captioner"  #: that captioner's name in sentences (`Captioner.short_name`)
     query: int | str | None = None  #: what `explanation` answers (a word index or typed text)
     candidate: int = 0  #: which of the explanation's candidate regions is shown
     plan: Plan | None = None  #: every word of the caption, queued in the background with the page's settings
@@ -62,15 +81,28 @@ class Session:
     scene: Scene | None = None  #: the generated scene the image is, when it is one: its ground truth is known
 
 
+@dataclass(frozen=True)
+class Table:
+    """A table as the page shows it."""
+
+    headers: list[str]
+    rows: list[list[str]]
+
+
 @dataclass
 class Rendered:
     """Everything the output panel shows for one explanation: the session's view drawn large (None when there
-    is nothing to draw for it), the line under it, the candidate regions, the trust table, the status line."""
+    is nothing to draw for it), the line under it and its colour bar (HTML), the small maps with their captions
+    (None: unchanged, only the large view changed), the candidate regions, the trust panel's summary (HTML) and
+    table, the status line (HTML) and the raw result."""
 
     picture: Image.Image | None
     label: str
+    legend: str
+    grid: list[tuple[Image.Image, str]] | None
     candidates: list[str]
-    trust: list[list[Any]]
+    summary: str
+    trust: Table
     status: str
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -129,31 +161,51 @@ def settings_panels(explainer: Explainer) -> dict[str, dict[str, SettingWidget]]
     return panels
 
 
+
 # --- captioning --------------------------------------------------------------------------------------------
 
-def _segments(caption: Caption) -> list[tuple[str, float | None, int | None]]:
-    """(text, probability, word index) for every word, and (text, None, None) for the text between words."""
+def _segments(caption: Caption, progress: list[Progress] | None = None) -> list[tuple[str, float | None, int | None]]:
+    """(text, probability, word index) for every word, and (text, None, None) for the text between words. With
+    `progress`, each word carries the mark of how far its explanation is (`MARKS`): inside the word's own
+    segment, so that the segments, and the word a click lands on, are the same whatever the marks."""
     segments: list[tuple[str, float | None, int | None]] = []
     cursor = 0
     for word in caption.words:
         if word.span[0] > cursor:
             segments.append((caption.text[cursor:word.span[0]], None, None))
-        segments.append((word.text, round(word.probability, 3), word.index))
+        mark = MARKS[progress[word.index]] if progress else ""
+        segments.append((f"{word.text}\u2009{mark}" if mark else word.text, round(word.probability, 3), word.index))
         cursor = word.span[1]
     if cursor < len(caption.text):
         segments.append((caption.text[cursor:], None, None))
     return segments
 
 
-def caption_segments(caption: Caption) -> list[tuple[str, float | None]]:
-    """The caption for `gr.HighlightedText`: each word its own segment, coloured by its probability."""
-    return [(text, score) for text, score, _ in _segments(caption)]
+def caption_segments(caption: Caption, progress: list[Progress] | None = None) -> list[tuple[str, float | None]]:
+    """The caption for `gr.HighlightedText`: each word its own segment, coloured by its probability, marked with
+    `progress` when given."""
+    return [(text, score) for text, score, _ in _segments(caption, progress)]
 
 
 def word_for_segment(caption: Caption, segment: int) -> int | None:
     """The word index of the `segment`-th highlighted segment, or None for text between words."""
     segments = _segments(caption)
     return segments[segment][2] if 0 <= segment < len(segments) else None
+
+
+def readiness(session: Session) -> tuple[list[tuple[str, float | None]], str, bool]:
+    """The caption marked with how far each word's background explanation is, its label, and whether it is still
+    changing (a page polls until it is not). Without a precompute, or once every word is explained, the caption
+    is shown plain."""
+    if session.caption is None:
+        return [], CAPTION_LABEL, False
+    progress = session.plan.progress() if session.plan is not None else None
+    if not progress:
+        return caption_segments(session.caption), CAPTION_LABEL, False
+    if all(state == "ready" for state in progress):
+        return caption_segments(session.caption), CAPTION_READY, False
+    changing = any(state in ("running", "queued", "partial") for state in progress)
+    return caption_segments(session.caption, progress), CAPTION_MARKED, changing
 
 
 def caption_image(explainer: Explainer, image: ImageInput | None, settings: Settings, session: Session,
@@ -171,8 +223,8 @@ def caption_image(explainer: Explainer, image: ImageInput | None, settings: Sett
     if session.plan is not None:
         session.plan.cancel()
     plan = explainer.precompute_async(rgb, caption, settings) if precompute else None
-    session = Session(image=rgb, caption=caption, captioner=session.captioner, plan=plan,
-                      source=str(image) if isinstance(image, (str, Path)) else None, scene=find_scene(rgb))
+    session = Session(image=rgb, caption=caption, captioner=session.captioner, speaker=explainer.captioner.short_name,
+                      plan=plan, source=str(image) if isinstance(image, (str, Path)) else None, scene=find_scene(rgb))
     if not caption.words:
         return caption_segments(caption), session, "The caption has no words to explain; type a query instead."
     return caption_segments(caption), session, f"{len(caption.words)} words. {NO_WORD}"
@@ -229,11 +281,19 @@ def select_candidate(explainer: Explainer, session: Session, label: str | None,
 
 
 def select_view(session: Session, view: str, settings: Settings) -> tuple[Session, Rendered]:
-    """Show another view (the region or a map) large; drawing only."""
+    """Show another view (the region or a map) large; drawing only: the small maps stay as they are."""
     if view not in views():
         raise UserError(f"Unknown view {view!r}; choose one of {', '.join(views())}.")
     session = replace(session, view=view)
-    return session, render(session, settings)
+    return session, render(session, settings, grid=False)
+
+
+def select_tile(session: Session, tile: int, settings: Settings) -> tuple[Session, Rendered]:
+    """A click on the `tile`-th small map: it becomes the large view."""
+    keys = list(session.explanation.maps) if session.explanation is not None else []
+    if not 0 <= tile < len(keys):
+        raise UserError("Explain a word first; then pick one of its maps.")
+    return select_view(session, keys[tile], settings)
 
 
 def candidate_labels(explanation: Explanation) -> list[str]:
@@ -243,43 +303,51 @@ def candidate_labels(explanation: Explanation) -> list[str]:
     return [f"{i + 1}. {c.label} — p={c.probability:.2f}" for i, c in enumerate(grounding.candidates)]
 
 
-def render(session: Session, settings: Settings) -> Rendered:
-    """Draw the session's view of its explanation with the settings' colour map and opacity (no model is run;
-    only the view shown is drawn)."""
+def render(session: Session, settings: Settings, grid: bool = True) -> Rendered:
+    """Draw the session's view of its explanation large and, with `grid`, every map small (no model is run), and
+    make the trust panel. On a generated scene the true object is outlined and every map scored against it."""
     explanation, image = session.explanation, session.image
     if explanation is None or image is None:
-        return Rendered(None, "", [], [], NO_WORD)
+        return Rendered(None, "", "", [] if grid else None, [], "", Table([], []), NO_WORD)
+    truth = ground_truth(explanation, session.scene)
     picture = draw_view(image, explanation, session.view, settings)
-    truth = true_evidence(session)
     label = view_label(session.view, explanation)
-    rows = trust_rows(explanation)
     if truth is not None:
-        picture = draw_outline(picture, truth) if picture is not None else None
+        picture = draw_outline(picture, truth.mask) if picture is not None else None
         label += " · white outline: the true object (generated scene)"
-        rows += truth_rows(explanation, truth)
-    return Rendered(enlarged(picture) if picture is not None else None, label, candidate_labels(explanation), rows, status_line(explanation),
+    heatmap = explanation.maps.get(session.view)
+    legend = colour_bar(settings, heatmap.signed and settings.signed) if heatmap is not None else ""
+    return Rendered(enlarged(picture) if picture is not None else None, label, legend,
+                    map_grid(image, explanation, truth, settings) if grid else None, candidate_labels(explanation),
+                    summary(explanation, session.speaker), trust_table(explanation, truth), status_line(explanation),
                     explanation.to_dict())
 
 
-def true_evidence(session: Session) -> np.ndarray | None:
-    """The mask of the object the explained word names, when the image is a generated scene (else None)."""
-    explanation, scene = session.explanation, session.scene
-    if scene is None or explanation is None or len(explanation.words) != 1 or explanation.caption is None:
-        return None
-    return evidence_for(scene, [word.text for word in explanation.caption.words], explanation.words[0].index)
+def map_grid(image: Image.Image, explanation: Explanation, truth: GroundTruth | None,
+             settings: Settings) -> list[tuple[Image.Image, str]]:
+    """Every map of the explanation small, in `Explanation.maps` order, each captioned with its map's name and,
+    on a generated scene, whether its peak is on the true object and how much of its mass is."""
+    tiles = []
+    for key, picture in draw_maps(image, explanation, settings, max_side=GRID_SIDE).items():
+        caption = map_title(key)
+        if truth is not None:
+            picture = draw_outline(picture, truth.mask)
+            caption += f" · {'hit' if truth.hit(key) else 'miss'} · {truth.scores[key]['mass']:.0%} on the object"
+        tiles.append((enlarged(picture, GRID_MIN_SIDE), caption))
+    return tiles
 
 
-def truth_rows(explanation: Explanation, truth: np.ndarray) -> list[list[Any]]:
-    """Ground-truth rows of the trust table: per map, does its peak hit the true object, and how much of its mass
-    lies on it (against the object's share of the image, which is what a random map puts there)."""
-    rows = []
-    for key, heatmap in explanation.maps.items():
-        scores = score_map(heatmap.values, truth)
-        rows.append([f"Ground truth: {map_title(key)}",
-                     f"{'hit' if scores['pointing'] >= 0.5 else 'miss'} · {scores['mass']:.0%} on the object",
-                     f"Peak on the true object? Share of the map's mass on it (the object is {truth.mean():.0%} "
-                     "of the image, what a random map puts there)."])
-    return rows
+def colour_bar(settings: Settings, signed: bool) -> str:
+    """What the colours of the large view mean, as HTML: a bar from the weakest to the strongest values, each
+    colour as opaque as it is drawn (over grey, as over a photo)."""
+    stops = ", ".join(f"rgba({r}, {g}, {b}, {alpha:.2f}) {position:.0f}%" for (value, (r, g, b), alpha), position
+                      in zip(colours(settings, signed), range(0, 101, 10)))
+    low, high = ("evidence against the word", "for the word") if signed else ("0: the photo as it is", "strongest")
+    middle = "<span>0</span>" if signed else ""
+    return (f'<div class="colour-bar"><div style="height: 12px; border-radius: 3px; background: linear-gradient(to '
+            f'right, {stops}), #999;"></div><div style="display: flex; justify-content: space-between; font-size: '
+            f'0.8em;"><span>{low}</span>{middle}<span>{high} (the top {settings.clip_percent:g}% of the map\'s mass '
+            f'and above)</span></div></div>')
 
 
 def draw_view(image: Image.Image, explanation: Explanation, view: str, settings: Settings) -> Image.Image | None:
@@ -290,8 +358,8 @@ def draw_view(image: Image.Image, explanation: Explanation, view: str, settings:
 
 
 def view_label(view: str, explanation: Explanation) -> str:
-    """The line under the large view: which method and layer made the map, or why there is none (Markdown;
-    no user text in it)."""
+    """The line under the large view: which method and layer made the map, or why there is none — switched off,
+    impossible for this captioner, failed (and why), or still coming (Markdown; no user text in it)."""
     if view == "region":
         grounding = explanation.grounding
         if grounding is not None:
@@ -301,11 +369,15 @@ def view_label(view: str, explanation: Explanation) -> str:
     heatmap = explanation.maps.get(view)
     if heatmap is not None:
         return f"**{views()[view]}**: {html.escape(heatmap.method)} · {html.escape(heatmap.layer)}"
-    if view in explanation.unavailable_maps:  # e.g. cross-attention maps of a decoder without cross-attention
-        return html.escape(explanation.unavailable_maps[view])
+    for reasons in (explanation.unavailable_maps, explanation.failed_maps):
+        if view in reasons:  # e.g. cross-attention maps of a decoder without cross-attention
+            return html.escape(reasons[view])
+    map_type = MAP_TYPES.get(view)
+    if map_type is not None and explanation.settings is not None and map_type.from_settings(explanation.settings) is None:
+        return f"**{views()[view]}** is off — turn it on in Settings (Maps)."
     if explanation.pending:
         return "Still being computed…"
-    return f"{views()[view]} is not computed with these settings (see Settings), or it failed (see the notes)."
+    return f"**{views()[view]}** was not computed: it needs a model this page runs without (see the notes)."
 
 
 def status_line(explanation: Explanation) -> str:
@@ -321,6 +393,7 @@ def status_line(explanation: Explanation) -> str:
     if explanation.pending:
         line += f" Computing {', '.join(explanation.pending)}…"
     notes = [note for note in explanation.notes if "not in the caption" not in note]
+    notes += explanation.failed_maps.values()
     return f"<p>{line}</p>" + "".join(f"<p>• {html.escape(note)}</p>" for note in notes)
 
 
@@ -337,55 +410,145 @@ def region_sentence(grounding: Grounding) -> str:
             f"{', the whole image won' if grounding.baseline_won else ''}).")
 
 
-def trust_rows(explanation: Explanation) -> list[list[Any]]:
-    """The trust panel: [measure, value, how to read it]; each reading follows its value."""
-    rows: list[list[Any]] = [["Word probability", f"{explanation.word_probability:.3f}",
-                              "How sure the captioner is of the word (teacher forcing)."]]
+# --- the trust panel -----------------------------------------------------------------------------------------
+
+def summary(explanation: Explanation, speaker: str) -> str:
+    """The trust panel's first lines, as HTML (every text escaped): how sure `speaker` (the captioner) was of
+    the word, whether the picture made it likelier, which region CLIP chose and how decidedly; then what the
+    region check found; then, folded, how to read each number."""
+    what = html.escape(" ".join(w.text for w in explanation.words) if explanation.in_caption else explanation.query)
+    probability = _percent(explanation.word_probability)
+    if explanation.in_caption:
+        parts = [f"<strong>{html.escape(speaker)} is {probability} sure of “{what}”</strong>"]
+    else:
+        parts = [f"<strong>{html.escape(speaker)} gives “{what}” {probability} after “"
+                 f"{html.escape(explanation.context)}”</strong>"]
     evidence = explanation.image_evidence
     if evidence is not None:
-        rows.append(["Evidence from the image: Δlog p(word), photo vs blank image", f"{evidence:+.3f}",
-                     "Positive: the picture made the word likelier." if evidence > 0 else
-                     "Not positive: the captioner says it as readily without the picture (language prior)."])
+        parts.append(f"the picture made it likelier ({evidence:+.2f})" if evidence > BARELY else
+                     f"the picture barely changed it ({evidence:+.2f})" if evidence >= -BARELY else
+                     f"it is likelier without the picture ({evidence:+.2f}): the language model's habit")
+    if explanation.grounding is not None:
+        parts.append(region_summary(explanation.grounding))
+    lines = ["; ".join(parts) + "."]
+    check = explanation.verification
+    if check is not None:
+        says = "still says" if check.region_says_word else "does not say"
+        delta = check.delta_logprob_blurred
+        blurred = ("barely changes it" if abs(delta) < 0.0005 else f"lowers its log p by {-delta:.2f}" if delta < 0
+                   else f"raises its log p by {delta:.2f}")
+        lines.append(f"Shown only that region, {html.escape(speaker)} {says} “{what}” (its caption: “"
+                     f"{html.escape(check.region_caption)}”); blurring the region away {blurred}.")
+    if explanation.pending:
+        lines.append(f"Still computing: {', '.join(explanation.pending)}…")
+    return "".join(f"<p>{line}</p>" for line in lines) + _reading(explanation, speaker)
+
+
+def region_summary(grounding: Grounding) -> str:
+    """What the summary says of the region (HTML, escaped): which region CLIP chose and how decidedly
+    (`Grounding.decided`), next to the best region elsewhere in the picture (`Grounding.rival`)."""
+    label = html.escape(grounding.label)
+    if grounding.baseline_won:
+        return f"CLIP prefers the whole image to every region (p {grounding.score:.2f})"
+    if grounding.candidates and grounding.candidates[0].label != grounding.label:
+        return f"you chose {label} (p {grounding.score:.2f})"
+    rival = grounding.rival
+    if rival is None:
+        return f"CLIP chose {label} (p {grounding.score:.2f})"
+    how = "prefers" if grounding.decided else "barely prefers"
+    return (f"CLIP {how} {label} (p {grounding.score:.2f}; best elsewhere: {html.escape(rival.label)}, "
+            f"p {rival.probability:.2f})")
+
+
+def _reading(explanation: Explanation, speaker: str) -> str:
+    """How to read the trust panel's numbers, folded away (HTML)."""
+    speaker = html.escape(speaker)
+    items = [f"<b>Sure</b>: {speaker}'s probability of the word's tokens after the caption so far (teacher forcing).",
+             "<b>The picture</b>: log p(word | photo) − log p(word | blank grey image). Positive: the picture made the "
+             "word likelier; zero or negative: the language model would say it anyway."]
     grounding, check = explanation.grounding, explanation.verification
     if grounding is not None:
-        rows.append(["Region probability", f"{grounding.score:.3f}",
-                     "Softmax over all candidate regions and the whole image."])
+        items.append(f"<b>Region</b>: CLIP's probability for each candidate region, a softmax over all of them and "
+                     f"the whole image; CLIP “barely prefers” its region when a region elsewhere (overlapping it by "
+                     f"less than half) has more than 1/{DECISIVE_RATIO:g} of its probability. CLIP's similarity to "
+                     f"“{html.escape(grounding.prompt)}”: region {grounding.similarity:.3f}, whole image "
+                     f"{grounding.image_similarity:.3f}.")
     if check is not None:
-        delta = check.delta_logprob_blurred
-        rows += [
-            ["CLIP: region vs whole image", f"{check.clip_region:.3f} vs {check.clip_image:.3f}",
-             "Yes, CLIP prefers the region." if check.clip_prefers_region else "No: CLIP prefers the whole image."],
-            ["BLIP on the region alone says the word", "yes" if check.region_says_word else "no",
-             f"Caption of the region alone: “{check.region_caption}”."],
-            ["Δlog p(word), region blurred", f"{delta:+.3f}",
-             "About zero: blurring the region barely changed the word." if abs(delta) < 0.0005 else
-             "Negative: the word needed this region." if delta < 0 else
-             "Positive: the word did not need this region (it is likelier without it)."],
-        ]
-        chance = f"a random map puts {grounding.mask.mean():.0%} there"
-        rows += [[f"{map_title(key)} inside region", f"{share:.0%}",
-                  f"Share of the heatmap's mass inside the region ({chance})."]
-                 for key, share in check.mass_inside.items()]
-    return rows
+        items.append(f"<b>Region check</b>: {speaker} captions the region alone (the rest greyed out); and the word's "
+                     "log p with the region blurred away, against the photo (negative: the word needed the region).")
+    items.append("<b>The table</b>: per map, the share of its mass inside the region and on the true object (on a "
+                 "generated scene), next to chance — the area's share of the image, which a random map puts there; "
+                 "“hit” when the map's peak is on the true object.")
+    return ("<details><summary>How to read these numbers</summary><ul>"
+            + "".join(f"<li>{item}</li>" for item in items) + "</ul></details>")
 
 
-def sanity_check(explainer: Explainer, session: Session) -> list[list[Any]]:
-    """The sanity check of the word on screen, as rows [map, rank correlation, verdict]."""
+def _percent(probability: float) -> str:
+    return f"{probability:.1%}" if probability >= 0.001 else f"{probability * 100:.2g}%"
+
+
+def trust_table(explanation: Explanation, truth: GroundTruth | None) -> Table:
+    """One row per map: its mass in the region and on the true object side by side, chance stated once in the
+    column's header (the area's share of the image), and whether its peak is on the object."""
+    check, grounding = explanation.verification, explanation.grounding
+    headers, columns = ["Map"], []
+    if check is not None:
+        headers.append(f"In the region (chance {grounding.mask.mean():.0%})")
+        columns.append(lambda key: f"{check.mass_inside[key]:.0%}" if key in check.mass_inside else "—")
+    elif "trust numbers" in explanation.pending:
+        headers.append("In the region")
+        columns.append(lambda key: "…")
+    if truth is not None:
+        headers += [f"On the true object (chance {truth.object_share:.0%})", "Peak on the object"]
+        columns += [lambda key: f"{truth.scores[key]['mass']:.0%}", lambda key: "hit" if truth.hit(key) else "miss"]
+    if not columns:
+        return Table([], [])
+    return Table(headers, [[map_title(key), *(column(key) for column in columns)] for key in explanation.maps])
+
+
+# --- the sanity check ----------------------------------------------------------------------------------------
+
+VERDICTS = {"passes": "passes: it changes with the weights, so it depends on what the model learned",
+            "fails": f"fails: it stays similar (ρ > {FLAG_ABOVE:g}), so it explains the architecture or the image, "
+                     "not the model",
+            "undefined": "undefined: the map is constant (on the trained or the re-initialised model), so it has no "
+                         "rank correlation"}
+
+
+def sanity_check(explainer: Explainer, session: Session) -> Iterator[Table]:
+    """The sanity check of the word on screen, step by step: the table after each step of the cascade (top 1, 2,
+    4, … vision blocks re-initialised), the verdict with all of them re-initialised (as the README's table)."""
     explanation = session.explanation
     if explanation is None or session.image is None:
         raise UserError("Explain a word first; then check its maps.")
-    check = explainer.sanity_check(session.image, explanation)
+    levels = cascade_levels(len(explainer.captioner.vision_layers))
+    steps: list[SanityCheck] = []
+    yield sanity_table(explanation, steps, levels)
+    for step in explainer.sanity_cascade(session.image, explanation):
+        steps.append(step)
+        yield sanity_table(explanation, steps, levels)
+
+
+def sanity_table(explanation: Explanation, steps: list[SanityCheck], levels: list[int]) -> Table:
+    """[map, ρ per step, verdict] rows; "…" for the steps still coming."""
+    total = levels[-1]
+    headers = ["Map", *(f"top {blocks} re-initialised" for blocks in levels[:-1]),
+               f"all {total} re-initialised (the verdict's basis)", "Verdict"]
     rows = []
     for key in explanation.maps:
-        value = check.correlations.get(key)
-        if value is None:
-            rows.append([map_title(key), "—", "Not a map of the captioner (its weights do not enter it)."])
-        else:
-            verdict = ("Barely depends on the learned weights: it explains the architecture or the image, not "
-                       "the model." if key in check.flagged else "Changes with the weights: it depends on what "
-                       "the model learned.")
-            rows.append([map_title(key), f"{value:.2f}", verdict])
-    return rows
+        values = [step.correlations.get(key) for step in steps]
+        if steps and values[0] is None:
+            rows.append([map_title(key), *("—" for _ in levels), "— not a map of the captioner (its weights do not "
+                                                                 "enter it)"])
+            continue
+        shown = [_correlation(value) for value in values] + ["…"] * (len(levels) - len(steps))
+        final = VERDICTS[verdict(values[-1])] if len(steps) == len(levels) else "…"
+        rows.append([map_title(key), *shown, final])
+    return Table(headers, rows)
+
+
+def _correlation(value: float) -> str:
+    return "undefined" if verdict(value) == "undefined" else f"{value:.2f}"
 
 
 def warm_examples(explainer: Explainer, paths: list[str], settings: Settings = DEFAULTS) -> None:
@@ -427,10 +590,11 @@ def api_caption(explainer: Explainer, image: ImageInput | None, settings: Settin
 
 
 def api_explain(explainer: Explainer, image: ImageInput | None, word: int | None = None, text: str | None = None,
-                occurrence: int = 1, settings: Settings = DEFAULTS) -> tuple[Explanation, dict[str, Image.Image]]:
+                occurrence: int = 1, settings: Settings = DEFAULTS,
+                sanity: bool = False) -> tuple[WordExport, dict[str, Image.Image]]:
     """/explain: the explanation of caption word number `word`, or of `text` (its `occurrence`-th appearance
-    among the caption's words, else a caption phrase or a free query), and its drawings by name ("region" and
-    every map key)."""
+    among the caption's words, else a caption phrase or a free query), with its ground truth on a generated scene
+    and, if asked, its sanity check; and its drawings by name ("region" and every map key)."""
     if image is None:
         raise UserError("Send an image.")
     if (word is None) == (text is None or not text.strip()):
@@ -442,7 +606,8 @@ def api_explain(explainer: Explainer, image: ImageInput | None, word: int | None
     drawings = draw_maps(session.image, explanation, settings)
     if explanation.grounding is not None:
         drawings["region"] = draw_region(session.image, explanation.grounding.mask)
-    return explanation, drawings
+    checked = SanityCascade(tuple(explainer.sanity_cascade(session.image, explanation))) if sanity else None
+    return WordExport(explanation, ground_truth(explanation, session.scene), checked), drawings
 
 
 def _occurrence(caption: Caption, text: str, occurrence: int) -> int | str:
@@ -460,14 +625,20 @@ def _occurrence(caption: Caption, text: str, occurrence: int) -> int | str:
 
 # --- export ------------------------------------------------------------------------------------------------
 
-def export(session: Session, settings: Settings) -> str:
-    """Zip the explanation's files (`ipag.export`) for download; returns the zip's path. Exports older than an
-    hour are deleted, so a long-running server does not fill its disk (Gradio keeps its own copy)."""
+def export(explainer: Explainer, session: Session, settings: Settings) -> str:
+    """Zip what the page shows for the word (`ipag.export.image_export`: the image, and the word's folder with
+    its ground truth on a generated scene and its sanity check if it was run) for download; returns the zip's
+    path. Exports older than an hour are deleted, so a long-running server does not fill its disk (Gradio keeps
+    its own copy)."""
     explanation, image = session.explanation, session.image
     if explanation is None or image is None:
         raise UserError("Explain a word first; then download it.")
+    word = WordExport(explanation, ground_truth(explanation, session.scene),
+                      explainer.cached_sanity(image, explanation))
+    header = {"image": Path(session.source).name if session.source else None}
     name = "_".join(w.text for w in explanation.words) if explanation.in_caption else explanation.query
-    return str(write_zip(export_files(image, explanation, settings), fresh_path(f"ipag_{safe_name(name)}", ".zip")))
+    return str(write_zip(image_export(image, session.caption, [word], settings, header),
+                         fresh_path(f"ipag_{safe_name(name)}", ".zip")))
 
 
 def fresh_path(stem: str, suffix: str) -> Path:
@@ -479,6 +650,7 @@ def fresh_path(stem: str, suffix: str) -> Path:
     return EXPORTS / f"{stem}_{uuid.uuid4().hex[:8]}{suffix}"
 
 
-__all__ = ["PANELS", "Rendered", "Session", "SettingWidget", "UserError", "api_caption", "api_explain",
-           "caption_image", "caption_segments", "compare_captions", "explain", "export", "render", "replan",
-           "select_candidate", "select_word", "settings_panels", "trust_rows", "views"]
+__all__ = ["PANELS", "Rendered", "Session", "SettingWidget", "Table", "UserError", "api_caption", "api_explain",
+           "caption_image", "caption_segments", "compare_captions", "explain", "export", "readiness", "render",
+           "replan", "sanity_check", "select_candidate", "select_tile", "select_view", "select_word",
+           "settings_panels", "summary", "trust_table", "views"]

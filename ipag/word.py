@@ -130,11 +130,12 @@ class Workshop:
 
 class MapsResult(NamedTuple):
     """What a maps stage publishes: the word's log-probability (None for stages that do not compute it),
-    its maps by key, and notes (a map type that failed, what a map cost)."""
+    its maps by key, notes (what a map cost) and why each map type that failed did."""
 
     logprob: float | None
     maps: dict[str, Heatmap]
     notes: list[str]
+    failed: dict[str, str]
 
 
 class RegionResult(NamedTuple):
@@ -349,6 +350,7 @@ class WordStages:
         """The explanation from the stage results computed so far (cheap: no model runs here)."""
         item, captioner = self.item, self.tools.captioner
         maps: dict[str, Heatmap] = {}
+        failed: dict[str, str] = {}
         notes: list[str] = []
         logprob = 0.0
         region: RegionResult | None = None
@@ -357,6 +359,7 @@ class WordStages:
             notes += value.notes
             if isinstance(value, MapsResult):
                 maps |= value.maps
+                failed |= value.failed
                 logprob = value.logprob if value.logprob is not None else logprob
             elif isinstance(value, RegionResult):
                 region = value
@@ -379,16 +382,18 @@ class WordStages:
             query=str(item.query), in_caption=bool(item.words), words=item.words,
             tokens=tuple(captioner.token_strings([item.token_ids[p] for p in item.target.positions])),
             token_positions=item.target.positions, context=context, word_logprob=logprob, maps=ordered,
-            unavailable_maps=dict(self.unavailable), token_ids=item.token_ids,
+            unavailable_maps=dict(self.unavailable), failed_maps=failed, token_ids=item.token_ids,
             image_size=self.rgb.size, caption=self.caption, grounding=grounding, verification=verification,
             segmenter=region.segmenter if region else "", notes=notes, settings=self.settings,
             pending=tuple(pending), prior_logprob=prior)
 
 
-def _attribute(map_types: Sequence[MapType], context: MapContext) -> tuple[dict[str, Heatmap], list[str]]:
-    """Each map type's heatmap; one that fails leaves a note, not a failure: the user still gets the others."""
+def _attribute(map_types: Sequence[MapType], context: MapContext) -> tuple[dict[str, Heatmap], list[str], dict[str, str]]:
+    """Each map type's heatmap, the notes of those that made one, and why each that failed did: one that fails
+    must not cost the user the others."""
     maps: dict[str, Heatmap] = {}
     notes: list[str] = []
+    failed: dict[str, str] = {}
     for map_type in map_types:
         try:
             maps[map_type.key] = map_type.attribute(context)
@@ -397,5 +402,5 @@ def _attribute(map_types: Sequence[MapType], context: MapContext) -> tuple[dict[
                 notes.append(note)
         except Exception as err:  # noqa: BLE001 — any failure of one map must not cost the others
             logger.exception("map %s failed", map_type.key)
-            notes.append(f"The {map_type.title} map could not be computed ({type(err).__name__}: {err}).")
-    return maps, notes
+            failed[map_type.key] = f"The {map_type.title} map could not be computed ({type(err).__name__}: {err})."
+    return maps, notes, failed

@@ -55,15 +55,18 @@ def test_select_handler_explains_the_clicked_word(explainer, captioned):
     for key in ui.views():
         session, shown = ui.select_view(session, key, Settings())
         if key in ("occlusion", "integrated_gradients"):  # off unless asked for: they cost many extra passes
-            assert shown.picture is None and "not computed with these settings" in shown.label
+            assert shown.picture is None and "is off — turn it on in Settings" in shown.label
         else:
             assert shown.picture.size == size and shown.label, key
+        assert shown.grid is None  # a view change redraws the large view only
     with pytest.raises(ui.UserError, match="Unknown view"):
         ui.select_view(session, "lrp", Settings())
     assert rendered.candidates and rendered.candidates[0].startswith("1. ")
-    measures = [row[0] for row in rendered.trust]
-    assert "Word probability" in measures and "CLIP: region vs whole image" in measures
-    assert any(m.startswith("Evidence from the image") for m in measures)
+    assert [caption for _, caption in rendered.grid] == [ui.map_title(key) for key in session.explanation.maps]
+    assert f"is {ui._percent(word.probability)} sure of “{word.text}”" in rendered.summary
+    assert "the picture" in rendered.summary and "CLIP" in rendered.summary and "Shown only that region" in rendered.summary
+    assert rendered.trust.headers[1].startswith("In the region (chance ")
+    assert [row[0] for row in rendered.trust.rows] == [ui.map_title(key) for key in session.explanation.maps]
     assert word.text in rendered.status
 
 
@@ -147,16 +150,25 @@ def test_candidate_selection_shows_that_region(explainer, captioned):
 def test_export_writes_pngs_and_json(explainer, captioned):
     _, session, _ = captioned
     with pytest.raises(ui.UserError, match="Explain a word first"):
-        ui.export(session, Settings())
+        ui.export(explainer, session, Settings())
     *_, (session, _) = ui.explain(explainer, session, 1, Settings())
-    path = ui.export(session, Settings())
+    path = ui.export(explainer, session, Settings())
+    folder = f"01-{session.explanation.words[0].text}"
     with zipfile.ZipFile(path) as archive:
         names = set(archive.namelist())
-        data = json.loads(archive.read("explanation.json"))
-    assert {"explanation.json", "image.png", "region.png", "region_mask.png", "gradcam.png",
-            "gradcam_overlay.png", "saliency_overlay.png", "cross_attention_overlay.png"} <= names
-    assert data["words"] == [session.explanation.words[0].text]
+        data = json.loads(archive.read(f"{folder}/explanation.json"))
+        index = json.loads(archive.read("image.json"))
+    assert {"image.png", "image.json"} | {f"{folder}/{name}" for name in (
+        "explanation.json", "region.png", "region_mask.png", "gradcam.png", "gradcam_overlay.png",
+        "saliency_overlay.png", "cross_attention_overlay.png")} <= names
+    assert data["words"] == [session.explanation.words[0].text] and index["explanations"][0]["folder"] == folder
     assert data["captioner"] == session.caption.captioner and data["settings"]["cam_method"] == DEFAULTS.cam_method
+    assert data["ground_truth"] is None and data["sanity"] is None  # a photo; no sanity check run
+    for _ in ui.sanity_check(explainer, session):
+        pass
+    with zipfile.ZipFile(ui.export(explainer, session, Settings())) as archive:
+        sanity = json.loads(archive.read(f"{folder}/explanation.json"))["sanity"]
+    assert sanity["basis"].startswith("all ") and set(sanity["verdicts"]) <= set(session.explanation.maps)
 
 
 def test_api_functions(explainer):
@@ -164,13 +176,15 @@ def test_api_functions(explainer):
     caption = ui.api_caption(explainer, Image.open(EXAMPLE), settings)
     assert caption["text"] and caption["words"]
     word = caption["words"][0]["text"]
-    explanation, drawings = ui.api_explain(explainer, Image.open(EXAMPLE), text=word, settings=settings)
+    explained, drawings = ui.api_explain(explainer, Image.open(EXAMPLE), text=word, settings=settings)
+    explanation = explained.explanation
     assert [w.text for w in explanation.words] == [word] and explanation.in_caption
+    assert explained.truth is None and explained.sanity is None
     assert {"region"} | expected_maps(explainer.captioner) == set(drawings)
     assert drawings["region"].size == drawings["gradcam"].size == Image.open(EXAMPLE).size
     by_position, _ = ui.api_explain(explainer, Image.open(EXAMPLE), word=len(caption["words"]) - 1,
                                     settings=settings)
-    assert by_position.words[0].index == len(caption["words"]) - 1
+    assert by_position.explanation.words[0].index == len(caption["words"]) - 1
     for bad in (dict(), dict(word=0, text="dog"), dict(text="   ")):
         with pytest.raises(ui.UserError, match="either a word position"):
             ui.api_explain(explainer, Image.open(EXAMPLE), settings=settings, **bad)
@@ -250,19 +264,21 @@ def test_the_captioner_choice_reaches_the_engine(explainer):
                                      precompute=False)
     *_, (session, rendered) = ui.explain(gpt2, session, 0, Settings())
     assert session.explanation.caption.captioner.startswith("vit-gpt2")
+    assert rendered.summary.startswith("<p><strong>ViT-GPT2 is ") and "BLIP" not in rendered.summary
     with pytest.raises(ui.UserError, match="Upload an image"):
         ui.compare_captions(explainers, ["blip-base"], None, Settings())
 
 
-@pytest.mark.parametrize("delta, reading", [(-0.8, "Negative: the word needed"), (0.12, "Positive: the word did not"),
-                                            (0.0002, "About zero"), (-0.0002, "About zero")])
+@pytest.mark.parametrize("delta, reading", [(-0.8, "blurring the region away lowers its log p by 0.80"),
+                                            (0.12, "blurring the region away raises its log p by 0.12"),
+                                            (0.0002, "blurring the region away barely changes it"),
+                                            (-0.0002, "blurring the region away barely changes it")])
 def test_the_blurred_region_reading_follows_its_sign(explainer, captioned, delta, reading):
     _, session, _ = captioned
     *_, (session, _) = ui.explain(explainer, session, 0, Settings(max_new_tokens=12))
     explanation = session.explanation
     changed = replace(explanation, verification=replace(explanation.verification, delta_logprob_blurred=delta))
-    row = next(row for row in ui.trust_rows(changed) if row[0] == "Δlog p(word), region blurred")
-    assert row[1] == f"{delta:+.3f}" and row[2].startswith(reading)
+    assert reading in ui.summary(changed, "BLIP")
 
 
 def test_the_status_says_which_phrase_was_grounded_and_when_clip_cannot_decide(explainer, captioned):
@@ -281,3 +297,61 @@ def test_the_status_says_which_phrase_was_grounded_and_when_clip_cannot_decide(e
                       Settings())
     assert "CLIP cannot decide" in shown.status and "(CLIP cannot decide)" in shown.label
     assert replace(undecided, rival=replace(rival, probability=grounding.score / 1.6)).decided  # 1.6 × its rival's
+
+
+@pytest.mark.parametrize("evidence, reading", [(0.74, "the picture made it likelier (+0.74)"),
+                                               (0.01, "the picture barely changed it (+0.01)"),
+                                               (-0.2, "it is likelier without the picture (-0.20)")])
+def test_the_summary_says_whether_the_picture_mattered(explainer, captioned, evidence, reading):
+    _, session, _ = captioned
+    *_, (session, _) = ui.explain(explainer, session, 0, Settings(max_new_tokens=12))
+    explanation = session.explanation
+    changed = replace(explanation, prior_logprob=explanation.word_logprob - evidence)
+    assert reading in ui.summary(changed, "BLIP")
+
+
+def test_the_region_summary_says_how_decided_clip_was(explainer, captioned):
+    _, session, _ = captioned
+    *_, (session, _) = ui.explain(explainer, session, 0, Settings(max_new_tokens=12))
+    grounding = session.explanation.grounding
+    first, second = (replace(candidate, members=(index,)) for index, candidate in enumerate(grounding.candidates[:2]))
+    flat = replace(grounding, label=first.label, baseline_won=False, score=0.11, candidates=(first, second),
+                   rival=replace(second, probability=0.1))
+    clear = replace(flat, score=0.6)
+    elsewhere = f"best elsewhere: {second.label}, p 0.10"
+    assert ui.region_summary(flat) == f"CLIP barely prefers {first.label} (p 0.11; {elsewhere})"
+    assert ui.region_summary(clear) == f"CLIP prefers {first.label} (p 0.60; {elsewhere})"
+    assert ui.region_summary(replace(clear, rival=None)) == f"CLIP chose {first.label} (p 0.60)"
+    assert ui.region_summary(clear.choose(1)).startswith(f"you chose {second.label}")
+
+
+def test_a_switched_off_or_failed_map_says_so(explainer, captioned, monkeypatch):
+    from ipag.maps import LeGradMap
+
+    _, session, _ = captioned
+    monkeypatch.setattr(LeGradMap, "_raw", lambda self, context: 1 / 0)
+    *_, (session, rendered) = ui.explain(explainer, session, 2, Settings(max_new_tokens=12))
+    assert "legrad" not in session.explanation.maps
+    _, shown = ui.select_view(session, "legrad", Settings())
+    assert shown.picture is None and shown.label == "The LeGrad map could not be computed (ZeroDivisionError: division by zero)."
+    assert shown.label in rendered.status  # the status line says it too
+    _, shown = ui.select_view(session, "integrated_gradients", Settings())
+    assert shown.label == "**Integrated gradients** is off — turn it on in Settings (Maps)."
+
+
+def test_word_readiness_marks_the_caption_until_every_word_is_explained(explainer):
+    from ipag.schedule import Plan
+
+    image = Image.open("examples/rocket.jpg")
+    fresh = type(explainer)(explainer.captioner, explainer.clip, "superpixels")
+    _, session, _ = ui.caption_image(fresh, image, Settings(max_new_tokens=8), ui.Session())
+    segments, label, changing = ui.readiness(session)
+    plain = ui.caption_segments(session.caption)
+    words = [i for i, (_, score) in enumerate(plain) if score is not None]
+    assert changing and label == ui.CAPTION_MARKED and len(segments) == len(plain)
+    assert all(segments[i][0].split("\u2009")[0] == plain[i][0] for i in words)  # the word, then its mark
+    assert all(segments[i][0][-1] in "✓⟳◐○" for i in words)
+    assert fresh.wait_until_idle(300)
+    assert ui.readiness(session) == (plain, ui.CAPTION_READY, False)
+    assert ui.readiness(replace(session, plan=None)) == (plain, ui.CAPTION_LABEL, False)
+    assert ui.readiness(replace(session, plan=Plan(fresh.scheduler, 0))) == (plain, ui.CAPTION_LABEL, False)

@@ -91,6 +91,8 @@ class Captioner(ABC):
     """Base class: subclasses hold a frozen model and say how to run it; see the module docstring."""
 
     name: ClassVar[str]
+    #: What the page calls it in sentences ("BLIP is 99.9% sure of …"); empty: its registry `name` (`short_name`).
+    title: ClassVar[str] = ""
     #: The transformers `model_type`s of the configs this class runs (`load_captioner` dispatches on them).
     model_types: ClassVar[tuple[str, ...]] = ()
     #: The friendly names the page and the CLI offer for this class, and the model (hub id or path) of each.
@@ -187,6 +189,11 @@ class Captioner(ABC):
 
     def describe(self) -> str:
         return f"{self.name} ({self.model_id})"
+
+    @property
+    def short_name(self) -> str:
+        """The captioner's name in the page's labels and sentences."""
+        return self.title or self.name
 
     @property
     def generator(self) -> nn.Module:

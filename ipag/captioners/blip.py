@@ -31,6 +31,7 @@ class BlipCaptioner(Captioner):
     """BLIP image captioning (base or large). Its decoder starts every caption with [DEC] and ends with [SEP]."""
 
     name = "blip"
+    title = "BLIP"
     model_types = ("blip",)
     models = {"blip-base": "Salesforce/blip-image-captioning-base", "blip-large": "Salesforce/blip-image-captioning-large"}
 

@@ -292,6 +292,7 @@ class ClipCapCaptioner(Gpt2Words, Captioner):
     """ClipCap: an open_clip image tower, ClipCap's mapping network and GPT-2 (see the module docstring)."""
 
     name = "clipcap"
+    title = "ClipCap"
     models = {"clipcap": str(DEFAULT_CHECKPOINT)}
     no_cross_attention = "ClipCap feeds the image to GPT-2 as a prefix"
 

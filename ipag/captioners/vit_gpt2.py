@@ -36,6 +36,7 @@ class VitGpt2Captioner(Gpt2Words, Captioner):
     """ViT encoder + GPT-2 decoder. Captions start with GPT-2's bos token and end with its eos (the same id)."""
 
     name = "vit-gpt2"
+    title = "ViT-GPT2"
     model_types = ("vision-encoder-decoder",)
     models = {"vit-gpt2": "nlpconnect/vit-gpt2-image-captioning"}
 

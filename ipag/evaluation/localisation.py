@@ -17,12 +17,15 @@ not, was the object among the proposals at all.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.stats import rankdata
 
 from ..images import normalize_map, resize_map
+from ..results import Explanation
+from ..synthetic.scenes import Scene, evidence_for
 from .report import summarize
 
 if TYPE_CHECKING:
@@ -122,3 +125,35 @@ def region_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "right_when_decided": summarize(where("decided", True)),
             "right_when_undecided": summarize(where("decided", False)),
             "whole_image": summarize(float(r["whole_image"]) for r in records)}
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """One word's maps scored against the object the word names in a generated scene: what the page shows and
+    exports for it (`ground_truth`)."""
+
+    mask: np.ndarray = field(repr=False)  #: the object's pixels (H×W bool)
+    scores: dict[str, dict[str, float]]  #: map key → `score_map`'s metrics
+
+    @property
+    def object_share(self) -> float:
+        """The object's share of the image: the mass a random map puts on it."""
+        return float(self.mask.mean())
+
+    def hit(self, key: str) -> bool:
+        """Whether the map's peak is on the object (all of it, when the peak is a tie)."""
+        return self.scores[key]["pointing"] >= 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"object_share": self.object_share, "maps": self.scores}
+
+
+def ground_truth(explanation: Explanation, scene: Scene | None) -> GroundTruth | None:
+    """The ground truth of an explained caption word when the image is a generated scene and the word names an
+    object in it (`evidence_for`); None otherwise (a real photo, a phrase or free text, a function word)."""
+    if scene is None or len(explanation.words) != 1 or explanation.caption is None:
+        return None
+    mask = evidence_for(scene, [word.text for word in explanation.caption.words], explanation.words[0].index)
+    if mask is None:
+        return None
+    return GroundTruth(mask, {key: score_map(heatmap.values, mask) for key, heatmap in explanation.maps.items()})

@@ -73,6 +73,12 @@ class MapType(ABC):
     needs_attentions: ClassVar[bool] = False  #: every layer's attention and its gradient (`TargetGradients`)
     #: The settings this map type owns, by name: registering it declares them (widget, CLI option, check).
     declares: ClassVar[Mapping[str, Setting]] = {}
+    #: Its values' sign means something (negative: evidence against the word); drawn in a diverging colour map
+    #: when the settings ask for signed maps (`Settings.signed`), else its positive part, like every map.
+    signed: ClassVar[bool] = False
+    #: One value per pixel of the model's input: noisy at that scale (a ViT's patch grid shows through), so it is
+    #: drawn smoothed (`Settings.smoothing`); its stored values are not.
+    pixel_level: ClassVar[bool] = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "MapType | None":
@@ -95,12 +101,12 @@ class MapType(ABC):
 
     @abstractmethod
     def _raw(self, context: MapContext) -> np.ndarray:
-        """The unnormalised 2-D attribution at the model's resolution (non-negative unless `_display` says how
-        to show it)."""
+        """The unnormalised 2-D attribution at the model's resolution (its positive part is the evidence for the
+        word; negative values are evidence against it in a `signed` map, and are never drawn otherwise)."""
 
     def _display(self, raw: np.ndarray, context: MapContext) -> np.ndarray | None:
-        """What is drawn, at the model's resolution, before resizing to the image; None: the positive part of
-        `raw` (maps whose raw values live on another grid, like occlusion's windows, override this)."""
+        """What is drawn, with its sign, at the model's resolution, before resizing to the image; None: `raw`
+        (maps whose raw values live on another grid, like occlusion's windows, override this)."""
         return None
 
     def unavailable(self, captioner: Captioner) -> str | None:
@@ -114,4 +120,5 @@ class MapType(ABC):
     def attribute(self, context: MapContext) -> Heatmap:
         """The map for the context's target, with its raw values and provenance."""
         raw = np.nan_to_num(np.asarray(self._raw(context), dtype=np.float32))
-        return Heatmap.make(raw, context.image_size, self.method, self.layer(context), self._display(raw, context))
+        return Heatmap.make(raw, context.image_size, self.method, self.layer(context), self._display(raw, context),
+                            self.signed, self.pixel_level)

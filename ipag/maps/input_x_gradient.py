@@ -22,6 +22,8 @@ class InputXGradientMap(MapType):
     key = "input_x_gradient"
     title = "Input × gradient"
     needs = "pixels"
+    signed = True
+    pixel_level = True
     method = "input × gradient"
 
     def layer(self, context: MapContext) -> str:

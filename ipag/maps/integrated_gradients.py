@@ -30,6 +30,8 @@ class IntegratedGradientsMap(MapType):
     key = "integrated_gradients"
     title = "Integrated gradients"
     needs = "own"
+    signed = True
+    pixel_level = True
     declares = {
         "integrated_gradients": Setting(False, "maps", "Integrated gradients (a forward and backward per step)"),
         "ig_steps": Setting(16, "maps", "Integrated gradients: steps", minimum=2, maximum=256, step=1),

@@ -73,6 +73,7 @@ class Occlusion(MapType):
     key = "occlusion"
     title = "Occlusion"
     needs = "own"
+    signed = True
     declares = {"occlusion": Setting(False, "maps", "Occlusion map (model-agnostic: 225 occluded copies, slower)")}
 
     patch: float = 0.125
@@ -107,13 +108,14 @@ class Occlusion(MapType):
         return self.evidence(self._shared_sweep(context), context.target)
 
     def _display(self, raw: np.ndarray, context: MapContext) -> np.ndarray:
-        """Evidence for the word only, per pixel of the model input: the mean over the windows covering it."""
+        """The evidence per pixel of the model input: the mean over the windows covering it (its positive part is
+        the evidence for the word, `Heatmap.display`)."""
         sweep = self._shared_sweep(context)
         total, coverage = np.zeros(sweep.input_size), np.zeros(sweep.input_size)
         for box, value in zip(sweep.boxes, raw.ravel()):
             total[box[1:]] += value
             coverage[box[1:]] += 1.0
-        return np.maximum(total / coverage, 0.0)
+        return total / coverage
 
     def note(self, context: MapContext) -> str:
         cost = self._shared_sweep(context).cost

@@ -23,6 +23,7 @@ class SaliencyMap(MapType):
     key = "saliency"
     title = "Saliency"
     needs = "pixels"
+    pixel_level = True
     declares = {
         "saliency": Setting("gradient", "gradients", "Saliency", choices=("gradient", "SmoothGrad"), widget="radio"),
         "smoothgrad_samples": Setting(8, "gradients", "SmoothGrad samples", minimum=1, maximum=64, step=1),
