@@ -54,7 +54,7 @@ def friendly(outputs: int) -> Callable[[Callable], Callable]:
         return (*(gr.skip() for _ in range(outputs)), message(err))
 
     def cleared(value: Any) -> tuple:  # a handler with several outputs returns a tuple
-        return (*(value if isinstance(value, tuple) else (value,)), "")
+        return (*(value if isinstance(value, tuple) else (value,)), message(None))
 
     def decorate(fn: Callable) -> Callable:
         if inspect.isgeneratorfunction(fn):
@@ -77,9 +77,11 @@ def friendly(outputs: int) -> Callable[[Callable], Callable]:
     return decorate
 
 
-def message(err: Exception) -> str:
-    """The message line's HTML for an error (escaped here, in the page: it may quote what the user typed)."""
-    return f'<div class="message" role="alert">⚠ {html.escape(str(err))}</div>'
+def message(err: Exception | None) -> dict:
+    """The message line for an error (escaped here, in the page: it may quote what the user typed), or hidden."""
+    if err is None:
+        return gr.update(value="", visible=False)
+    return gr.update(value=f'<div class="message" role="alert">⚠ {html.escape(str(err))}</div>', visible=True)
 
 
 def _upload_path(self: gr.Image, payload: Any) -> str | None:
@@ -140,7 +142,8 @@ class Page:
         trust = rendered.trust
         return (session, gr.update(value=rendered.picture, visible=rendered.picture is not None),  # no empty box
                 rendered.label, rendered.legend,
-                gr.skip() if rendered.grid is None else gr.update(value=rendered.grid, visible=bool(rendered.grid)),
+                gr.skip() if rendered.grid is None else  # the tiles' captions are drawn in (`ui.map_grid`)
+                gr.update(value=[tile for tile, _ in rendered.grid], visible=bool(rendered.grid)),
                 gr.update(choices=rendered.candidates, value=candidate), rendered.summary,
                 gr.update(value={"headers": trust.headers, "data": trust.rows}, visible=True) if trust.rows
                 else gr.update(visible=False), rendered.status, rendered.details,
@@ -192,11 +195,13 @@ def _caption_panel(page: Page) -> None:
         page.parts["query"] = gr.Textbox(placeholder="…or type a word or phrase and press Enter", show_label=False,
                                          max_lines=1, max_length=500, scale=4, elem_id="query")
         page.parts["explain"] = gr.Button("Explain", variant="primary", scale=1, elem_id="explain")
-    page.parts["message"] = gr.HTML(elem_id="message")  # the last error, until the next action
+    page.parts["message"] = gr.HTML(visible=False, elem_id="message")  # the last error, until the next action
     page.parts["status"] = gr.HTML(ui.NO_WORD, elem_id="status")
 
 
 def _maps_panel(page: Page) -> None:
+    """The chosen view large with the trust panel's summary and the candidate regions beside it, every map small
+    below, then one row per map of the trust numbers."""
     page.parts["view"] = gr.Radio([(title, key) for key, title in ui.views().items()], value=ui.DEFAULT_VIEW,
                                   show_label=False, elem_id="view")
     with gr.Row(equal_height=False):
@@ -205,21 +210,19 @@ def _maps_panel(page: Page) -> None:
                                              elem_id="picture")
             page.parts["label"] = gr.Markdown(elem_id="view-label")
             page.parts["legend"] = gr.HTML(elem_id="legend")
-        with gr.Column(scale=2, min_width=240):
-            page.parts["grid"] = gr.Gallery(label="Every map of the word (click one to see it large)", columns=3,
-                                            height="auto", allow_preview=False, interactive=False, format="png",
-                                            object_fit="contain", visible=False, elem_id="grid")
-    page.parts["candidates"] = gr.Radio(label="Candidate regions (the chosen one first): pick one to take it as the "
-                                        "word's region", choices=[], elem_id="candidates")
-    with gr.Group():
-        page.parts["summary"] = gr.HTML(elem_id="summary")
-        page.parts["trust"] = gr.Dataframe(label="How far to trust each map", interactive=False, wrap=True,
-                                           max_height=2400, visible=False, elem_id="trust")  # never scrolls inside
+        with gr.Column(scale=2, min_width=280):
+            page.parts["summary"] = gr.HTML(elem_id="summary")
+            page.parts["candidates"] = gr.Radio(label="Candidate regions (the chosen one first): pick one to take it "
+                                                "as the word's region", choices=[], elem_id="candidates")
+    page.parts["grid"] = gr.Gallery(label="Every map of the word — click one to see it large",
+                                    columns=5, height="auto", allow_preview=False, interactive=False, format="png",
+                                    object_fit="contain", visible=False, elem_id="grid")
+    page.parts["trust"] = gr.Dataframe(label="How far to trust each map", interactive=False, wrap=True,
+                                       max_height=2400, visible=False, elem_id="trust")  # never scrolls inside itself
     page.parts["check"] = gr.Button("Sanity check: do these maps depend on what the model learned?",
                                     elem_id="sanity-check")
-    page.parts["sanity"] = gr.Dataframe(label="Rank correlation of each map with itself once the captioner's top vision "
-                                        "blocks are re-initialised", interactive=False, wrap=True, visible=False,
-                                        max_height=2400, elem_id="sanity")
+    page.parts["sanity"] = gr.Dataframe(label=ui.SANITY_LABEL, interactive=False, wrap=True, visible=False,
+                                        max_height=2400, elem_id="sanity")  # never scrolls inside itself
     with gr.Row():
         page.parts["export"] = gr.Button("Export this explanation (PNGs + JSON)", elem_id="export")
         page.parts["download"] = gr.File(label="Download", interactive=False, visible=False, elem_id="download")
@@ -261,7 +264,7 @@ def _wire_explaining(page: Page) -> None:
         except (ui.UserError, ModelUnavailableError) as err:  # keep the page as it was, the last good image too
             return (state.source, *(gr.skip() for _ in range(count + 2)), message(err))
         return (gr.skip(), *page.caption_update(state), *page.show(state, replace(ui.render(state, page.read(values)),
-                                                                                    status=status)), "")
+                                                                                    status=status)), message(None))
 
     @friendly(count)
     def on_select(state, evt: gr.SelectData, *values):

@@ -17,9 +17,10 @@ from __future__ import annotations
 import functools
 
 import matplotlib
+from matplotlib import font_manager
 import numpy as np
 from captum.attr import visualization
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import gaussian_filter
 from skimage.segmentation import find_boundaries
 
@@ -79,7 +80,8 @@ def _smoothed(values: np.ndarray, sigma: float) -> np.ndarray:
     return gaussian_filter(values, sigma * max(values.shape), mode="nearest")
 
 
-def colours(settings: Settings, signed: bool = False, steps: int = 11) -> list[tuple[float, tuple[int, int, int], float]]:
+def colours(settings: Settings, signed: bool = False,
+            steps: int = 11) -> list[tuple[float, tuple[int, int, int], float]]:
     """(value, RGB, opacity) at `steps` values from the weakest to the strongest (from −1 for a signed map drawn
     with its sign): what a colour bar shows."""
     table = _table(DIVERGING if signed else settings.colormap)
@@ -167,3 +169,18 @@ def enlarged(picture: Image.Image, min_side: int = MIN_DISPLAY_SIDE) -> Image.Im
     if factor <= 1:
         return picture
     return picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST)
+
+
+def captioned(picture: Image.Image, lines: list[str], side: int = 200, size: int = 15) -> Image.Image:
+    """`picture` fitted into a `side`-pixel square (small ones enlarged by whole pixels) above its caption, drawn
+    in: a gallery's own captions cover the picture and cut long ones short."""
+    tile = enlarged(picture, side)
+    tile.thumbnail((side, side))
+    font = ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)  # matplotlib's: it has every glyph
+    line_height = size + 4
+    canvas = Image.new("RGB", (side, side + line_height * len(lines) + 4), (255, 255, 255))
+    canvas.paste(tile, ((side - tile.width) // 2, (side - tile.height) // 2))
+    draw = ImageDraw.Draw(canvas)
+    for row, line in enumerate(lines):
+        draw.text((4, side + 2 + row * line_height), line, fill=(20, 20, 20), font=font)
+    return canvas

@@ -33,7 +33,7 @@ from .grounding import Grounding
 from .grounding.result import DECISIVE_RATIO
 from .images import ImageError, ImageInput, load_image
 from .maps import MAP_TYPES, CrossAttentionMap, map_titles
-from .render import colours, draw_map, draw_maps, draw_outline, draw_region, enlarged
+from .render import captioned, colours, draw_map, draw_maps, draw_outline, draw_region, enlarged
 from .results import Caption, Explanation
 from .sanity import FLAG_ABOVE, SanityCascade, SanityCheck, cascade_levels, verdict
 from .schedule import Plan, Progress
@@ -46,9 +46,8 @@ NO_WORD = "Click a caption word, or type a word and press Explain."  #: plain te
 #: pass the sanity check and cost no more than Grad-CAM (docs/evaluation.md).
 DEFAULT_VIEW = "input_x_gradient"
 EXPORTS = Path(tempfile.gettempdir()) / "ipag-exports"
-#: The small maps beside the large view are drawn at most this many pixels along the longer side (and enlarged to
-#: `GRID_MIN_SIDE`, by whole pixels, when the image is smaller).
-GRID_SIDE, GRID_MIN_SIDE = 192, 160
+#: The small maps are drawn in squares of this side (small images enlarged by whole pixels).
+GRID_SIDE = 192
 #: The mark after a caption word while the background precompute explains the caption's words (`Plan.progress`).
 MARKS: dict[Progress, str] = {"ready": "✓", "running": "⟳", "partial": "◐", "queued": "○", "dropped": ""}
 #: The caption's label while words are marked, and once every word is explained.
@@ -119,8 +118,8 @@ def map_title(key: str) -> str:
 # --- the settings panel --------------------------------------------------------------------------------------
 
 #: The page's settings panels, by the stages their settings affect.
-PANELS = {"Captioner and decoding": ("caption",), "Maps": ("gradients", "maps"), "Region": ("grounding", "verification"),
-          "Drawing": ("draw",)}
+PANELS = {"Captioner and decoding": ("caption",), "Maps": ("gradients", "maps"),
+          "Region": ("grounding", "verification"), "Drawing": ("draw",)}
 
 
 @dataclass(frozen=True)
@@ -325,15 +324,16 @@ def render(session: Session, settings: Settings, grid: bool = True) -> Rendered:
 
 def map_grid(image: Image.Image, explanation: Explanation, truth: GroundTruth | None,
              settings: Settings) -> list[tuple[Image.Image, str]]:
-    """Every map of the explanation small, in `Explanation.maps` order, each captioned with its map's name and,
-    on a generated scene, whether its peak is on the true object and how much of its mass is."""
+    """Every map of the explanation small, in `Explanation.maps` order, captioned (in the picture and beside it)
+    with its map's name and, on a generated scene, whether its peak is on the true object ("hit") and how much of
+    its mass is."""
     tiles = []
     for key, picture in draw_maps(image, explanation, settings, max_side=GRID_SIDE).items():
-        caption = map_title(key)
+        lines = [map_title(key)]
         if truth is not None:
             picture = draw_outline(picture, truth.mask)
-            caption += f" · {'hit' if truth.hit(key) else 'miss'} · {truth.scores[key]['mass']:.0%} on the object"
-        tiles.append((enlarged(picture, GRID_MIN_SIDE), caption))
+            lines.append(f"{'hit' if truth.hit(key) else 'miss'} · {truth.scores[key]['mass']:.0%} on the object")
+        tiles.append((captioned(picture, lines, GRID_SIDE), " · ".join(lines)))
     return tiles
 
 
@@ -373,7 +373,8 @@ def view_label(view: str, explanation: Explanation) -> str:
         if view in reasons:  # e.g. cross-attention maps of a decoder without cross-attention
             return html.escape(reasons[view])
     map_type = MAP_TYPES.get(view)
-    if map_type is not None and explanation.settings is not None and map_type.from_settings(explanation.settings) is None:
+    if (map_type is not None and explanation.settings is not None
+            and map_type.from_settings(explanation.settings) is None):
         return f"**{views()[view]}** is off — turn it on in Settings (Maps)."
     if explanation.pending:
         return "Still being computed…"
@@ -484,6 +485,9 @@ def _reading(explanation: Explanation, speaker: str) -> str:
 
 
 def _percent(probability: float) -> str:
+    """A probability as a percentage that is never rounded to a certainty it is not (99.97% is not "100.0%")."""
+    if probability >= 0.9995:
+        return "more than 99.9%"
     return f"{probability:.1%}" if probability >= 0.001 else f"{probability * 100:.2g}%"
 
 
@@ -508,11 +512,13 @@ def trust_table(explanation: Explanation, truth: GroundTruth | None) -> Table:
 
 # --- the sanity check ----------------------------------------------------------------------------------------
 
-VERDICTS = {"passes": "passes: it changes with the weights, so it depends on what the model learned",
-            "fails": f"fails: it stays similar (ρ > {FLAG_ABOVE:g}), so it explains the architecture or the image, "
-                     "not the model",
-            "undefined": "undefined: the map is constant (on the trained or the re-initialised model), so it has no "
-                         "rank correlation"}
+#: The sanity check's verdicts as the table says them (the table's label says how they are reached).
+VERDICTS = {"passes": "passes", "fails": "fails: barely depends on the learned weights",
+            "undefined": "undefined: the map is constant"}
+#: What the sanity check's table is, above it.
+SANITY_LABEL = (f"Sanity check: Spearman ρ of each map with itself once the captioner's top vision blocks are "
+                f"re-initialised; with all of them, a map passes at ρ ≤ {FLAG_ABOVE:g} (it depends on what the model "
+                f"learned) and fails above (it explains the architecture or the image); a constant map has no ρ")
 
 
 def sanity_check(explainer: Explainer, session: Session) -> Iterator[Table]:
@@ -531,15 +537,12 @@ def sanity_check(explainer: Explainer, session: Session) -> Iterator[Table]:
 
 def sanity_table(explanation: Explanation, steps: list[SanityCheck], levels: list[int]) -> Table:
     """[map, ρ per step, verdict] rows; "…" for the steps still coming."""
-    total = levels[-1]
-    headers = ["Map", *(f"top {blocks} re-initialised" for blocks in levels[:-1]),
-               f"all {total} re-initialised (the verdict's basis)", "Verdict"]
+    headers = ["Map", *(f"top {blocks}" for blocks in levels[:-1]), f"all {levels[-1]} (verdict)", "Verdict"]
     rows = []
     for key in explanation.maps:
         values = [step.correlations.get(key) for step in steps]
         if steps and values[0] is None:
-            rows.append([map_title(key), *("—" for _ in levels), "— not a map of the captioner (its weights do not "
-                                                                 "enter it)"])
+            rows.append([map_title(key), *("—" for _ in levels), "— not the captioner's map"])
             continue
         shown = [_correlation(value) for value in values] + ["…"] * (len(levels) - len(steps))
         final = VERDICTS[verdict(values[-1])] if len(steps) == len(levels) else "…"
@@ -650,7 +653,7 @@ def fresh_path(stem: str, suffix: str) -> Path:
     return EXPORTS / f"{stem}_{uuid.uuid4().hex[:8]}{suffix}"
 
 
-__all__ = ["PANELS", "Rendered", "Session", "SettingWidget", "Table", "UserError", "api_caption", "api_explain",
-           "caption_image", "caption_segments", "compare_captions", "explain", "export", "readiness", "render",
-           "replan", "sanity_check", "select_candidate", "select_tile", "select_view", "select_word",
+__all__ = ["PANELS", "SANITY_LABEL", "Rendered", "Session", "SettingWidget", "Table", "UserError", "api_caption",
+           "api_explain", "caption_image", "caption_segments", "compare_captions", "explain", "export", "readiness",
+           "render", "replan", "sanity_check", "select_candidate", "select_tile", "select_view", "select_word",
            "settings_panels", "summary", "trust_table", "views"]

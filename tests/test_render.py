@@ -61,7 +61,8 @@ def test_outliers_are_clipped_as_captum_does():
     heatmap = Heatmap.make(values, (SIDE, SIDE), "planted", "pixels")
     clipped = strength(heatmap, Settings())  # the top 2% of the mass at full strength
     assert clipped[0, 0] == 1.0 and clipped[BOX].min() == pytest.approx(1.0)
-    assert strength(heatmap, Settings(clip_percent=0))[BOX].max() == pytest.approx(0.5 / 10, rel=1e-3)  # by the maximum (float16)
+    # by the maximum (float16)
+    assert strength(heatmap, Settings(clip_percent=0))[BOX].max() == pytest.approx(0.5 / 10, rel=1e-3)
 
 
 def test_pixel_level_maps_are_smoothed_for_display_only(photo):

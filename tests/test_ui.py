@@ -64,7 +64,7 @@ def test_select_handler_explains_the_clicked_word(explainer, captioned):
     assert rendered.candidates and rendered.candidates[0].startswith("1. ")
     assert [caption for _, caption in rendered.grid] == [ui.map_title(key) for key in session.explanation.maps]
     assert f"is {ui._percent(word.probability)} sure of “{word.text}”" in rendered.summary
-    assert "the picture" in rendered.summary and "CLIP" in rendered.summary and "Shown only that region" in rendered.summary
+    assert all(part in rendered.summary for part in ("the picture", "CLIP", "Shown only that region"))
     assert rendered.trust.headers[1].startswith("In the region (chance ")
     assert [row[0] for row in rendered.trust.rows] == [ui.map_title(key) for key in session.explanation.maps]
     assert word.text in rendered.status
@@ -333,7 +333,8 @@ def test_a_switched_off_or_failed_map_says_so(explainer, captioned, monkeypatch)
     *_, (session, rendered) = ui.explain(explainer, session, 2, Settings(max_new_tokens=12))
     assert "legrad" not in session.explanation.maps
     _, shown = ui.select_view(session, "legrad", Settings())
-    assert shown.picture is None and shown.label == "The LeGrad map could not be computed (ZeroDivisionError: division by zero)."
+    assert shown.picture is None
+    assert shown.label == "The LeGrad map could not be computed (ZeroDivisionError: division by zero)."
     assert shown.label in rendered.status  # the status line says it too
     _, shown = ui.select_view(session, "integrated_gradients", Settings())
     assert shown.label == "**Integrated gradients** is off — turn it on in Settings (Maps)."
