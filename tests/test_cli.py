@@ -252,3 +252,30 @@ def test_evaluate_faithfulness_prints_a_table_per_map(photos, tmp_path, capsys):
         assert line.count(f"(n={words})") == 2 and line.endswith("—")  # deletion and insertion; ROAD skipped
         assert len(result["words"][0]["maps"][key]["deletion"]) == 3
     assert f"of {words})" in stdout.splitlines()[-2]  # the XIC hit rate line
+
+
+def test_the_page_and_the_command_line_export_the_same_files(photos, tmp_path):
+    """One word exported from the page and by `python -m ipag explain --sanity`: the same files (the image, the
+    index, the word's folder) and the same record, its sanity check included."""
+    import zipfile
+
+    from ipag import Settings, ui
+
+    out = tmp_path / "out"
+    assert cli.main(["explain", str(photos / "beach.jpg"), "--out", str(out), "--sanity", *TINY]) == 0
+    explainer, settings = Explainer.tiny(seed=0), Settings(max_new_tokens=3)
+    _, session, _ = ui.caption_image(explainer, Image.open(photos / "beach.jpg"), settings, ui.Session(),
+                                     precompute=False)
+    *_, (session, _) = ui.explain(explainer, session, 0, settings)
+    for _ in ui.sanity_check(explainer, session):
+        pass
+    with zipfile.ZipFile(ui.export(explainer, session, settings)) as archive:
+        page = {name: archive.read(name) for name in archive.namelist()}
+    folder = next(name.split("/")[0] for name in page if "/" in name)
+    written = {path.relative_to(out / "beach").as_posix() for path in (out / "beach").rglob("*") if path.is_file()}
+    assert set(page) == {name for name in written if "/" not in name or name.startswith(f"{folder}/")}
+    from_page = json.loads(page[f"{folder}/explanation.json"])
+    from_cli = json.loads((out / "beach" / folder / "explanation.json").read_text())
+    assert from_page.keys() == from_cli.keys() and from_page["words"] == from_cli["words"]
+    assert from_page["sanity"]["verdicts"] == from_cli["sanity"]["verdicts"]
+    assert from_page["sanity"]["basis"] == from_cli["sanity"]["basis"]

@@ -356,3 +356,28 @@ def test_word_readiness_marks_the_caption_until_every_word_is_explained(explaine
     assert ui.readiness(session) == (plain, ui.CAPTION_READY, False)
     assert ui.readiness(replace(session, plan=None)) == (plain, ui.CAPTION_LABEL, False)
     assert ui.readiness(replace(session, plan=Plan(fresh.scheduler, 0))) == (plain, ui.CAPTION_LABEL, False)
+
+
+def test_a_constant_map_is_undefined_in_the_sanity_check_never_a_pass(explainer, captioned):
+    """A map that is zero everywhere (as Grad-CAM is when no channel pushes the word) has no rank correlation:
+    every step of the cascade says "undefined", and so does the verdict; the JSON has null, not NaN."""
+    from ipag.results import Heatmap
+    from ipag.sanity import SanityCascade, compare
+
+    _, session, _ = captioned
+    *_, (session, _) = ui.explain(explainer, session, 0, Settings(max_new_tokens=12))
+    explanation = session.explanation
+    gradcam = explanation.maps["gradcam"]
+    flat = Heatmap.make(np.zeros_like(gradcam.raw), gradcam.size, gradcam.method, gradcam.layer)
+    constant = replace(explanation, maps={**explanation.maps, "gradcam": flat})
+    steps = [compare(constant, explanation, blocks, 2) for blocks in (1, 2)]
+    table = ui.sanity_table(constant, steps, [1, 2])
+    rows = {row[0]: row for row in table.rows}
+    assert rows["Grad-CAM"][1:] == ["undefined", "undefined", ui.VERDICTS["undefined"]]
+    assert ui.VERDICTS["undefined"].startswith("undefined")
+    assert all(row[-1] in (ui.VERDICTS["passes"], ui.VERDICTS["fails"]) for title, row in rows.items()
+               if title != "Grad-CAM" and row[1] != "—")
+    record = SanityCascade(tuple(steps)).to_dict()
+    assert record["verdicts"]["gradcam"] == "undefined" and "gradcam" not in steps[-1].flagged
+    assert record["steps"][-1]["correlations"]["gradcam"] is None
+    assert table.headers == ["Map", "top 1", "all 2 (verdict)", "Verdict"]
