@@ -43,6 +43,8 @@ and numbers that say how far to trust them."""
 #: Local system fonts only: the page must not fetch anything from the internet (offline use, privacy).
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
                        font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
+#: The small maps start below their gallery's label (Gradio floats it over the first row).
+CSS = "#grid { padding-top: 2.2em; }"
 
 
 def friendly(outputs: int) -> Callable[[Callable], Callable]:
@@ -144,7 +146,8 @@ class Page:
                 rendered.label, rendered.legend,
                 gr.skip() if rendered.grid is None else  # the tiles' captions are drawn in (`ui.map_grid`)
                 gr.update(value=[tile for tile, _ in rendered.grid], visible=bool(rendered.grid)),
-                gr.update(choices=rendered.candidates, value=candidate), rendered.summary,
+                gr.update(choices=rendered.candidates, value=candidate, visible=bool(rendered.candidates)),
+                rendered.summary,
                 gr.update(value={"headers": trust.headers, "data": trust.rows}, visible=True) if trust.rows
                 else gr.update(visible=False), rendered.status, rendered.details,
                 gr.skip() if same_word else gr.update(visible=False), session.view if switch_view else gr.skip())
@@ -213,7 +216,7 @@ def _maps_panel(page: Page) -> None:
         with gr.Column(scale=2, min_width=280):
             page.parts["summary"] = gr.HTML(elem_id="summary")
             page.parts["candidates"] = gr.Radio(label="Candidate regions (the chosen one first): pick one to take it "
-                                                "as the word's region", choices=[], elem_id="candidates")
+                                                "as the word's region", choices=[], visible=False, elem_id="candidates")
     page.parts["grid"] = gr.Gallery(label="Every map of the word — click one to see it large",
                                     columns=5, height="auto", allow_preview=False, interactive=False, format="png",
                                     object_fit="contain", visible=False, elem_id="grid")
@@ -463,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                max_file_size="25mb", theme=THEME)
+                max_file_size="25mb", theme=THEME, css=CSS)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ Widget = Literal["slider", "number", "checkbox", "dropdown", "radio", "text"]
 
 #: The colour maps a heatmap can be drawn with (matplotlib's names): perceptually uniform ones first (equal steps
 #: in value look like equal steps in colour), then the rainbow ones people know from other tools.
-COLORMAPS = ("inferno", "viridis", "magma", "cividis", "gray", "turbo", "jet")
+COLORMAPS = ("viridis", "inferno", "magma", "cividis", "gray", "turbo", "jet")
 #: What CLIP is shown of a region (`ipag.grounding.composite`): the region sharp and the rest blurred or grey, or
 #: the blurred composite cropped to the region.
 REGION_VIEWS = ("blur", "grey", "crop")
@@ -169,7 +169,7 @@ class Settings:
     # change of the photo ≥ 3× larger on the named object than on the background (docs/method.md#drawing-a-map)
     opacity: float = _setting(0.7, "draw", "Overlay opacity at the strongest values (weaker ones fade out)",
                               minimum=0.0, maximum=1.0, step=0.05)
-    colormap: str = _setting("inferno", "draw", "Colour map", choices=COLORMAPS)
+    colormap: str = _setting("viridis", "draw", "Colour map", choices=COLORMAPS)
     clip_percent: float = _setting(2.0, "draw", "Clip outliers: % of the map's mass drawn at full strength (Captum's "
                                    "outlier_perc)", minimum=0.0, maximum=50.0, step=0.5)
     smoothing: float = _setting(3.0, "draw", "Smooth pixel-level maps for display (σ, % of the image side; 0 = off)",

@@ -72,7 +72,7 @@ def test_options_left_out_keep_the_defaults_and_bad_values_are_refused(capsys):
 @pytest.mark.parametrize("values, message", [
     ({"num_beams": 0}, "num_beams must be between 1 and 16, got 0"),
     ({"top_k": 0}, "top_k must be at least 1"),
-    ({"colormap": "plasma"}, "Unknown colormap 'plasma'; choose one of: jet"),
+    ({"colormap": "plasma"}, "Unknown colormap 'plasma'; choose one of: viridis, inferno"),
     ({"cam_method": "ScoreCAM"}, "Unknown cam_method 'ScoreCAM'"),
     ({"template": "no slot"}, "template must contain '{}'"),
     ({"stage2": "yes"}, "stage2 must be a bool"),
