@@ -436,7 +436,7 @@ def summary(explanation: Explanation, speaker: str) -> str:
     if check is not None:
         says = "still says" if check.region_says_word else "does not say"
         delta = check.delta_logprob_blurred
-        blurred = ("barely changes it" if abs(delta) < 0.0005 else f"lowers its log p by {-delta:.2f}" if delta < 0
+        blurred = ("barely changes it" if abs(delta) < 0.005 else f"lowers its log p by {-delta:.2f}" if delta < 0
                    else f"raises its log p by {delta:.2f}")
         lines.append(f"Shown only that region, {html.escape(speaker)} {says} “{what}” (its caption: “"
                      f"{html.escape(check.region_caption)}”); blurring the region away {blurred}.")

@@ -133,9 +133,13 @@ def word_texts(words) -> list[str]:
 
 def finished(page, containing: str = "Explained", timeout: float = 60_000) -> None:
     """Wait until the status line reports a complete explanation (nothing still being computed) that mentions
-    `containing`."""
-    page.wait_for_function("(text) => { const s = document.querySelector('#status')?.innerText || '';"
-                           " return s.includes('Explained') && s.includes(text) && !s.includes('Computing'); }",
+    `containing`, and no answer to it is still pending (Gradio's progress tracker on it is hidden): the status of
+    the word clicked before would do otherwise, and that click's late answer would undo what the test does next."""
+    page.wait_for_function("(text) => { const status = document.querySelector('#status');"
+                           " const s = status?.innerText || '';"
+                           " const busy = status?.querySelector('[data-testid=status-tracker]:not(.hide)');"
+                           " return !busy && s.includes('Explained') && s.includes(text)"
+                           " && !s.includes('Computing'); }",
                            arg=containing, timeout=timeout)
 
 

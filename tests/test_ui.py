@@ -272,7 +272,8 @@ def test_the_captioner_choice_reaches_the_engine(explainer):
 @pytest.mark.parametrize("delta, reading", [(-0.8, "blurring the region away lowers its log p by 0.80"),
                                             (0.12, "blurring the region away raises its log p by 0.12"),
                                             (0.0002, "blurring the region away barely changes it"),
-                                            (-0.0002, "blurring the region away barely changes it")])
+                                            (-0.0002, "blurring the region away barely changes it"),
+                                            (-0.004, "blurring the region away barely changes it")])  # not "by 0.00"
 def test_the_blurred_region_reading_follows_its_sign(explainer, captioned, delta, reading):
     _, session, _ = captioned
     *_, (session, _) = ui.explain(explainer, session, 0, Settings(max_new_tokens=12))
