@@ -211,7 +211,7 @@ def test_word_readiness_a_summary_first_and_every_map_small(app_url, browser, mo
     assert all(text.split("\u2009")[-1].strip() in ui.MARKS.values() for text in marked), marked
     assert any("○" in text or "⟳" in text for text in marked)  # not all explained yet
     page.wait_for_function("(label) => document.querySelector('#caption').innerText.includes(label)",
-                           arg=ui.CAPTION_READY, timeout=120_000)
+                           arg=ui.CAPTION_READY, timeout=300_000)  # 0.5 s a word, on a loaded machine
     assert word_texts(words) == [text.split("\u2009")[0].strip() for text in marked]  # marks gone, words kept
     words.nth(1).click()
     finished(page)
