@@ -115,6 +115,10 @@ class Page:
         return [self.session, self.picture, self.label, self.candidates, self.trust, self.status, self.details,
                 self.sanity, self.view]
 
+    def only(self, values: dict[Any, Any]) -> tuple:
+        """What an explanation updates (`outputs`), with these components' new values and the others unchanged."""
+        return tuple(values.get(component, gr.skip()) for component in self.outputs())
+
     def show(self, session: ui.Session, rendered: ui.Rendered, switch_view: bool = False) -> tuple:
         """The outputs' new values. The view's choice is set only when `switch_view`: set on every answer, a late
         answer would turn back the choice of a user clicking through the views."""
@@ -222,13 +226,18 @@ def _wire_explaining(page: Page) -> None:
     # before the *values of the settings widgets.
 
     def on_image(picture, name, state, *values):
+        """The caption appears as it is written; the words become clickable once it is complete."""
+        settings, old = page.read(values), state
         try:
-            segments, state, message = ui.caption_image(get(name), picture, page.read(values),
-                                                        replace(state, captioner=name))
+            for segments, state, message in ui.caption_image_stream(get(name), picture, settings,
+                                                                    replace(state, captioner=name)):
+                if state.caption is None and state.image is not None:  # still being written
+                    yield (gr.skip(), segments, *page.only({page.session: state, page.status: message}))
         except (ui.UserError, ModelUnavailableError) as err:  # keep the page as it was, the last good image too
             gr.Warning(html.escape(str(err)))
-            return (state.source, *(gr.skip() for _ in range(len(outputs) + 1)))
-        return (gr.skip(), segments, *page.show(state, replace(ui.render(state, page.read(values)), status=message)))
+            yield (old.source, gr.skip(), *page.only({page.session: old}))
+            return
+        yield (gr.skip(), segments, *page.show(state, replace(ui.render(state, settings), status=message)))
 
     @friendly(len(outputs))
     def on_select(state, evt: gr.SelectData, *values):
