@@ -322,13 +322,9 @@ class WordStages:
 
         return self.tools.kept.get((self.keys.image, token_ids, spec), forward)
 
-    def _first_step(self, attribution: AttributionPass) -> tuple:
-        with section("decoder backward"):
-            return attribution.first_step(self.item.target)
-
     def _token_maps(self, publish: Publish) -> None:
         """The maps of the first step of the word's backward pass (through the decoder to the vision layer)."""
-        logprob, gradients, _ = self._first_step(self._attribution())
+        logprob, gradients, _ = self._attribution().first_step(self.item.target)
         with section("map weighting"):
             maps = _attribute(self.map_types["tokens"], self._context(gradients=gradients))
         publish(self._token_key(), MapsResult(logprob, *maps))
@@ -338,7 +334,7 @@ class WordStages:
         click can go between a word's first maps and its saliency: the first step's results wait in the kept
         forward pass."""
         attribution = self._attribution()
-        logprob, gradients, vision_grad = self._first_step(attribution)
+        logprob, gradients, vision_grad = attribution.first_step(self.item.target)
         if self.map_types["pixels"]:
             with section("vision backward"):
                 gradients = attribution.pixel_gradients(self.item.target, gradients, vision_grad)
