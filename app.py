@@ -1,5 +1,7 @@
 """The Hugging Face Space's entry point: `python app.py` (README.md's front matter names it). It takes the
-playground's options (`python app.py --synthetic`); see docs/space.md.
+playground's options, on the command line (`python app.py --synthetic`) or, on a Space, where nobody types a
+command, in the variable IPAG_ARGS (the Space's settings: e.g. `--captioner vit-gpt2 --auth ann:secret`); see
+docs/space.md.
 
 The page listens on 0.0.0.0 at $PORT (default 7860, the port a Space is reached on). The models load once, at
 start: BLIP-base and CLIP ViT-B/32, which the front matter's `preload_from_hub` puts on the Space's disk when it
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 import playground
@@ -27,8 +30,10 @@ FAILED = "**The real models could not be loaded** ({error}). This page runs the 
 
 
 def space_arguments(argv: list[str]) -> argparse.Namespace:
-    """The playground's options for a Space: every address, the port Spaces route to, then what was given."""
-    return playground.parse_args(["--host", "0.0.0.0", "--port", os.environ.get("PORT", "7860"), *argv])
+    """The playground's options for a Space: every address, the port Spaces route to, then IPAG_ARGS, then
+    what was given (later options win)."""
+    return playground.parse_args(["--host", "0.0.0.0", "--port", os.environ.get("PORT", "7860"),
+                                  *shlex.split(os.environ.get("IPAG_ARGS", "")), *argv])
 
 
 def main(argv: list[str] | None = None) -> None:

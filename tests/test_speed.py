@@ -3,6 +3,7 @@ bounded chunks for integrated gradients and occlusion, the caption streamed whil
 Hugging Face Space's entry point. How fast things are lives in `python -m ipag.bench` and scripts/bench_page.py.
 """
 
+import os
 import subprocess
 import sys
 import threading
@@ -261,8 +262,18 @@ def test_space_readme_front_matter_names_the_entry_point_and_sdk():
     assert front["sdk_version"].split(".")[0] == gradio.__version__.split(".")[0]
 
 
+def test_space_options_come_from_the_environment_then_the_command_line(monkeypatch):
+    import app
+
+    monkeypatch.setenv("PORT", "7999")
+    monkeypatch.setenv("IPAG_ARGS", "--tiny --concurrency 3 --auth 'ann:a secret'")
+    args = app.space_arguments(["--concurrency", "1"])
+    assert (args.host, args.port, args.tiny, args.auth, args.concurrency) == ("0.0.0.0", 7999, True, "ann:a secret", 1)
+
+
 def test_space_entry_point_starts_and_serves_the_page(tmp_path):
-    """`python app.py` as a Space runs it (port from $PORT), here with --tiny so that nothing is downloaded."""
+    """`python app.py` as a Space runs it (port from $PORT), here with --tiny (in IPAG_ARGS, as a Space's settings
+    would give it) so that nothing is downloaded."""
     import socket
 
     import httpx
@@ -270,8 +281,8 @@ def test_space_entry_point_starts_and_serves_the_page(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "app.py", "--tiny", "--host", "127.0.0.1"], cwd=ROOT,
-                               env={**__import__("os").environ, "PORT": str(port), "OMP_NUM_THREADS": "1"},
+    process = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1"], cwd=ROOT,
+                               env={**os.environ, "PORT": str(port), "OMP_NUM_THREADS": "1", "IPAG_ARGS": "--tiny"},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
