@@ -123,6 +123,6 @@ def test_page_benchmark_uploads_new_photos_and_reports_every_metric(tmp_path):
     assert all(math.isfinite(value) and value >= 0 for value in results["metrics"].values())
     assert results["backward_passes_on_precomputed_clicks"] == [0]
     report = bench_page.format_report(results)
-    assert "in Chromium" in report and "precision float32" in report  # --tiny computes exactly
+    assert "in Chromium" in report and f"precision {results['environment']['precision']}" in report
     assert set(results["budgets"]) == set(bench_page.BUDGETED)
     assert "caption" in results["budgets"]["precompute_all_s"]["sections"]  # the upload's caption, then every word
