@@ -15,8 +15,10 @@ from abc import ABCMeta
 import functools
 import html
 import inspect
+import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -135,6 +137,10 @@ class Page:
         return [self.session, self.picture, self.label, self.legend, self.grid, self.candidates, self.summary,
                 self.trust, self.status, self.details, self.sanity, self.view]
 
+    def only(self, values: dict[Any, Any]) -> tuple:
+        """What an explanation updates (`outputs`), with these components' new values and the others unchanged."""
+        return tuple(values.get(component, gr.skip()) for component in self.outputs())
+
     def show(self, session: ui.Session, rendered: ui.Rendered, switch_view: bool = False,
              same_word: bool = False) -> tuple:
         """The outputs' new values. The view's choice is set only when `switch_view`: set on every answer, a late
@@ -154,15 +160,18 @@ class Page:
 
 
 def build_app(explainers: Explainers | Explainer,
-              examples: tuple[list[str], str] = (EXAMPLES, EXAMPLES_LABEL)) -> gr.Blocks:
+              examples: tuple[list[str], str] = (EXAMPLES, EXAMPLES_LABEL), notice: str | None = None) -> gr.Blocks:
     """The page. Every handler is a thin adapter from components to `ipag.ui` and back. `examples`: the
-    gallery's files and its label."""
+    gallery's files and its label; `notice`: a line (Markdown) under the introduction, e.g. that the real
+    models are still loading."""
     if isinstance(explainers, Explainer):
         explainers = Explainers(explainers, "default", lambda name: explainers.captioner)
     page = Page(explainers, explainers.names, examples, ui.settings_panels(explainers.get()))
     with gr.Blocks(title="IPAG playground") as demo:
         page.parts["session"] = gr.State(ui.Session())
         gr.Markdown(INTRO.format(captioner=explainers.get().captioner.short_name))
+        if notice:
+            gr.Markdown(notice, elem_id="notice")
         with gr.Row():
             with gr.Column(scale=2, min_width=320):
                 _image_panel(page)
@@ -262,12 +271,19 @@ def _wire_explaining(page: Page) -> None:
     # before the *values of the settings widgets.
 
     def on_image(picture, name, state, *values):
+        """The caption appears as it is written; the words become clickable once it is complete."""
+        settings, old = page.read(values), state
         try:
-            _, state, status = ui.caption_image(get(name), picture, page.read(values), replace(state, captioner=name))
+            for segments, state, status in ui.caption_image_stream(get(name), picture, settings,
+                                                                   replace(state, captioner=name)):
+                if state.caption is None and state.image is not None:  # still being written
+                    yield (gr.skip(), segments, gr.skip(),
+                           *page.only({page.session: state, page.status: status}), message(None))
         except (ui.UserError, ModelUnavailableError) as err:  # keep the page as it was, the last good image too
-            return (state.source, *(gr.skip() for _ in range(count + 2)), message(err))
-        return (gr.skip(), *page.caption_update(state), *page.show(state, replace(ui.render(state, page.read(values)),
-                                                                                    status=status)), message(None))
+            yield (old.source, *(gr.skip() for _ in range(count + 2)), message(err))
+            return
+        yield (gr.skip(), *page.caption_update(state),
+               *page.show(state, replace(ui.render(state, settings), status=status)), message(None))
 
     @friendly(count)
     def on_select(state, evt: gr.SelectData, *values):
@@ -457,16 +473,36 @@ def main(argv: list[str] | None = None) -> None:
         explainer = load_explainer(args)
     except ModelUnavailableError as err:
         raise SystemExit(f"error: {err}") from err
+    serve(args, explainer)
+
+
+def serve(args: argparse.Namespace, explainer: Explainer, notice: str | None = None, block: bool = True) -> gr.Blocks:
+    """Serve the page for `explainer` (loaded from `args`) with the options' captioners, examples and server
+    settings, and warm it up: the examples are captioned and explained in the background, and the log says when
+    that is done. Returns once the server stops, or at once without `block` (then `close()` the page)."""
     names, load = captioner_loader(args, explainer.captioner.device)
     examples = (EXAMPLES, EXAMPLES_LABEL)
     if args.synthetic:
         examples = (example_files(SCENES), "Generated scenes (held out from training: their ground truth is shown)")
-    demo = build_app(Explainers(explainer, captioner_name(args), load, names), examples)
-    threading.Thread(target=ui.warm_examples, args=(explainer, examples[0]), daemon=True).start()
+    demo = build_app(Explainers(explainer, captioner_name(args), load, names), examples, notice)
+    clip = explainer.clip.name if explainer.clip else "no CLIP"
+    print(f"IPAG playground: {explainer.captioner.describe()}, {clip}; precision "
+          f"{explainer.captioner.precision.describe()}", file=sys.stderr, flush=True)
+    threading.Thread(target=warm_up, args=(explainer, examples[0]), daemon=True).start()
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                max_file_size="25mb", theme=THEME, css=CSS)
+                max_file_size="25mb", theme=THEME, css=CSS, prevent_thread_lock=not block)
+    return demo
+
+
+def warm_up(explainer: Explainer, paths: list[str]) -> None:
+    """Caption and explain the examples in the background (visitors go first), saying when it is done."""
+    started = time.perf_counter()
+    ui.warm_examples(explainer, paths)
+    explainer.wait_until_idle()
+    print(f"Warm-up done: {len(paths)} examples captioned and every word explained in "
+          f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from .budget import section
 from .captioners.base import Captioner, DecoderPass
 from .target import Target, TargetGradients, token_logprobs
 
@@ -79,9 +80,10 @@ class AttributionPass:
 
     def first_step(self, target: Target) -> tuple[float, TargetGradients, torch.Tensor]:
         """`token_gradients`, computed once per target while the pass lives (the explainer runs the two steps of
-        a word as separate tasks)."""
+        a word as separate tasks). Timed as the budget's "decoder backward" when it runs."""
         if target not in self._first:
-            self._first[target] = self.token_gradients(target)
+            with section("decoder backward"):
+                self._first[target] = self.token_gradients(target)
         return self._first[target]
 
     def token_gradients(self, target: Target) -> tuple[float, TargetGradients, torch.Tensor]:

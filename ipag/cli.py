@@ -6,6 +6,7 @@
     python -m ipag explain photos/ --out explained/ --ray          # the same on Ray: local, or `--ray auto`
     python -m ipag evaluate-groundtruth --scenes 500 --out groundtruth.json --plot groundtruth.png
     python -m ipag evaluate-grounding --scenes 100                 # grounding settings compared on ground truth
+    python -m ipag check-precision --scenes 20                     # may each stage run in bfloat16?
     python -m ipag train-synthetic --out models/                   # retrain the shipped synthetic models
 
 Every command takes the playground's model options (--synthetic, --tiny, --captioner, --clip, --segmenter, …).
@@ -53,9 +54,11 @@ from .evaluation.inputs import (
 from .evaluation.report import describe, format_table
 from .explainer import Explainer
 from .evaluation.localisation import ground_truth
+from .evaluation.precision import precision_record, precision_summary, precision_table
 # INDEX marks an image as finished: it is written last, inside a temporary folder that is renamed into place only
 # when complete, so an interrupted run never leaves a folder that looks finished.
 from .export import INDEX, WordExport, image_export
+from .precision import PRECISIONS, STAGES
 from .images import ImageError, load_image
 from .results import Caption
 from .sanity import SanityCascade
@@ -91,6 +94,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--segmenter", default=None,
                        help=f"{', '.join(available_segmenters())} (default: the models')")
     group.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, mps")
+    group.add_argument("--precision", choices=PRECISIONS, default=None,
+                       help="auto: bfloat16 for the stages whose maps agree with float32, where the processor has "
+                       "it (AVX512-BF16 CPUs, most GPUs), else float32; float32 forces it everywhere (default: "
+                       "auto; float32 for --tiny, whose numbers tests compare with exact ones)")
     group.add_argument("--cache-mb", type=_positive, default=DEFAULT_CACHE_MB,
                        help="memory for cached results (captions, regions, explanations) in MB; least recently used "
                        f"ones are dropped beyond it (default {DEFAULT_CACHE_MB}, for a 16 GB machine)")
@@ -136,14 +143,15 @@ def add_ray_argument(parser: argparse.ArgumentParser) -> None:
 def load_explainer(args: argparse.Namespace) -> Explainer:
     """The explainer the options describe (raises `ModelUnavailableError` with the fix in its message)."""
     captioner = captioner_name(args)
+    precision = {"precision": args.precision} if args.precision else {}  # else each kind of models' default
     if args.synthetic:
-        return Explainer.synthetic(args.device, args.cache_mb, synthetic_folder(args), captioner)
+        return Explainer.synthetic(args.device, args.cache_mb, synthetic_folder(args), captioner, **precision)
     if args.tiny:
         return Explainer.tiny(device=args.device, captioner=captioner if captioner in known_captioners()
-                              else DEFAULT_CAPTIONER, cache_mb=args.cache_mb)
+                              else DEFAULT_CAPTIONER, cache_mb=args.cache_mb, **precision)
     print(f"Loading {captioner} and CLIP {args.clip} (first run downloads them)…", file=sys.stderr, flush=True)
     return Explainer.from_pretrained(captioner, None if args.clip == "none" else args.clip,
-                                     args.segmenter or "auto", args.device, args.cache_mb)
+                                     args.segmenter or "auto", args.device, args.cache_mb, **precision)
 
 
 def captioner_name(args: argparse.Namespace) -> str:
@@ -192,6 +200,15 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text}")
     return value
+
+
+def _stage_list(spec: str) -> list[str]:
+    stages = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown or not stages:
+        raise argparse.ArgumentTypeError(f"unknown stage(s) {', '.join(unknown) or '(none given)'}; choose among "
+                                         f"{', '.join(STAGES)}")
+    return stages
 
 
 def _model_list(spec: str) -> list[str]:
@@ -480,6 +497,21 @@ def grounding_worker(args: argparse.Namespace, variants: dict[str, Settings]) ->
     return lambda index, seed: scene_groundings(explainer, seed, variants)
 
 
+def run_check_precision(args: argparse.Namespace) -> int:
+    """Explain held-out scenes in float32 and with each stage alone in bfloat16, and say which stages agree
+    (`ipag.evaluation.precision`); the shipped synthetic models unless others are named."""
+    if not (args.tiny or args.captioner or args.synthetic):
+        args.synthetic = True
+    explainer = load_explainer(args)
+    explainer.segmenter_options.setdefault("superpixels", SCENE_SUPERPIXELS)  # the inputs are always scenes
+    seeds = range(args.first_seed, args.first_seed + args.scenes)
+    records = run_items(lambda: lambda index, seed: precision_record(explainer, seed, args.stages), seeds, None,
+                        "Precision", "scene")
+    summary = precision_summary(records)
+    print(precision_table(summary))
+    return _finish(args, {"summary": summary, "scenes": records, "failed": []})
+
+
 def run_train_synthetic(args: argparse.Namespace) -> int:
     from .synthetic.train import train_synthetic
 
@@ -547,6 +579,15 @@ def build_parser() -> argparse.ArgumentParser:
     grounding.add_argument("--out", type=Path, default=None, help="write all results (per word too) as JSON")
     grounding.set_defaults(run=run_evaluate_grounding)
 
+    check = commands.add_parser("check-precision",
+                                help="may a stage run in bfloat16? its maps against float32's on generated scenes")
+    check.add_argument("--scenes", type=_positive, default=20, help="how many held-out scenes (default 20)")
+    check.add_argument("--first-seed", type=int, default=0, help="the first scene's seed (held out: below 1000000)")
+    check.add_argument("--stages", type=_stage_list, default=list(STAGES),
+                       help=f"the stages to check, comma-separated (default: {','.join(STAGES)})")
+    check.add_argument("--out", type=Path, default=None, help="write all results (per word too) as JSON")
+    check.set_defaults(run=run_check_precision)
+
     training = commands.add_parser("train-synthetic", help="train the synthetic captioners and CLIP (CPU, an hour)")
     training.add_argument("--out", type=Path, required=True,
                           help="folder for the models (synthetic-blip/, synthetic-vit-gpt2/, synthetic-clip/)")
@@ -558,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
     training.set_defaults(run=run_train_synthetic)
 
-    for command in (explain, captions, faithful, truth, grounding):
+    for command in (explain, captions, faithful, truth, grounding, check):
         add_model_arguments(command)
         add_explanation_arguments(command)
     for command in (explain, faithful, truth, grounding):

@@ -13,22 +13,27 @@ word that is not ready yet raises that word's tasks to the front instead of comp
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
+from transformers.generation.streamers import BaseStreamer
 
 from .align import align, find_phrase
 from .attribution import KeptPass
+from .budget import section
 from .cache import DEFAULT_CACHE_MB, ImageCache, image_key
 from .captioners import Captioner, DecodeOptions, load_captioner, tiny_captioner
 from .device import resolve_device
 from .errors import QueryError
 from .grounding import ClipModel, GroundedImage
 from .images import ImageInput, load_image
+from .precision import choose_precision
 from .results import Caption, Explanation, Word
 from .sanity import SanityCascade, SanityCheck, cascade_levels, compare, randomize_top_blocks
 from .schedule import Key, Plan, Priority, Publish, Scheduler
@@ -48,12 +53,19 @@ class Explainer:
     """Captions images and explains, per word, why the captioner said it and where it is."""
 
     def __init__(self, captioner: Captioner, clip: ClipModel | None = None, segmenter: str = "auto",
-                 segmenter_options: dict | None = None, cache_mb: float = DEFAULT_CACHE_MB) -> None:
+                 segmenter_options: dict | None = None, cache_mb: float = DEFAULT_CACHE_MB,
+                 precision: str | None = None) -> None:
         """`cache_mb` bounds the memory of what is kept for the images seen (captions, segments, explanations)
         in MB (2²⁰ bytes): least recently used entries are evicted beyond it, and one image keeps at most a
-        quarter of it (`ipag.cache`)."""
+        quarter of it (`ipag.cache`). `precision` ("auto", "float32", "bfloat16": `ipag.precision`) sets what the
+        captioner and CLIP compute in; None keeps theirs (float32 unless set)."""
         self.captioner = captioner
         self.clip = clip
+        if precision is not None:
+            chosen = choose_precision(precision, captioner.device)
+            for model in (captioner, clip):
+                if model is not None:
+                    model.precision = chosen
         self.default_segmenter = segmenter
         self.segmenter_options = segmenter_options or {}
         self.cache = ImageCache(round(cache_mb * 2**20))
@@ -66,13 +78,15 @@ class Explainer:
     @classmethod
     def from_pretrained(cls, captioner: str = "Salesforce/blip-image-captioning-base",
                         clip: str | None = "ViT-B-32/openai", segmenter: str = "auto",
-                        device: str = "auto", cache_mb: float = DEFAULT_CACHE_MB) -> "Explainer":
+                        device: str = "auto", cache_mb: float = DEFAULT_CACHE_MB,
+                        precision: str = "auto") -> "Explainer":
         """Load real models by hub id or local folder, or a ClipCap checkpoint file (downloaded once, then cached,
         with progress bars).
 
         `clip` is "architecture/pretrained-tag" (open_clip names) or "architecture/path/to/checkpoint";
         None disables grounding. Raises `ModelUnavailableError` naming the model and the fix when a model
-        cannot be loaded. Segmenters load on first use.
+        cannot be loaded. Segmenters load on first use. `precision` "auto": bfloat16 for the stages that keep the
+        maps where the device computes it natively (`ipag.precision`).
         """
         resolved = resolve_device(device)
         captioner_model = load_captioner(captioner, resolved)
@@ -80,21 +94,22 @@ class Explainer:
         if clip:
             architecture, _, pretrained = clip.partition("/")
             clip_model = ClipModel.from_pretrained(architecture, pretrained or "openai", resolved)
-        return cls(captioner_model, clip_model, segmenter, cache_mb=cache_mb)
+        return cls(captioner_model, clip_model, segmenter, cache_mb=cache_mb, precision=precision)
 
     @classmethod
     def tiny(cls, seed: int = 0, device: str = "cpu", captioner: str = "blip-base",
-             cache_mb: float = DEFAULT_CACHE_MB) -> "Explainer":
+             cache_mb: float = DEFAULT_CACHE_MB, precision: str = "float32") -> "Explainer":
         """The whole pipeline on tiny random models built from configs (a captioner by friendly name, CLIP)
-        and scikit-image superpixels: offline, in seconds. For tests, CI and `playground.py --tiny`."""
+        and scikit-image superpixels: offline, in seconds. For tests, CI and `playground.py --tiny`: in float32
+        unless asked, because tests compare their numbers with exact computations."""
         resolved = resolve_device(device)
         return cls(tiny_captioner(captioner, seed, resolved), ClipModel.tiny(seed, resolved), "superpixels",
                    segmenter_options={"torchvision": {"pretrained": False}},  # random Mask R-CNN: no download
-                   cache_mb=cache_mb)
+                   cache_mb=cache_mb, precision=precision)
 
     @classmethod
     def synthetic(cls, device: str = "cpu", cache_mb: float = DEFAULT_CACHE_MB, folder: str | Path | None = None,
-                  captioner: str = "blip") -> "Explainer":
+                  captioner: str = "blip", precision: str = "auto") -> "Explainer":
         """A captioner and the CLIP trained here on generated scenes (`ipag.synthetic`), from `folder` (default:
         the ones shipped in `models/`), with superpixels tuned for flat-colour scenes as the segmenter: the
         offline demo whose captions mean something, and the models of the ground-truth benchmark. `captioner`:
@@ -102,14 +117,15 @@ class Explainer:
         from .synthetic.models import SCENE_SUPERPIXELS, model_names
 
         captioner, clip = model_names(folder, captioner)
-        explainer = cls.from_pretrained(captioner, clip, "superpixels", device, cache_mb)
+        explainer = cls.from_pretrained(captioner, clip, "superpixels", device, cache_mb, precision)
         explainer.segmenter_options = {"superpixels": SCENE_SUPERPIXELS}
         return explainer
 
     def with_captioner(self, captioner: Captioner) -> "Explainer":
-        """An explainer for another captioner that shares this one's CLIP model, loaded segmenters, cache (and its
-        budget: keys name their captioner) and worker (so precomputing for several captioners never runs more
-        than one job at a time)."""
+        """An explainer for another captioner, in this one's precision, that shares its CLIP model, loaded
+        segmenters, cache (and its budget: keys name their captioner) and worker (so precomputing for several
+        captioners never runs more than one job at a time)."""
+        captioner.precision = self.captioner.precision
         other = Explainer(captioner, self.clip, self.default_segmenter, self.segmenter_options)
         other._segmenters, other._lock, other.cache, other.scheduler = (
             self._segmenters, self._lock, self.cache, self.scheduler)
@@ -151,17 +167,39 @@ class Explainer:
 
     def caption(self, image: ImageInput, settings: Settings = DEFAULTS) -> Caption:
         """Generate a caption and align it to clickable words with their log-probabilities (cached)."""
-        rgb = load_image(image)
+        return self.scheduler.result(*self._caption_task(load_image(image), settings), Priority.CAPTION)
+
+    def caption_stream(self, image: ImageInput, settings: Settings = DEFAULTS) -> Iterator[str | Caption]:
+        """The caption's text so far, each time generation writes a token, then the `Caption` (what `caption`
+        returns, cached the same way). Greedy decoding only: beam search knows its caption only at the end, so
+        with `num_beams` > 1 (or a caption computed before) only the `Caption` comes."""
+        tokens: queue.Queue[list[int]] = queue.Queue()
+        streamer = _QueueStreamer(tokens) if settings.num_beams == 1 else None
+        key, work = self._caption_task(load_image(image), settings, streamer)
+        future = self.scheduler.request([key], work, Priority.CAPTION)[key]
+        token_ids = self.captioner.start_ids()
+        while not future.done():
+            try:
+                token_ids = token_ids + tokens.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            yield align(self.captioner.pieces(token_ids), token_ids, [0.0] * len(token_ids))[0]
+        yield future.result()
+
+    def _caption_task(self, rgb: Image.Image, settings: Settings,
+                      streamer: BaseStreamer | None = None) -> tuple[Key, Callable[[Publish], None]]:
+        """The caption's cache key, and the work that computes and publishes it."""
         options = DecodeOptions(settings.num_beams, settings.max_new_tokens)
         key = self._keys(rgb).caption(options)
 
         def work(publish: Publish) -> None:
-            publish(key, self._caption_pixels(self.captioner.preprocess(rgb), options))
+            publish(key, self._caption_pixels(self.captioner.preprocess(rgb), options, streamer))
 
-        return self.scheduler.result(key, work, Priority.CAPTION)
+        return key, work
 
-    def _caption_pixels(self, pixel_values, options: DecodeOptions) -> Caption:
-        return self.caption_from_ids(pixel_values, *self.captioner.generate_scored(pixel_values, options))
+    def _caption_pixels(self, pixel_values, options: DecodeOptions, streamer: BaseStreamer | None = None) -> Caption:
+        with section("caption"):
+            return self.caption_from_ids(pixel_values, *self.captioner.generate_scored(pixel_values, options, streamer))
 
     def caption_from_ids(self, pixel_values, token_ids: Sequence[int],
                          logprobs: Sequence[float] | None = None) -> Caption:
@@ -197,9 +235,9 @@ class Explainer:
         """
         word = self._word(image, query, caption, settings)
         stages = word.stages()
+        futures = self._queue([word], Priority.CLICK)  # all at once: the worker goes from one to the next
         results: dict[Key, Any] = {}
         for index, stage in enumerate(stages):
-            futures = self.scheduler.request(stage.keys, stage.work, Priority.CLICK)
             for key in stage.keys:
                 if results and not futures[key].done():  # show what there is before waiting for more
                     yield word.assemble(results, [s.name for s in stages[index:]])
@@ -362,6 +400,24 @@ class Explainer:
                 device = str(self.captioner.device)
                 self._segmenters[name] = load_segmenter(name, device=device, **self.segmenter_options.get(name, {}))
             return self._segmenters[name]
+
+
+class _QueueStreamer(BaseStreamer):
+    """Hands each token generation writes to a queue (`Explainer.caption_stream` reads it in another thread). The
+    first call is the prompt, which the caption starts with anyway."""
+
+    def __init__(self, tokens: queue.Queue[list[int]]) -> None:
+        self.tokens = tokens
+        self.prompt = True
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt:
+            self.prompt = False
+        else:
+            self.tokens.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
 
 
 def _same_query(explanation: Explanation) -> Query:

@@ -42,6 +42,7 @@ from .settings import DEFAULTS, Settings, Widget, declarations
 from .synthetic.scenes import Scene, find_scene
 
 NO_WORD = "Click a caption word, or type a word and press Explain."  #: plain text: fine as HTML too
+WRITING = "The caption is being written; its words can be clicked once it is complete."
 #: Input × gradient: the map that found the named object most often on the ground-truth benchmark among those that
 #: pass the sanity check and cost no more than Grad-CAM (docs/evaluation.md).
 DEFAULT_VIEW = "input_x_gradient"
@@ -229,6 +230,22 @@ def caption_image(explainer: Explainer, image: ImageInput | None, settings: Sett
     return caption_segments(caption), session, f"{len(caption.words)} words. {NO_WORD}"
 
 
+def caption_image_stream(explainer: Explainer, image: ImageInput | None, settings: Settings,
+                         session: Session) -> Iterator[tuple[list[tuple[str, float | None]], Session, str]]:
+    """`caption_image`, with the caption shown while it is written: per token, the text so far (one segment, not
+    clickable), a session with the image but no caption yet, and a status line; then what `caption_image`
+    returns (the caption is cached by then)."""
+    if image is not None:
+        try:
+            rgb = load_image(image)
+            for written in explainer.caption_stream(rgb, settings):
+                if isinstance(written, str):
+                    yield [(written, None)], Session(image=rgb, captioner=session.captioner), WRITING
+        except (ImageError, ValueError) as err:
+            raise UserError(str(err)) from err
+    yield caption_image(explainer, image, settings, session)
+
+
 def replan(explainer: Explainer, session: Session, settings: Settings) -> Session:
     """The settings changed: drop the background work for the old ones and queue every word for the new ones
     (what is cached for equal settings is not recomputed)."""
@@ -259,7 +276,8 @@ def select_word(explainer: Explainer, session: Session, segment: int,
                 settings: Settings) -> Iterator[tuple[Session, Rendered]]:
     """A click on the caption (the `segment`-th highlighted segment)."""
     if session.caption is None:
-        raise UserError("Upload an image first: there is nothing to explain yet.")
+        raise UserError(WRITING if session.image is not None else "Upload an image first: there is nothing to "
+                        "explain yet.")
     word = word_for_segment(session.caption, segment)
     if word is None:
         raise UserError("That is not a word (punctuation or space). Click a word.")
@@ -654,6 +672,6 @@ def fresh_path(stem: str, suffix: str) -> Path:
 
 
 __all__ = ["PANELS", "SANITY_LABEL", "Rendered", "Session", "SettingWidget", "Table", "UserError", "api_caption",
-           "api_explain", "caption_image", "caption_segments", "compare_captions", "explain", "export", "readiness",
-           "render", "replan", "sanity_check", "select_candidate", "select_tile", "select_view", "select_word",
-           "settings_panels", "summary", "trust_table", "views"]
+           "api_explain", "caption_image", "caption_image_stream", "caption_segments", "compare_captions", "explain",
+           "export", "readiness", "render", "replan", "sanity_check", "select_candidate", "select_tile", "select_view",
+           "select_word", "settings_panels", "summary", "trust_table", "views"]

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from .align import align
+from .budget import section
 from .captioners import Captioner
 from .grounding import Grounding, composite
 from .images import BACKGROUND
@@ -51,31 +52,35 @@ def masses_inside(maps: Mapping[str, Heatmap], mask: np.ndarray) -> dict[str, fl
 def caption_region(captioner: Captioner, image: Image.Image, mask: np.ndarray) -> RegionCaption:
     """What the captioner says when shown only the region (the rest greyed out). Generated only, not scored:
     just its words are needed, and scoring would cost another forward pass."""
-    token_ids = captioner.generate(captioner.preprocess(composite(image, mask, mode="grey")))
+    with section("region caption"):
+        token_ids = captioner.generate(captioner.preprocess(composite(image, mask, mode="grey")))
     text, words = align(captioner.pieces(token_ids), token_ids, [0.0] * len(token_ids))
     return RegionCaption(text, frozenset(word.text.lower() for word in words))
 
 
-def composite_logprobs(captioner: Captioner, image: Image.Image, mask: np.ndarray,
-                       token_ids: Sequence[int]) -> np.ndarray:
-    """log p(y_t) of every caption token with only the region visible (row 0) and with the region blurred
-    away (row 1), from one batched forward. Every word grounded to this region reads its numbers from it."""
-    pixels = torch.cat([captioner.preprocess(composite(image, mask, mode="grey")),
-                        captioner.preprocess(composite(image, ~mask, mode="blur"))])
-    return captioner.batch_token_logprobs(pixels, list(token_ids)).double().cpu().numpy()
+def blank_image(size: tuple[int, int]) -> Image.Image:
+    """A neutral grey image: log p(y_t) on it is what the language model says without any picture, for the
+    language-prior score log p(word | image) − log p(word | blank)."""
+    return Image.new("RGB", size, BACKGROUND)
 
 
-def blank_logprobs(captioner: Captioner, size: tuple[int, int], token_ids: Sequence[int]) -> np.ndarray:
-    """log p(y_t) of every token of the sequence when the image is blank (neutral grey): what the language model
-    says without any picture, for the language-prior score log p(word | image) − log p(word | blank)."""
-    blank = Image.new("RGB", size, BACKGROUND)
-    return captioner.batch_token_logprobs(captioner.preprocess(blank), list(token_ids))[0].double().cpu().numpy()
+def region_images(image: Image.Image, mask: np.ndarray) -> list[Image.Image]:
+    """The image with only the region visible (grey outside), and with the region blurred away: the sequence
+    scored on them gives each word grounded to this region its region and blurred log-probabilities."""
+    return [composite(image, mask, mode="grey"), composite(image, ~mask, mode="blur")]
+
+
+def score_images(captioner: Captioner, images: Sequence[Image.Image], token_ids: Sequence[int]) -> np.ndarray:
+    """log p(y_t) of every token of the sequence on each image (one row each), from one batched forward."""
+    with section("trust forwards"):
+        pixels = torch.cat([captioner.preprocess(image) for image in images])
+        return captioner.batch_token_logprobs(pixels, list(token_ids)).double().cpu().numpy()
 
 
 def verify(grounding: Grounding, region_caption: RegionCaption, logprobs: np.ndarray, target: Target,
            words: Sequence[str], word_logprob: float, maps: Mapping[str, Heatmap]) -> Verification:
     """Check `grounding` for the word with `target` tokens, given what the caller computed (and caches) for
-    its region: the region's own caption and the `composite_logprobs` of the caption's tokens."""
+    its region: the region's own caption and the caption's tokens scored on its `region_images`."""
     region_logprob, blurred_logprob = (float(value) for value in target.score(logprobs))
     return Verification(
         clip_region=grounding.similarity,

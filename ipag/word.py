@@ -24,6 +24,7 @@ from PIL import Image
 
 from .align import align
 from .attribution import AttributionPass, KeptPass, PassNeeds, PassSpec
+from .budget import section
 from .cache import ImageCache, image_key
 from .captioners import Captioner, DecodeOptions
 from .grounding import ClipModel, GroundedImage, Grounder, Grounding, noun_phrase
@@ -33,7 +34,7 @@ from .schedule import Key, Publish, Scheduler
 from .segmenters import Segmenter
 from .settings import Settings
 from .target import Target
-from .verify import RegionCaption, blank_logprobs, caption_region, composite_logprobs, verify
+from .verify import RegionCaption, blank_image, caption_region, region_images, score_images, verify
 
 logger = logging.getLogger(__name__)
 
@@ -166,20 +167,47 @@ def grounded_image(tools: Workshop, keys: Keys, rgb: Image.Image, settings: Sett
     """What the regions of the image are chosen among with `settings`' segmenter: its proposals and their CLIP
     embeddings (cached per segmenter; the views a grounder needs beyond them are added when first asked for)."""
     segmenter = settings.segmenter
-    return tools.get(keys.segments(segmenter), lambda: Grounder.from_settings(tools.clip, settings).prepare(
-        rgb, tools.segmenter(segmenter).segment(rgb)))
+
+    def prepare() -> GroundedImage:
+        with section("segmentation"):
+            segments = tools.segmenter(segmenter).segment(rgb)
+        with section("CLIP proposals"):
+            return Grounder.from_settings(tools.clip, settings).prepare(rgb, segments)
+
+    return tools.get(keys.segments(segmenter), prepare)
+
+
+def trust_logprobs(tools: Workshop, keys: Keys, rgb: Image.Image, token_ids: tuple[int, ...],
+                   mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The sequence's token log-probabilities on a blank image (the language prior, shared by every word of a
+    caption) and, for a region, on its `region_images` (2 rows; shared by the words grounded to it), each
+    cached: what is not cached yet is scored in one batched forward."""
+    prior_key = keys.prior(token_ids)
+    region_key = None if mask is None else keys.region_logprobs(mask, token_ids)
+    prior = tools.cache.get(*prior_key)
+    region = None if region_key is None else tools.cache.get(*region_key)
+    images = [blank_image(rgb.size)] if prior is None else []
+    if region_key is not None and region is None:
+        images += region_images(rgb, mask)
+    if images:
+        rows = score_images(tools.captioner, images, token_ids)
+        if prior is None:
+            prior, rows = rows[0], rows[1:]
+            tools.cache.put(*prior_key, prior)
+        if region_key is not None and region is None:
+            region = rows
+            tools.cache.put(*region_key, region)
+    return prior, region
 
 
 def region_checks(tools: Workshop, keys: Keys, rgb: Image.Image, mask: np.ndarray,
                   token_ids: tuple[int, ...]) -> Checks:
     """The region's own caption and the sequence's token log-probabilities with only the region / without
-    it, cached per region: several words often share one region, and its forward passes are made once."""
-    captioner = tools.captioner
+    it, cached per region: several words often share one region, and its passes are made once."""
     try:
-        return Checks(tools.get(keys.region_caption(mask), lambda: caption_region(captioner, rgb, mask)),
-                      tools.get(keys.region_logprobs(mask, token_ids),
-                                lambda: composite_logprobs(captioner, rgb, mask, token_ids)),
-                      [])
+        prior, logprobs = trust_logprobs(tools, keys, rgb, token_ids, mask)
+        caption = tools.get(keys.region_caption(mask), lambda: caption_region(tools.captioner, rgb, mask))
+        return Checks(caption, logprobs, [], prior)
     except Exception as err:  # noqa: BLE001 — the region and maps stand without their trust numbers
         logger.exception("verification failed")
         return Checks(None, None, [f"No trust numbers: the region check failed ({err})"])
@@ -288,14 +316,19 @@ class WordStages:
         """The forward pass of the word's sequence: the one kept from the previous word when it matches (the
         words of a caption share it), else a new one replacing it."""
         captioner, token_ids, spec = self.tools.captioner, self.item.token_ids, self.spec
-        return self.tools.kept.get((self.keys.image, token_ids, spec), lambda: AttributionPass(
-            captioner, captioner.preprocess(self.rgb), token_ids, spec))
+
+        def forward() -> AttributionPass:
+            with section("forward"):
+                return AttributionPass(captioner, captioner.preprocess(self.rgb), token_ids, spec)
+
+        return self.tools.kept.get((self.keys.image, token_ids, spec), forward)
 
     def _token_maps(self, publish: Publish) -> None:
         """The maps of the first step of the word's backward pass (through the decoder to the vision layer)."""
         logprob, gradients, _ = self._attribution().first_step(self.item.target)
-        publish(self._token_key(), MapsResult(logprob, *_attribute(self.map_types["tokens"],
-                                                                   self._context(gradients=gradients))))
+        with section("map weighting"):
+            maps = _attribute(self.map_types["tokens"], self._context(gradients=gradients))
+        publish(self._token_key(), MapsResult(logprob, *maps))
 
     def _pixel_maps(self, publish: Publish) -> None:
         """The maps of the second step (on through the vision encoder to the pixels). A task of its own, so that a
@@ -304,14 +337,18 @@ class WordStages:
         attribution = self._attribution()
         logprob, gradients, vision_grad = attribution.first_step(self.item.target)
         if self.map_types["pixels"]:
-            gradients = attribution.pixel_gradients(self.item.target, gradients, vision_grad)
+            with section("vision backward"):
+                gradients = attribution.pixel_gradients(self.item.target, gradients, vision_grad)
         context = self._context(gradients=gradients, pixel_values=attribution.clean.pixel_values.detach())
-        publish(self._pixel_key(), MapsResult(logprob, *_attribute(self.map_types["pixels"], context)))
+        with section("map weighting"):
+            maps = _attribute(self.map_types["pixels"], context)
+        publish(self._pixel_key(), MapsResult(logprob, *maps))
 
     def _own_maps(self, publish: Publish) -> None:
         pixel_values = self.tools.captioner.preprocess(self.rgb)
-        publish(self._own_key(), MapsResult(None, *_attribute(self.map_types["own"],
-                                                              self._context(pixel_values=pixel_values))))
+        with section("more maps"):
+            maps = _attribute(self.map_types["own"], self._context(pixel_values=pixel_values))
+        publish(self._own_key(), MapsResult(None, *maps))
 
     def _region(self, publish: Publish) -> None:
         tools, settings = self.tools, self.settings
@@ -325,7 +362,9 @@ class WordStages:
             if settings.fusion_weight and cam is None:
                 notes.append(f"The region was chosen without the captioner's evidence: its {settings.fusion_map!r} "
                              "map is not computed with these settings (or failed).")
-            grounding = Grounder.from_settings(tools.clip, settings).ground(prepared, self.grounded_text, cam=cam)
+            with section("CLIP query"):
+                grounding = Grounder.from_settings(tools.clip, settings).ground(prepared, self.grounded_text,
+                                                                                cam=cam)
             result = RegionResult(grounding, prepared.segmenter, notes)
         except Exception as err:  # noqa: BLE001 — the maps are still worth showing without a region
             logger.exception("grounding failed")
@@ -333,16 +372,17 @@ class WordStages:
         publish(self._region_key(), result)
 
     def _checks(self, publish: Publish) -> None:
-        """The trust numbers' model runs: the language prior of the word's sequence (one forward, shared by
-        every word of a caption) and, when it has one, the checks of the word's region."""
+        """The trust numbers' model runs: the checks of the word's region when it has one, and the language
+        prior of the word's sequence (scored in the same batch as the region's composites when not cached)."""
         tools, token_ids = self.tools, self.item.token_ids
-        prior = tools.get(self.keys.prior(token_ids), lambda: blank_logprobs(tools.captioner, self.rgb.size, token_ids))
         checks = Checks(None, None, [])
         if self.grounded:
             region = tools.scheduler.result(self._region_key(), self._region)
             if region.grounding is not None:
                 checks = region_checks(tools, self.keys, self.rgb, region.grounding.mask, token_ids)
-        publish(self._checks_key(), checks._replace(prior=prior))
+        if checks.prior is None:  # no region, or its check failed
+            checks = checks._replace(prior=trust_logprobs(tools, self.keys, self.rgb, token_ids)[0])
+        publish(self._checks_key(), checks)
 
     # --- the result -----------------------------------------------------------------------------------------------
 

@@ -40,8 +40,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import playground  # noqa: E402
-from ipag import bench  # noqa: E402
+from ipag import bench, budget, ui  # noqa: E402
 from ipag.device import resolve_device  # noqa: E402
+from ipag.precision import PRECISIONS  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 METRICS = {
@@ -51,6 +52,8 @@ METRICS = {
     "precompute_all_s": "caption shown → every word precomputed",
     "click_precomputed_s": "click on a precomputed word → everything shown",
 }
+#: The waits broken down by section (`ipag.budget`): everything the process computed meanwhile.
+BUDGETED = ("all_outputs_s", "precompute_all_s")
 GOALS = {"caption_s": 2.0, "first_map_s": 3.0, "all_outputs_s": 8.0, "precompute_all_s": 15.0,
          "click_precomputed_s": 0.3}
 
@@ -94,23 +97,24 @@ def wait_idle(explainer: Any, timeout: float = 900.0) -> float:
 
 
 def run_page_benchmark(runs: int = 3, device: str = "auto", tiny: bool = False, segments: int = bench.SEGMENTS,
-                       log=lambda message: None) -> dict[str, Any]:
+                       precision: str = "auto", log=lambda message: None) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
 
     resolved = resolve_device(device)
     log("building the models")
-    explainer = bench.build_explainer(resolved, tiny, segments)
+    explainer = bench.build_explainer(resolved, tiny, segments, precision)
     demo = playground.build_app(explainer)
     demo.queue(default_concurrency_limit=2)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
                             theme=playground.THEME)
     samples: dict[str, list[float]] = {key: [] for key in METRICS}
+    budgets: dict[str, list[budget.Budget]] = {key: [] for key in BUDGETED}
     words_counted: list[int] = []
     backward_passes: list[int] = []
     folder = Path(tempfile.mkdtemp(prefix="ipag-bench-page-"))
     pictures = photos(folder, 2 * runs + 1, tiny)
     try:
-        with sync_playwright() as playwright:
+        with sync_playwright() as playwright, budget.sections_of(ui, "render", "drawing"):
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
                 "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
@@ -125,18 +129,22 @@ def run_page_benchmark(runs: int = 3, device: str = "auto", tiny: bool = False, 
                 seconds, words = upload(page, pictures[2 * run])
                 samples["caption_s"].append(seconds)
                 page.wait_for_timeout(1000)
-                started = time.perf_counter()
-                words.nth(words.count() - 1).click()
-                page.wait_for_function(STARTED, timeout=600_000)
-                samples["first_map_s"].append(time.perf_counter() - started)
-                page.wait_for_function(FINISHED, timeout=600_000)
-                samples["all_outputs_s"].append(time.perf_counter() - started)
+                with budget.recording() as spent:
+                    started = time.perf_counter()
+                    words.nth(words.count() - 1).click()
+                    page.wait_for_function(STARTED, timeout=600_000)
+                    samples["first_map_s"].append(time.perf_counter() - started)
+                    page.wait_for_function(FINISHED, timeout=600_000)
+                    samples["all_outputs_s"].append(time.perf_counter() - started)
+                budgets["all_outputs_s"].append(spent)
                 wait_idle(explainer)
 
                 log(f"run {run + 1}/{runs}: precompute, click after it")
-                _, words = upload(page, pictures[2 * run + 1])
-                shown = time.perf_counter()
-                samples["precompute_all_s"].append(wait_idle(explainer) - shown)
+                with budget.recording() as spent:
+                    _, words = upload(page, pictures[2 * run + 1])
+                    shown = time.perf_counter()
+                    samples["precompute_all_s"].append(wait_idle(explainer) - shown)
+                budgets["precompute_all_s"].append(spent)
                 words_counted.append(words.count())
                 with bench.BackwardCounter() as counter:
                     started = time.perf_counter()
@@ -152,9 +160,12 @@ def run_page_benchmark(runs: int = 3, device: str = "auto", tiny: bool = False, 
     return {
         "environment": {"device": str(resolved), "processor": bench.processor_name(resolved),
                         "threads": torch.get_num_threads(), "tiny": tiny, "captioner": explainer.captioner.describe(),
+                        "precision": explainer.captioner.precision.describe(),
                         "segmenter": explainer.segmenter().describe(), "runs": runs,
                         "caption_words": words_counted, "path": "the page (playground.build_app) in Chromium"},
         "samples": samples, "metrics": metrics, "backward_passes_on_precomputed_clicks": backward_passes,
+        "budgets": {key: {"wall_s": metrics[key], "sections": budget.Budget.median(spent).to_dict()}
+                    for key, spent in budgets.items()},
     }
 
 
@@ -163,13 +174,18 @@ def format_report(results: dict[str, Any]) -> str:
     lines = [f"IPAG page benchmark{' (TINY models: numbers are meaningless)' if env['tiny'] else ''} — path: "
              f"{env['path']}",
              f"device {env['device']} ({env['processor']}), {env['threads']} threads; captioner {env['captioner']}; "
-             f"segmenter {env['segmenter']}; captions of {env['caption_words']} words; medians of {env['runs']} run(s)",
+             f"segmenter {env['segmenter']}; precision {env['precision']}; captions of {env['caption_words']} words; "
+             f"medians of {env['runs']} run(s)",
              "", f"{'what the user waits for':<50} {'median':>8}  {'goal':<6} {'met':<4} runs"]
     for key, label in METRICS.items():
         value, goal = results["metrics"][key], GOALS[key]
         runs = " ".join(f"{v:.3g}" for v in results["samples"][key])
         lines.append(f"{label:<50} {value:>7.3g}s  ≤ {goal:<4g} {'yes' if value <= goal else 'NO':<4} {runs}")
     lines.append(f"backward passes run by the clicks on precomputed words: {results['backward_passes_on_precomputed_clicks']}")
+    for key, spent in results["budgets"].items():
+        lines += ["", budget.format_budget(budget.Budget.from_dict(spent["sections"]), spent["wall_s"],
+                                           f"where “{METRICS[key]}” goes (medians; the worker's work for every word, "
+                                           "the drawing in Gradio's threads)")]
     return "\n".join(lines)
 
 
@@ -179,9 +195,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--segments", type=int, default=bench.SEGMENTS)
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    results = run_page_benchmark(args.runs, args.device, args.tiny, args.segments,
+    results = run_page_benchmark(args.runs, args.device, args.tiny, args.segments, args.precision,
                                  log=lambda message: print(f"… {message}", file=sys.stderr, flush=True))
     print(format_report(results))
     if args.json:

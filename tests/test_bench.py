@@ -76,6 +76,19 @@ def test_environment_json_and_table(run):
     assert all(name in table for name in bench.GROUNDING_VARIANTS)
 
 
+def test_budgets_and_peaks_are_reported_per_step(run):
+    """Where the budgeted waits go, by section, and the default path's peak memory apart from the optional maps'."""
+    results, _, table = run
+    assert set(results["budgets"]) == set(bench.BUDGETED_STEPS)
+    for spent in results["budgets"].values():
+        assert {"forward", "decoder backward", "segmentation", "CLIP proposals"} <= set(spent["sections"])
+        assert sum(section["seconds"] for section in spent["sections"].values()) > 0
+    assert table.count("goes (medians)") == len(bench.BUDGETED_STEPS)
+    metrics = results["metrics"]
+    assert 0 < metrics["peak_rss_default_gb"] <= metrics["peak_rss_gb"]
+    assert metrics["peak_rss_gb"] == max(max(values) for values in results["peaks_gb"].values())
+
+
 def test_real_size_vocabulary_fits_blip_base_and_gives_the_same_caption_tokens():
     """The full-size run needs minutes; its tokenizer is checked here without building the model."""
     vocab = bench.bert_like_vocab()
@@ -109,4 +122,7 @@ def test_page_benchmark_uploads_new_photos_and_reports_every_metric(tmp_path):
     assert set(results["metrics"]) == set(bench_page.METRICS)
     assert all(math.isfinite(value) and value >= 0 for value in results["metrics"].values())
     assert results["backward_passes_on_precomputed_clicks"] == [0]
-    assert "in Chromium" in bench_page.format_report(results)
+    report = bench_page.format_report(results)
+    assert "in Chromium" in report and f"precision {results['environment']['precision']}" in report
+    assert set(results["budgets"]) == set(bench_page.BUDGETED)
+    assert "caption" in results["budgets"]["precompute_all_s"]["sections"]  # the upload's caption, then every word

@@ -23,8 +23,10 @@ from typing import ClassVar, Iterator, Literal
 import torch
 from PIL import Image
 from torch import nn
+from transformers.generation.streamers import BaseStreamer
 from transformers.image_processing_utils import BaseImageProcessor
 
+from ..precision import FLOAT32, Precision, Stage
 from ..target import token_logprobs
 
 PieceKind = Literal["start", "continue", "punct", "special"]
@@ -109,11 +111,9 @@ class Captioner(ABC):
         self.image_processor = image_processor
         self.device = device
         self.model_id = model_id
-        #: Half-precision compute (see `autocast`): bfloat16 on GPUs that have it, where it is about twice as
-        #: fast. Not float16: without loss scaling, small pixel gradients would underflow to zero. None (float32)
-        #: elsewhere, and on CPU, where float32 is fastest.
-        self.half_precision: torch.dtype | None = (
-            torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None)
+        #: Which stages compute in bfloat16 (`ipag.precision`; see `autocast`): none unless the explainer says so
+        #: (`--precision`, "auto" by default), so that a captioner built directly computes exactly.
+        self.precision: Precision = FLOAT32
 
     # --- what each captioner implements -------------------------------------------------------------------
 
@@ -222,21 +222,20 @@ class Captioner(ABC):
         pixels = self.image_processor(images=image, return_tensors="pt").pixel_values
         return pixels.to(self.device, dtype=self.model.dtype)
 
-    def autocast(self) -> torch.autocast:
-        """Where the model's passes run in `half_precision`: torch's autocast, which runs matrix products and
-        convolutions in half precision but keeps softmax, normalisation and log-probabilities in float32 —
-        the weights stay float32, so gradients and maps keep their shape (tests compare them with float32)."""
-        return torch.autocast(self.device.type, dtype=self.half_precision or torch.float32,
-                              enabled=self.half_precision is not None)
+    def autocast(self, stage: Stage) -> torch.autocast:
+        """Where a pass of `stage` runs in its `precision`: torch's bfloat16 autocast (matrix products and
+        convolutions in bfloat16, weights and log-probabilities in float32) or float32."""
+        return self.precision.autocast(self.device, stage)
 
     def generate(self, pixel_values: torch.Tensor, options: DecodeOptions = DecodeOptions()) -> list[int]:
         """Generated ids, starting with the decoder's start token and without the end token."""
         return self.generate_scored(pixel_values, options)[0]
 
     @torch.no_grad()
-    def generate_scored(self, pixel_values: torch.Tensor,
-                        options: DecodeOptions = DecodeOptions()) -> tuple[list[int], list[float]]:
+    def generate_scored(self, pixel_values: torch.Tensor, options: DecodeOptions = DecodeOptions(),
+                        streamer: BaseStreamer | None = None) -> tuple[list[int], list[float]]:
         """`generate`, and log p(y_t | image, y_<t) of each generated token (t ≥ 1), from generation's own logits.
+        `streamer` (greedy decoding only) is handed the prompt, then each token as it is generated.
 
         The raw logits of the step (and, in beam search, of the beam) that produced each token are exactly the
         teacher-forced ones, so a caption needs no second forward pass to be scored. `compute_transition_scores`
@@ -244,11 +243,11 @@ class Captioner(ABC):
         ranks beams by have been through its logits processors (suppressed tokens, …), which the word's
         probability under the model must not be.
         """
-        with self.autocast():
+        with self.autocast("caption"):
             minimum = {} if options.min_new_tokens is None else {"min_new_tokens": options.min_new_tokens}
             output = self.generator.generate(num_beams=options.num_beams, max_new_tokens=options.max_new_tokens,
                                              do_sample=False, return_dict_in_generate=True, output_logits=True,
-                                             **minimum, **self._generate_inputs(pixel_values))
+                                             streamer=streamer, **minimum, **self._generate_inputs(pixel_values))
         # The generated tokens are the sequence's last ones (before them: the start token, or nothing when the
         # model started from input embeddings); every caption is read as the start token followed by them.
         generated = output.sequences[0, output.sequences.shape[1] - len(output.logits):].tolist()
@@ -266,19 +265,21 @@ class Captioner(ABC):
         return self.batch_token_logprobs(pixel_values, token_ids)[0].tolist()
 
     @torch.no_grad()
-    def batch_token_logprobs(self, pixel_values: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    def batch_token_logprobs(self, pixel_values: torch.Tensor, token_ids: list[int],
+                             stage: Stage = "scoring") -> torch.Tensor:
         """`token_logprobs` for each image of a batch (B, 3, S, S) at once: (B, T−1) float32 or float64.
 
         Perturbation methods score one caption on many altered images; one batched forward costs far less
-        than as many single ones.
+        than as many single ones. `stage`: which precision stage the pass belongs to (`ipag.precision`).
         """
-        return self.differentiable_token_logprobs(pixel_values, token_ids)
+        return self.differentiable_token_logprobs(pixel_values, token_ids, stage)
 
-    def differentiable_token_logprobs(self, pixel_values: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+    def differentiable_token_logprobs(self, pixel_values: torch.Tensor, token_ids: Sequence[int],
+                                      stage: Stage = "scoring") -> torch.Tensor:
         """`batch_token_logprobs` inside the autograd graph (for methods that differentiate a batch of
         altered images, like integrated gradients)."""
         ids = torch.tensor([list(token_ids)], device=self.device).expand(pixel_values.shape[0], -1)
-        with self.autocast():
+        with self.autocast(stage):
             logits, _ = self._forward(pixel_values, ids, None)
         return token_logprobs(torch.log_softmax(_at_least_float32(logits), dim=-1), token_ids)
 
@@ -295,7 +296,7 @@ class Captioner(ABC):
         pixel_values = pixel_values.detach().clone().requires_grad_(True)
         ids = torch.tensor([token_ids], device=self.device).expand(pixel_values.shape[0], -1)
         every = None
-        with torch.enable_grad(), self.autocast(), capture_output(block) as captured:
+        with torch.enable_grad(), self.autocast("gradients"), capture_output(block) as captured:
             if attentions:
                 logits, every = self._forward_with_attentions(pixel_values, ids)
                 attention = None if layer is None else every.decoder_cross[layer]

@@ -72,17 +72,8 @@ def scene_record(explainer: Explainer, seed: int, sanity: bool = False, settings
     image = scene.image
     caption = explainer.caption(image, settings)
     truth = true_caption(explainer, scene)
-    indices = [index for index, (_, mask) in enumerate(scene.evidence) if mask is not None]
-    explanations = explainer.explain_many(image, indices, truth, settings)
-    maps = [{_key(key): heatmap.values for key, heatmap in explanation.maps.items()} for explanation in explanations]
-    resolved = explainer.resolve(settings)
-    targets = [Target(truth.words[index].token_positions) for index in indices]
-    passes = target_gradients(explainer.captioner, explainer.captioner.preprocess(image), truth.token_ids, targets,
-                              resolved.vision_layer, resolved.cross_attention_layer, resolved.smoothgrad_samples,
-                              resolved.smoothgrad_noise)
-    for found, (_, gradients) in zip(maps, passes):
-        context = MapContext(image.size, gradients=gradients)
-        found |= {key: map_type.attribute(context).values for key, map_type in VARIANTS}
+    indices = content_words(scene)
+    explanations, maps = word_maps(explainer, scene, truth, settings)
     rng = np.random.default_rng([baseline_seed, seed])
     deltas = counterfactuals(explainer, scene, truth, indices)
     proposals = proposal_masks(explainer, image, settings) if settings.grounding and explainer.clip else []
@@ -97,6 +88,30 @@ def scene_record(explainer: Explainer, seed: int, sanity: bool = False, settings
     return record
 
 
+def content_words(scene: Scene) -> list[int]:
+    """The indices of the caption words that name an object (colours and shapes)."""
+    return [index for index, (_, mask) in enumerate(scene.evidence) if mask is not None]
+
+
+def word_maps(explainer: Explainer, scene: Scene, truth: Caption,
+              settings: Settings) -> tuple[list[Explanation], list[dict[str, np.ndarray]]]:
+    """Each content word of the true caption explained with `settings`, and its maps by key: the explanation's
+    and the `VARIANTS` (from one more gradient pass per word)."""
+    image = scene.image
+    indices = content_words(scene)
+    explanations = explainer.explain_many(image, indices, truth, settings)
+    maps = [{_key(key): heatmap.values for key, heatmap in explanation.maps.items()} for explanation in explanations]
+    resolved = explainer.resolve(settings)
+    targets = [Target(truth.words[index].token_positions) for index in indices]
+    captioner = explainer.captioner
+    passes = target_gradients(captioner, captioner.preprocess(image), truth.token_ids, targets, resolved.vision_layer,
+                              resolved.cross_attention_layer, resolved.smoothgrad_samples, resolved.smoothgrad_noise)
+    for found, (_, gradients) in zip(maps, passes):
+        context = MapContext(image.size, gradients=gradients)
+        found |= {key: map_type.attribute(context).values for key, map_type in VARIANTS}
+    return explanations, maps
+
+
 def quick_check(explainer: Explainer, seeds: Iterable[int]) -> dict[str, float]:
     """The headline numbers without the maps' scores (for training summaries and tests): caption exact match,
     and on the true captions' content words the grounding's right-object rate and mean IoU."""
@@ -107,7 +122,7 @@ def quick_check(explainer: Explainer, seeds: Iterable[int]) -> dict[str, float]:
         exact.append(explainer.caption(scene.image, settings).text == scene.caption)
         if explainer.clip is None:
             continue
-        indices = [index for index, (_, mask) in enumerate(scene.evidence) if mask is not None]
+        indices = content_words(scene)
         for index, explanation in zip(indices, explainer.explain_many(scene.image, indices,
                                                                       true_caption(explainer, scene), settings)):
             ious.append(iou(explanation.grounding.mask, scene.evidence[index][1]))

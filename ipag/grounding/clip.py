@@ -26,6 +26,7 @@ from ..device import resolve_device
 from ..errors import ModelUnavailableError
 from ..hub import cached_on_hub, download_fix, require_hub
 from ..images import to_rgb
+from ..precision import FLOAT32, Precision
 
 #: open_clip's config file of a local model folder ({"model_cfg": …}), read for architectures it does not know.
 LOCAL_CONFIG = "open_clip_config.json"
@@ -54,6 +55,8 @@ class ClipModel:
         self.device = device
         self.name = name
         self.batch_size = batch_size
+        #: Whether CLIP computes in bfloat16 (its stage "clip", `ipag.precision`): set by the explainer.
+        self.precision: Precision = FLOAT32
         # Read once: `.item()` on every query would synchronise with the GPU for a constant.
         self.logit_scale = float(self.model.logit_scale.exp())
 
@@ -90,17 +93,22 @@ class ClipModel:
     @torch.no_grad()
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """L2-normalised image embeddings, (N, D) float32 on the CPU, computed `batch_size` images at a time."""
-        chunks = [
-            self.model.encode_image(self.pixels(images[start:start + self.batch_size]), normalize=True)
-            for start in range(0, len(images), self.batch_size)
-        ]
-        return torch.cat(chunks).float().cpu()
+        with self._autocast():
+            chunks = [
+                self.model.encode_image(self.pixels(images[start:start + self.batch_size]), normalize=True).float()
+                for start in range(0, len(images), self.batch_size)
+            ]
+        return torch.cat(chunks).cpu()
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """L2-normalised text embeddings, (M, D) float32 on the CPU."""
         tokens = self.tokenizer(list(texts)).to(self.device)
-        return self.model.encode_text(tokens, normalize=True).float().cpu()
+        with self._autocast():
+            return self.model.encode_text(tokens, normalize=True).float().cpu()
+
+    def _autocast(self) -> torch.autocast:
+        return self.precision.autocast(self.device, "clip")
 
     def relevance(self, image: Image.Image, text: str) -> np.ndarray:
         """Where CLIP's image embedding matches `text`: Chefer et al.'s gradient-weighted attention rollout.
@@ -115,13 +123,13 @@ class ClipModel:
         image = to_rgb(image)
         text_embedding = self.encode_text([text])[0].to(self.device)
         pixels = self.pixels([image]).requires_grad_(True)  # parameters are frozen: the graph starts here
-        with torch.enable_grad(), recorded_attention(self.model.visual) as probabilities:
+        with torch.enable_grad(), self._autocast(), recorded_attention(self.model.visual) as probabilities:
             embedding = self.model.encode_image(pixels, normalize=True)[0]
             gradients = torch.autograd.grad(embedding.float() @ text_embedding, probabilities)
         tokens = probabilities[0].shape[-1]
         relevance = torch.eye(tokens, device=self.device)
-        for attention, gradient in zip(probabilities, gradients):
-            cam = (gradient * attention).clamp(min=0).mean(dim=1)[0].float()
+        for attention, gradient in zip(probabilities, gradients):  # accumulated in float32, whatever CLIP ran in
+            cam = (gradient.float() * attention.float()).clamp(min=0).mean(dim=1)[0]
             relevance = relevance + cam @ relevance
         grid = self.model.visual.grid_size
         return relevance[0, 1:].reshape(grid).detach().cpu().numpy()

@@ -43,8 +43,9 @@ class GradCAMMap(MapType):
     key = "gradcam"
     title = "Grad-CAM"
     #: GradCAM, although HiResCAM and EigenGradCAM localise better on the ground-truth benchmark: under bfloat16
-    #: (GPUs) their maps change (HiResCAM's correlation with float32 fell to 0.02–0.98 on the tiny captioners,
-    #: EigenGradCAM's sign flipped), GradCAM's do not (> 0.99). The page opens on input × gradient instead.
+    #: their maps changed on the tiny captioners (HiResCAM still does; EigenGradCAM's sign flip went away with the
+    #: weighting in float32; GradCAM++ and XGradCAM move on the synthetic one: docs/performance.md#bfloat16),
+    #: GradCAM's do not. The page opens on input × gradient instead.
     declares = {"cam_method": Setting("GradCAM", "gradients", "CAM method", choices=tuple(CAM_METHODS))}
     cam_method: str = "GradCAM"
 

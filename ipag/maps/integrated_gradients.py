@@ -37,7 +37,10 @@ class IntegratedGradientsMap(MapType):
         "ig_steps": Setting(16, "maps", "Integrated gradients: steps", minimum=2, maximum=256, step=1),
     }
     steps: int = 16
-    batch_size: int = 8
+    #: Steps per forward and backward pass (Captum's `internal_batch_size`): each step's autograd graph through
+    #: BLIP-base at 384 px holds ~0.6 GiB, so 2 keep the peak ~1.3 GiB above the models' (measured,
+    #: docs/performance.md#memory); on a CPU larger batches are no faster.
+    batch_size: int = 2
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "IntegratedGradientsMap | None":

@@ -156,7 +156,7 @@ class Occlusion(MapType):
                 if first + row:  # image 0 stays unperturbed: the reference goes through the same batches
                     box = boxes[first + row - 1]
                     batch[row][box] = background[0][box]
-            scored.append(captioner.batch_token_logprobs(batch, list(token_ids)).double().cpu())
+            scored.append(captioner.batch_token_logprobs(batch, list(token_ids), "occlusion").double().cpu())
         cost = PerturbationCost(images=len(boxes) + 1, forward_passes=len(scored),
                                 seconds=time.perf_counter() - started)
         return Sweep(torch.cat(scored).numpy(), boxes, (len(rows), len(columns)), (height, width), cost)
