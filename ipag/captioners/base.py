@@ -338,7 +338,7 @@ class Captioner(ABC):
             cross_attention=attention,
             grid=grid,
             vision_layout=self.vision_layout(pixel_values, index, grid),
-            attention_layout=None if keys is None else Layout.of_grid(*grid, first=keys - grid[0] * grid[1]),
+            attention_layout=None if keys is None else self.attention_layout(token_ids, keys, grid),
             vision_index=index,
             attentions=every,
         )
@@ -346,6 +346,11 @@ class Captioner(ABC):
     def attention_name(self, layer: int) -> str:
         """What the page calls decoder layer `layer`'s attention to the image."""
         return f"decoder layer {layer} cross-attention"
+
+    def attention_layout(self, token_ids: Sequence[int], keys: int, grid: tuple[int, int]) -> Layout:
+        """Where the decoder's `keys` attention keys lie on the pixel input, for the caption `token_ids`: here the
+        vision grid's tokens are the last keys (a CLS token may come first)."""
+        return Layout.of_grid(*grid, first=keys - grid[0] * grid[1])
 
     def vision_layout(self, pixel_values: torch.Tensor, index: int, grid: tuple[int, int]) -> Layout:
         """Where the cells of vision layer `index`'s grid lie on `pixel_values`: here one grid over all of it."""
