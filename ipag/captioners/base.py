@@ -322,13 +322,15 @@ class Captioner(ABC):
         with torch.enable_grad(), self.autocast(), capture_output(block) as captured:
             if attentions:
                 logits, every = self._forward_with_attentions(pixel_values, ids)
-                attention = None if layer is None else every.decoder_cross[layer]
+                # A decoder-only model's self-attention holds its attention to the image tokens.
+                to_image = every.decoder_cross or every.decoder_self
+                attention = None if layer is None else to_image[layer]
             else:
                 logits, attention = self._forward(pixel_values, ids, layer)
         output = captured[0]
         grid = tuple(self.vision_grid(output).shape[-2:])
         keys = attention.shape[-1] if attention is not None else (
-            every.decoder_cross[0].shape[-1] if every is not None and every.decoder_cross else None)
+            to_image[0].shape[-1] if every is not None and self.num_decoder_layers else None)
         return DecoderPass(
             vision_layer=self.module_name(block),
             attention_layer=None if layer is None else self.attention_name(layer),

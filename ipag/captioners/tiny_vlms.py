@@ -357,6 +357,7 @@ def save_tiny(kind: str, folder: str | Path, seed: int = 0) -> Path:
                 if parameter.dim() >= 2 and not parameter.any():
                     parameter.normal_(0.0, INIT)
     model.generation_config.max_new_tokens = 20
+    model.generation_config.min_new_tokens = 2  # a random model often ends at once: nothing to explain
     folder = Path(folder)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

@@ -18,7 +18,9 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -29,7 +31,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 
 from ..errors import ModelUnavailableError
 from ..layout import Layout
-from .base import Attentions, Captioner, Piece, is_punctuation
+from .base import Attentions, Captioner, Piece, capture_output, is_punctuation
 
 #: What a vision-language model is asked when the user asks nothing else.
 DEFAULT_INSTRUCTION = "Describe this image in one sentence."
@@ -70,6 +72,9 @@ class VlmCaptioner(Captioner):
         #: The prompts made so far, by instruction: a caption's answer starts after the one it begins with.
         self._prompts: dict[str | None, list[int]] = {}
         self._anchor = self.tokenizer("a", add_special_tokens=False).input_ids
+        #: Tokens a caption never holds: the tokenizer's added markers (image placeholders, which would ask for a
+        #: second image's features; PaliGemma's location tokens; chat markers), its end aside. Random models write them.
+        self._suppressed = sorted(set(self.tokenizer.added_tokens_decoder) - self._end)
 
     @classmethod
     def load(cls, model_id: str, device: torch.device, local_files_only: bool = False) -> "VlmCaptioner":
@@ -131,6 +136,18 @@ class VlmCaptioner(Captioner):
         count = list(token_ids).count(self._image_token)
         side = round(count ** 0.5)
         return Layout.of_grid(side, side, first=list(token_ids).index(self._image_token))
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """The processor's input for the photo squashed to the model's input size first: the model sees the whole
+        photo (LLaVA's processor would crop its sides off, so a word about them could not be explained), and
+        every map goes back onto the photo by stretching (`images.resize_map`), the exact inverse."""
+        return super().preprocess(image.convert("RGB").resize(self._input_size[::-1], Image.BICUBIC))
+
+    @cached_property
+    def _input_size(self) -> tuple[int, int]:
+        """(height, width) of the processor's pixel input (the same for every photo in these families)."""
+        pixels = self.image_processor(images=Image.new("RGB", (64, 64)), return_tensors="pt").pixel_values
+        return tuple(pixels.shape[-2:])
 
     # --- prompts and answers -------------------------------------------------------------------------------
 
@@ -208,7 +225,8 @@ class VlmCaptioner(Captioner):
         return inputs
 
     def _generate_inputs(self, pixel_values: torch.Tensor, start: list[int]) -> dict:
-        return {"pixel_values": pixel_values, **self._inputs(torch.tensor([start], device=self.device))}
+        return {"pixel_values": pixel_values, "suppress_tokens": self._suppressed,
+                **self._inputs(torch.tensor([start], device=self.device))}
 
     def _forward(self, pixel_values: torch.Tensor, token_ids: torch.Tensor,
                  cross_attention_layer: int | None) -> tuple:
@@ -217,11 +235,13 @@ class VlmCaptioner(Captioner):
         return out.logits, None if cross_attention_layer is None else out.attentions[cross_attention_layer]
 
     def _forward_with_attentions(self, pixel_values: torch.Tensor, token_ids: torch.Tensor) -> tuple:
-        """Every language-model layer's self-attention (it holds the attention to the image); the vision tower's
-        is not needed by the decoder-only relevancy rules."""
-        out = self.model(pixel_values=pixel_values, **self._inputs(token_ids), output_attentions=True,
-                         return_dict=True)
-        return out.logits, Attentions([], list(out.attentions), [])
+        """Every language-model layer's self-attention (it holds the attention to the image), and the vision
+        tower's blocks' up to the one the projector reads, caught as their attention modules return them."""
+        with ExitStack() as stack:
+            vision = [stack.enter_context(capture_output(block.self_attn, index=1)) for block in self.vision_layers]
+            out = self.model(pixel_values=pixel_values, **self._inputs(token_ids), output_attentions=True,
+                             return_dict=True)
+        return out.logits, Attentions([captured[0] for captured in vision], list(out.attentions), [])
 
 
 def _ids(value: int | Sequence[int] | None) -> set[int]:
