@@ -91,3 +91,16 @@ def test_a_model_too_big_for_the_memory_is_refused_before_loading(tmp_path):
     with pytest.raises(ModelUnavailableError, match=r"needs about .* GiB.*Fix: run on a GPU"):
         refuse_if_too_big("llava-hf/llava-1.5-7b-hf", 7_000_000_000, available=16 * 2**30)
     refuse_if_too_big(str(folder), weights, available=16 * 2**30)  # a small one loads
+
+
+def test_the_synthetic_llava_saves_small_and_loads_as_synthetic_mode_names_it(tmp_path):
+    from ipag.synthetic.models import FAMILIES as SYNTHETIC, model_names, new_llava
+
+    new_llava().save_pretrained(tmp_path / SYNTHETIC["llava"].folder)
+    size = sum(file.stat().st_size for file in (tmp_path / SYNTHETIC["llava"].folder).iterdir())
+    assert size < 3e6  # measured: 1.9 MB
+    captioner = load_captioner(model_names(tmp_path, "llava")[0], CPU)
+    assert isinstance(captioner, VlmCaptioner)
+    prompt = captioner.start_ids()
+    assert prompt.count(captioner._image_token) == 144  # the scene's 12 × 12 patches, then the start of text
+    assert captioner.token_strings(prompt[-1:]) == ["<|endoftext|>"]
