@@ -95,13 +95,17 @@ class AttributionPass:
         vision_grad, *attention_grad = torch.autograd.grad(value, [clean.vision_output, *cross, *later.values()],
                                                            retain_graph=True)
         grid = self.captioner.vision_grid
+        rows = _rows(clean, target)
         gradients = TargetGradients(
             vision_activations=_numpy(grid(clean.vision_output)[0]),
             vision_gradients=_numpy(grid(vision_grad)[0]),
-            attention=_patch_rows(clean.cross_attention, target, clean.grid),
-            attention_gradients=_patch_rows(attention_grad[0] if cross else None, target, clean.grid),
+            attention=_rows_of(clean.cross_attention, rows),
+            attention_gradients=_rows_of(attention_grad[0] if cross else None, rows),
             vision_layer=clean.vision_layer,
             attention_layer=clean.attention_layer,
+            vision_layout=clean.vision_layout,
+            attention_layout=clean.attention_layout,
+            rows=tuple(row + clean.row_offset for row in target.rows),
             attentions=None if clean.attentions is None else _pairs(later, attention_grad[len(cross):]),
         )
         return float(value.detach()), gradients, vision_grad
@@ -130,6 +134,7 @@ class AttributionPass:
         if upstream:
             return {("vision", i): a for i, a in vision.items() if i < cut}
         return {**{("vision", i): a for i, a in vision.items() if i >= cut},
+                **{("encoder", i): a for i, a in enumerate(every.encoder)},
                 **{("decoder_self", i): a for i, a in enumerate(every.decoder_self)},
                 **{("decoder_cross", i): a for i, a in enumerate(every.decoder_cross)}}
 
@@ -184,9 +189,14 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().float().cpu().numpy()
 
 
-def _patch_rows(attention: torch.Tensor | None, target: Target, grid: tuple[int, int]) -> np.ndarray | None:
-    """Cross-attention (or its gradient) in the rows that predict the target, over the gh·gw patch tokens (the
-    last ones; the CLS token comes first): (heads, rows, patches). None for a decoder without cross-attention."""
-    if attention is None:
-        return None
-    return _numpy(attention[0][:, target.rows, -grid[0] * grid[1]:])
+def _rows(decoded: DecoderPass, target: Target) -> list[int]:
+    """The rows of the decoder's attention that predict the target (or the captioner's query rows)."""
+    if decoded.query_rows is not None:
+        return list(decoded.query_rows)
+    return [row + decoded.row_offset for row in target.rows]
+
+
+def _rows_of(attention: torch.Tensor | None, rows: list[int]) -> np.ndarray | None:
+    """The decoder's attention to the image (or its gradient) in `rows`, over all keys: (heads, rows, keys). None
+    for a decoder without attention to the image."""
+    return None if attention is None else _numpy(attention[0][:, rows])

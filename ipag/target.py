@@ -15,6 +15,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from .layout import Layout
+
 #: A numpy array or a torch tensor: `Target.score` sums either without converting it (tensors keep their graph).
 Values = TypeVar("Values", np.ndarray, torch.Tensor)
 
@@ -56,9 +58,11 @@ class TargetGradients:
 
     `pixels` holds one input gradient per pass: (1, 3, S, S) normally, (n + 1, 3, S, S) with SmoothGrad's n
     noisy copies after the clean one; None until the backward pass through the vision encoder has run.
-    `attention` / `attention_gradients` are the cross-attention rows that predict the target tokens,
-    shape (heads, rows, patches), None for a decoder without cross-attention; `vision_*` are the chosen vision
-    layer's output as a (D, gh, gw) grid (ViT patch tokens or CNN feature maps).
+    `attention` / `attention_gradients` are the decoder's attention rows that predict the target tokens over all
+    its keys, shape (heads, rows, keys), None for a decoder without attention to the image; `vision_*` are the chosen
+    vision layer's output as a (D, gh, gw) grid (ViT patch tokens, CNN feature maps, or several tiles' grids side by
+    side). The layouts place a value per grid cell or per attention key on the pixel input (`Layout.place`);
+    `rows` are the target's rows in the decoder's attention (relevancy propagates them).
     """
 
     vision_activations: np.ndarray
@@ -67,6 +71,9 @@ class TargetGradients:
     attention_gradients: np.ndarray | None
     vision_layer: str
     attention_layer: str | None
+    vision_layout: Layout
+    attention_layout: Layout | None = None
+    rows: tuple[int, ...] = ()
     pixels: np.ndarray | None = None
     #: Every attention layer's (probabilities, gradient) as torch tensors (heads, queries, keys), by
     #: ("vision" | "decoder_self" | "decoder_cross", layer); None unless a map type needs them.

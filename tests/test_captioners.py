@@ -86,7 +86,7 @@ def test_each_captioner_gives_gradients_for_every_map_type(captioner, photo):
     assert gradients.pixels.shape == (1, 3, 64, 64)
     assert gradients.vision_activations.shape == gradients.vision_gradients.shape == (32, 8, 8)
     if captioner.num_decoder_layers:
-        assert gradients.attention.shape == gradients.attention_gradients.shape == (4, 2, 64)  # heads, rows, patches
+        assert gradients.attention.shape == gradients.attention_gradients.shape == (4, 2, 65)  # heads, rows, keys
     else:
         assert gradients.attention is gradients.attention_gradients is gradients.attention_layer is None
     for gradient in (gradients.pixels, gradients.vision_gradients, gradients.attention_gradients):

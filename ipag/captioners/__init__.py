@@ -16,12 +16,13 @@ from .base import Captioner, DecodeOptions, DecoderPass, Piece
 from .blip import BlipCaptioner
 from .clipcap import ClipCapCaptioner
 from .vit_gpt2 import VitGpt2Captioner
+from .vlm import VlmCaptioner
 
 CAPTIONERS: Registry[type[Captioner]] = Registry("ipag.captioners", Captioner, lambda captioner: captioner.name)
 register = CAPTIONERS.register
 unregister = CAPTIONERS.unregister
 
-for _builtin in (BlipCaptioner, VitGpt2Captioner, ClipCapCaptioner):
+for _builtin in (BlipCaptioner, VitGpt2Captioner, ClipCapCaptioner, VlmCaptioner):
     register(_builtin)
 
 
@@ -85,4 +86,4 @@ def _unavailable(model_id: str, err: Exception) -> ModelUnavailableError:
 
 
 __all__ = ["BlipCaptioner", "CAPTIONERS", "Captioner", "ClipCapCaptioner", "DecodeOptions", "DecoderPass", "Piece",
-           "VitGpt2Captioner", "known_captioners", "load_captioner", "register", "tiny_captioner", "unregister"]
+           "VitGpt2Captioner", "VlmCaptioner", "known_captioners", "load_captioner", "register", "tiny_captioner", "unregister"]

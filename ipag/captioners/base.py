@@ -8,6 +8,11 @@ methods below (model loading, preprocessing, generation, one teacher-forced forw
 word pieces); everything else — caption alignment, attribution, grounding — is shared. It says which models it
 runs (`model_types`, `handles`) and which friendly names it offers (`models`), and is registered with
 `ipag.captioners.register` or an entry point (docs/plugins.md).
+
+A caption's token sequence starts with what the model is given before it writes (`start_ids`): a decoder's start
+token, or a vision-language model's whole prompt — its chat template around an instruction, with the image's
+placeholder tokens — so that the sequence alone determines every teacher-forced computation (and cache key);
+`answer_start` says where the written part begins.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import threading
 import unicodedata
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
 from typing import ClassVar, Iterator, Literal
 
@@ -26,6 +31,7 @@ from torch import nn
 from transformers.generation.streamers import BaseStreamer
 from transformers.image_processing_utils import BaseImageProcessor
 
+from ..layout import Layout
 from ..precision import FLOAT32, Precision, Stage
 from ..target import token_logprobs
 
@@ -40,6 +46,7 @@ class DecodeOptions:
     num_beams: int = 1
     max_new_tokens: int = 20
     min_new_tokens: int | None = None  # None: the model's own minimum (its generation config)
+    instruction: str | None = None  #: what a vision-language model is asked; None: its default (others ignore it)
 
     def __post_init__(self) -> None:
         if self.min_new_tokens is not None and not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -60,11 +67,14 @@ class Attentions:
     """Every attention probability tensor of one forward, batch first and in the autograd graph (methods that
     propagate relevance through all layers take gradients on them): the vision encoder's self-attention per
     block (B, heads, N, N), and per decoder layer its self-attention (B, heads, T, T) and its cross-attention to
-    the image tokens (B, heads, T, N)."""
+    the image tokens (B, heads, T, N) — none for a decoder-only language model, whose self-attention covers the
+    image tokens. `encoder`: the self-attention of an encoder between the vision tower and the decoder, over the
+    decoder's cross-attention keys (Florence-2's text-and-image encoder)."""
 
     vision: list[torch.Tensor]
     decoder_self: list[torch.Tensor]
     decoder_cross: list[torch.Tensor]
+    encoder: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -73,9 +83,13 @@ class DecoderPass:
 
     `vision_output` is the chosen vision layer's output as the layer returned it (ViT tokens with their CLS
     token, or CNN feature maps; `Captioner.vision_grid` arranges it, or its gradient, as a grid) and
-    `cross_attention` the chosen decoder layer's cross-attention probabilities (B, heads, T, 1+N), None for a
-    decoder without cross-attention. Both are kept whole, because gradients exist only for tensors of the
-    graph itself (a slice taken afterwards would get none).
+    `cross_attention` the chosen decoder layer's attention probabilities from the caption to the image (B, heads,
+    rows, keys) — its cross-attention, or a decoder-only language model's self-attention, whose keys hold the image
+    tokens among the text — None for a decoder without either. Both are kept whole, because gradients exist only
+    for tensors of the graph itself (a slice taken afterwards would get none). The layouts say where the vision
+    grid's cells and the attention's keys lie on the pixel input (`ipag.layout`); the attention's rows that
+    predict a target are the target's rows shifted by `row_offset` (a decoder that does not see the prompt), or
+    `query_rows` for every target (BLIP-2's Q-Former, whose queries alone look at the image).
     """
 
     vision_layer: str  #: qualified module name of the vision layer
@@ -85,6 +99,10 @@ class DecoderPass:
     vision_output: torch.Tensor
     cross_attention: torch.Tensor | None
     grid: tuple[int, int]  #: (gh, gw) of `vision_grid(vision_output)`
+    vision_layout: Layout
+    attention_layout: Layout | None = None
+    row_offset: int = 0
+    query_rows: tuple[int, ...] | None = None
     vision_index: int = -1  #: which of `Captioner.vision_layers` made `vision_output` (non-negative)
     attentions: Attentions | None = None  #: every layer's attention, when asked for
 
@@ -107,7 +125,8 @@ class Captioner(ABC):
 
     def __init__(self, model: nn.Module, image_processor: BaseImageProcessor, device: torch.device,
                  model_id: str) -> None:
-        self.model = model.to(device).eval().requires_grad_(False)
+        placed = getattr(model, "hf_device_map", None)  # spread over devices by `device_map` already: leave it
+        self.model = (model if placed else model.to(device)).eval().requires_grad_(False)
         self.image_processor = image_processor
         self.device = device
         self.model_id = model_id
@@ -145,8 +164,9 @@ class Captioner(ABC):
         """How many decoder layers have cross-attention (0: none, see `no_cross_attention`)."""
 
     @abstractmethod
-    def _generate_inputs(self, pixel_values: torch.Tensor) -> dict:
-        """The image and this model's other arguments to `generator.generate` (token suppression, masks)."""
+    def _generate_inputs(self, pixel_values: torch.Tensor, start: list[int]) -> dict:
+        """The image and this model's other arguments to `generator.generate` (token suppression, masks), for a
+        caption that starts with `start` (`start_ids`)."""
 
     @abstractmethod
     def _caption_end(self, sequence: list[int]) -> int:
@@ -174,8 +194,17 @@ class Captioner(ABC):
         """Token ids of `text` without special tokens."""
 
     @abstractmethod
-    def start_ids(self) -> list[int]:
-        """The token(s) a caption starts with (e.g. BLIP's [DEC])."""
+    def start_ids(self, pixel_values: torch.Tensor | None = None, instruction: str | None = None) -> list[int]:
+        """The token(s) a caption of this image starts with: the decoder's start token (BLIP's [DEC]), or a
+        vision-language model's prompt asking `instruction` (None: its default) about `pixel_values`."""
+
+    def answer_start(self, token_ids: Sequence[int]) -> int:
+        """Where the written part of a caption's `token_ids` begins (after `start_ids`)."""
+        return len(self.start_ids())
+
+    def unavailable_map(self, key: str) -> str | None:
+        """Why this captioner cannot have the map type `key`, beyond what the map type itself checks (None: it can)."""
+        return None
 
     @abstractmethod
     def token_strings(self, token_ids: list[int]) -> list[str]:
@@ -243,21 +272,23 @@ class Captioner(ABC):
         ranks beams by have been through its logits processors (suppressed tokens, …), which the word's
         probability under the model must not be.
         """
+        start = self.start_ids(pixel_values, options.instruction)
         with self.autocast("caption"):
             minimum = {} if options.min_new_tokens is None else {"min_new_tokens": options.min_new_tokens}
             output = self.generator.generate(num_beams=options.num_beams, max_new_tokens=options.max_new_tokens,
                                              do_sample=False, return_dict_in_generate=True, output_logits=True,
-                                             streamer=streamer, **minimum, **self._generate_inputs(pixel_values))
-        # The generated tokens are the sequence's last ones (before them: the start token, or nothing when the
-        # model started from input embeddings); every caption is read as the start token followed by them.
+                                             streamer=streamer, **minimum, **self._generate_inputs(pixel_values, start))
+        # The generated tokens are the sequence's last ones (before them: the start tokens, or nothing when the
+        # model started from input embeddings); every caption is read as the start tokens followed by them.
         generated = output.sequences[0, output.sequences.shape[1] - len(output.logits):].tolist()
-        sequence = self.start_ids() + generated
+        sequence = start + generated
         end = self._caption_end(sequence)
         steps = [torch.log_softmax(_at_least_float32(logits), dim=-1) for logits in output.logits]
         scores = self.generator.compute_transition_scores(output.sequences, steps,
                                                           getattr(output, "beam_indices", None),
                                                           normalize_logits=False)[0].tolist()
-        return sequence[:end], scores[: end - 1]
+        # The start tokens after the first are given, not written: they get no score of their own.
+        return sequence[:end], [0.0] * (len(start) - 1) + scores[: end - len(start)]
 
     @torch.no_grad()
     def token_logprobs(self, pixel_values: torch.Tensor, token_ids: list[int]) -> list[float]:
@@ -299,26 +330,47 @@ class Captioner(ABC):
         with torch.enable_grad(), self.autocast("gradients"), capture_output(block) as captured:
             if attentions:
                 logits, every = self._forward_with_attentions(pixel_values, ids)
-                attention = None if layer is None else every.decoder_cross[layer]
+                # A decoder-only model's self-attention holds its attention to the image tokens.
+                to_image = every.decoder_cross or every.decoder_self
+                attention = None if layer is None else to_image[layer]
             else:
                 logits, attention = self._forward(pixel_values, ids, layer)
         output = captured[0]
+        grid = tuple(self.vision_grid(output).shape[-2:])
+        keys = attention.shape[-1] if attention is not None else (
+            to_image[0].shape[-1] if every is not None and self.num_decoder_layers else None)
         return DecoderPass(
             vision_layer=self.module_name(block),
-            attention_layer=None if layer is None else f"decoder layer {layer} cross-attention",
+            attention_layer=None if layer is None else self.attention_name(layer),
             pixel_values=pixel_values,
             logprobs=torch.log_softmax(_at_least_float32(logits), dim=-1),
             vision_output=output,
             cross_attention=attention,
-            grid=tuple(self.vision_grid(output).shape[-2:]),
+            grid=grid,
+            vision_layout=self.vision_layout(pixel_values, index, grid),
+            attention_layout=None if keys is None else self.attention_layout(token_ids, keys, grid),
             vision_index=index,
             attentions=every,
         )
 
+    def attention_name(self, layer: int) -> str:
+        """What the page calls decoder layer `layer`'s attention to the image."""
+        return f"decoder layer {layer} cross-attention"
+
+    def attention_layout(self, token_ids: Sequence[int], keys: int, grid: tuple[int, int]) -> Layout:
+        """Where the decoder's `keys` attention keys lie on the pixel input, for the caption `token_ids`: here the
+        vision grid's tokens are the last keys (a CLS token may come first)."""
+        return Layout.of_grid(*grid, first=keys - grid[0] * grid[1])
+
+    def vision_layout(self, pixel_values: torch.Tensor, index: int, grid: tuple[int, int]) -> Layout:
+        """Where the cells of vision layer `index`'s grid lie on `pixel_values`: here one grid over all of it."""
+        return Layout.of_grid(*grid)
+
 
 @contextmanager
-def capture_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Record `module`'s output during the block, in this thread only; the hook is removed even on failure.
+def capture_output(module: nn.Module, index: int = 0) -> Iterator[list[torch.Tensor]]:
+    """Record `module`'s output during the block (element `index` of an output tuple: 1 is an attention layer's
+    probabilities), in this thread only; the hook is removed even on failure.
 
     Other threads may run the same module meanwhile (another user's caption, say): their outputs must never
     land in this list, or one user's activations could explain another user's word.
@@ -328,7 +380,7 @@ def capture_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
 
     def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor | tuple) -> None:
         if threading.get_ident() == owner:
-            captured.append(output[0] if isinstance(output, tuple) else output)
+            captured.append(output[index] if isinstance(output, tuple) else output)
 
     handle = module.register_forward_hook(hook)
     try:

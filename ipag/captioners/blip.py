@@ -87,7 +87,7 @@ class BlipCaptioner(Captioner):
     def num_decoder_layers(self) -> int:
         return self.model.config.text_config.num_hidden_layers
 
-    def _generate_inputs(self, pixel_values: torch.Tensor) -> dict:
+    def _generate_inputs(self, pixel_values: torch.Tensor, start: list[int]) -> dict:
         return {"pixel_values": pixel_values, "suppress_tokens": self._suppressed}
 
     def _caption_end(self, sequence: list[int]) -> int:
@@ -118,7 +118,7 @@ class BlipCaptioner(Captioner):
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def start_ids(self) -> list[int]:
+    def start_ids(self, pixel_values: torch.Tensor | None = None, instruction: str | None = None) -> list[int]:
         return [self._bos]
 
     def token_strings(self, token_ids: list[int]) -> list[str]:

@@ -399,7 +399,7 @@ class ClipCapCaptioner(Gpt2Words, Captioner):
             return output
         return super().vision_grid(output if self.model.visual.transformer.batch_first else output.transpose(0, 1))
 
-    def _generate_inputs(self, pixel_values: torch.Tensor) -> dict:
+    def _generate_inputs(self, pixel_values: torch.Tensor, start: list[int]) -> dict:
         prefix = self.model.prefix(pixel_values)
         return {"inputs_embeds": prefix,
                 "attention_mask": torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device)}
@@ -418,7 +418,7 @@ class ClipCapCaptioner(Gpt2Words, Captioner):
                  cross_attention_layer: int | None) -> tuple:
         return self.model(pixel_values, token_ids), None
 
-    def start_ids(self) -> list[int]:
+    def start_ids(self, pixel_values: torch.Tensor | None = None, instruction: str | None = None) -> list[int]:
         return [self._end]
 
 

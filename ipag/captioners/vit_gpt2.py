@@ -118,7 +118,7 @@ class VitGpt2Captioner(Gpt2Words, Captioner):
     def num_decoder_layers(self) -> int:
         return self.model.config.decoder.num_hidden_layers
 
-    def _generate_inputs(self, pixel_values: torch.Tensor) -> dict:
+    def _generate_inputs(self, pixel_values: torch.Tensor, start: list[int]) -> dict:
         # The start token is also the padding token; an explicit mask (generate extends it) tells GPT-2 that
         # it is not padding, and silences its warning.
         return {"pixel_values": pixel_values,
@@ -155,5 +155,5 @@ class VitGpt2Captioner(Gpt2Words, Captioner):
         return out.logits, Attentions(list(encoded.attentions), list(out.decoder_attentions),
                                       list(out.cross_attentions))
 
-    def start_ids(self) -> list[int]:
+    def start_ids(self, pixel_values: torch.Tensor | None = None, instruction: str | None = None) -> list[int]:
         return [self._start]

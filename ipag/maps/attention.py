@@ -26,4 +26,4 @@ class AttentionMap(CrossAttentionMap):
 
     def _raw(self, context: MapContext) -> np.ndarray:
         gradients = context.gradients
-        return gradients.attention.mean(axis=0).sum(axis=0).reshape(gradients.grid)
+        return gradients.attention_layout.place(gradients.attention.mean(axis=0).sum(axis=0))

@@ -110,8 +110,9 @@ class MapType(ABC):
         return None
 
     def unavailable(self, captioner: Captioner) -> str | None:
-        """Why `captioner` cannot have this map (None: it can); the explanation says so in the map's place."""
-        return None
+        """Why `captioner` cannot have this map (None: it can); the explanation says so in the map's place. Here:
+        what the captioner itself says (`Captioner.unavailable_map`)."""
+        return captioner.unavailable_map(self.key)
 
     def note(self, context: MapContext) -> str | None:
         """Something the user should know about this map (e.g. what it cost), shown with the explanation."""

@@ -1,5 +1,7 @@
 """Decoder cross-attention Grad-CAM: where the decoder looked while predicting the word, weighted by how
-much that look raised the word's log-probability (LAVIS's formula, adapted to generation)."""
+much that look raised the word's log-probability (LAVIS's formula, adapted to generation). For a decoder-only
+vision-language model, its self-attention from the word's rows to the image tokens; for BLIP-2, its Q-Former's
+cross-attention from the queries to the patches (the gradient makes it the word's)."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ class CrossAttentionMap(MapType):
 
     def unavailable(self, captioner: "Captioner") -> str | None:
         if captioner.num_decoder_layers:
-            return None
+            return super().unavailable(captioner)
         reason = captioner.no_cross_attention
         return f"This captioner has no cross-attention{f': {reason}' if reason else ''}."
 
@@ -34,4 +36,4 @@ class CrossAttentionMap(MapType):
     def _raw(self, context: MapContext) -> np.ndarray:
         gradients = context.gradients
         weighted = gradients.attention * np.maximum(gradients.attention_gradients, 0.0)
-        return weighted.mean(axis=0).sum(axis=0).reshape(gradients.grid)
+        return gradients.attention_layout.place(weighted.mean(axis=0).sum(axis=0))

@@ -65,4 +65,4 @@ class GradCAMMap(MapType):
         cam = _weighting(self.cam_method).get_cam_image(
             None, None, None, gradients.vision_activations[None], gradients.vision_gradients[None], False
         )
-        return np.maximum(cam[0], 0.0)
+        return gradients.vision_layout.place(np.maximum(cam[0], 0.0))

@@ -1,7 +1,8 @@
 """The small captioners and CLIP trained on generated scenes: their architectures, and where the shipped ones live.
 
 All are the project's ordinary model classes (`BlipCaptioner` over transformers' `BlipForConditionalGeneration`,
-`VitGpt2Captioner` over its `VisionEncoderDecoderModel`, `ClipModel` over open_clip's `CLIP`), only small and with
+`VitGpt2Captioner` over its `VisionEncoderDecoderModel`, `VlmCaptioner` over its `LlavaForConditionalGeneration`,
+`ClipModel` over open_clip's `CLIP`), only small and with
 a vocabulary for the scene grammar, so every code path the real models take is exercised by them. Scenes are
 `scenes.SIZE` pixels square and every model takes exactly that input size, so their processors never resample.
 
@@ -23,12 +24,14 @@ import open_clip
 import torch
 from torch import nn
 from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                          BlipProcessor, GPT2Tokenizer)
+                          BlipProcessor, CLIPImageProcessor, CLIPVisionConfig, GPT2Tokenizer, LlamaConfig,
+                          LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
 
 from ..captioners.base import Captioner
 from ..captioners.blip import TINY_SPECIALS, BlipCaptioner
-from ..captioners.gpt2 import bpe_tokenizer
+from ..captioners.gpt2 import END_OF_TEXT, bpe_tokenizer
 from ..captioners.vit_gpt2 import VitGpt2Captioner
+from ..captioners.vlm import VlmCaptioner
 from ..errors import ModelUnavailableError
 from ..grounding.clip import LOCAL_CONFIG, ClipModel, register_config
 from .scenes import COLOURS, FUNCTION_WORDS, SHAPES, SIZE, caption_of, generate_scene
@@ -61,6 +64,15 @@ BLIP_SIZE = {"hidden": 96, "intermediate": 192, "vision_layers": 3, "text_layers
 #: The ViT-GPT2 captioner, built differently on purpose (a second opinion for the benchmark's rankings): HF's ViT
 #: with 4 blocks of width 96 and GPT-2 blocks with cross-attention, a byte-level BPE vocabulary, pixels in [−1, 1].
 VIT_GPT2_SIZE = {"hidden": 96, "intermediate": 192, "vision_layers": 4, "text_layers": 2, "heads": 4, "patch": 8}
+#: The LLaVA-style captioner, a decoder-only vision-language model (the benchmark's third opinion): a CLIP vision
+#: tower of 3 blocks whose last block's patch tokens an MLP projects into the sequence of a Llama language model of
+#: 2 blocks, before the caption; the grammar's byte-level BPE (~0.55 M weights).
+LLAVA_SIZE = {"hidden": 96, "intermediate": 192, "vision_layers": 3, "text_layers": 2, "heads": 4, "patch": 8}
+#: The synthetic LLaVA's prompt: the image's tokens, then the start of text. It is a captioner, not an assistant:
+#: there is no instruction to follow (the page's instruction box does not change its prompt).
+LLAVA_IMAGE_TOKEN = "<image>"
+LLAVA_TEMPLATE = ("{% for message in messages %}{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+                  + LLAVA_IMAGE_TOKEN + "{% endif %}{% endfor %}{% endfor %}" + END_OF_TEXT)
 
 #: The synthetic CLIP (open_clip's JSON config format): a ViT like the BLIP captioner's (8 px patches) and a text
 #: tower of width 64, which keeps the table of open_clip's 49408 BPE tokens (the tokenizer it ships) at 3.2 M
@@ -115,9 +127,38 @@ def new_vit_gpt2(seed: int = 0, device: torch.device = torch.device("cpu")) -> V
     return captioner
 
 
+def new_llava(seed: int = 0, device: torch.device = torch.device("cpu")) -> VlmCaptioner:
+    """A randomly initialised LLaVA-style captioner of `LLAVA_SIZE` with the grammar's byte-level BPE, whose
+    vision tower starts local like the others' (`locality_init`)."""
+    size = LLAVA_SIZE
+    tokenizer = grammar_bpe()
+    tokenizer.model_max_length = 256  # the prompt holds the image's tokens
+    tokenizer.add_special_tokens({"extra_special_tokens": [LLAVA_IMAGE_TOKEN]})
+    end, image = tokenizer.convert_tokens_to_ids([END_OF_TEXT, LLAVA_IMAGE_TOKEN])
+    common = dict(hidden_size=size["hidden"], intermediate_size=size["intermediate"],
+                  num_attention_heads=size["heads"], initializer_range=INIT)
+    vision = CLIPVisionConfig(**common, num_hidden_layers=size["vision_layers"], image_size=SIZE,
+                              patch_size=size["patch"])
+    text = LlamaConfig(**common, vocab_size=len(tokenizer), num_hidden_layers=size["text_layers"],
+                       max_position_embeddings=256, bos_token_id=end, eos_token_id=end, pad_token_id=end)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image,
+                         vision_feature_layer=-1, vision_feature_select_strategy="default", initializer_range=INIT)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration._from_config(config, attn_implementation="eager")
+        locality_init(clip_vision_attention(model.model.vision_tower), torch.Generator().manual_seed(seed))
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = end
+    images = CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=size["patch"],
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               image_token=LLAVA_IMAGE_TOKEN, chat_template=LLAVA_TEMPLATE)
+    return VlmCaptioner(model, processor, device, f"synthetic-llava(untrained, seed={seed})")
+
+
 #: The synthetic captioners, by the name `--captioner` takes in synthetic mode (the first is the default).
 FAMILIES = {family.name: family for family in (Family("blip", "synthetic-blip", new_blip),
-                                                Family("vit-gpt2", "synthetic-vit-gpt2", new_vit_gpt2))}
+                                                Family("vit-gpt2", "synthetic-vit-gpt2", new_vit_gpt2),
+                                                Family("llava", "synthetic-llava", new_llava))}
 DEFAULT_FAMILY = "blip"
 
 
@@ -235,6 +276,14 @@ def vit_attention(vision: nn.Module) -> VisionAttention:
     blocks = [(layer.attention.q_proj.weight, layer.attention.k_proj.weight, layer.attention.v_proj.weight,
                layer.attention.o_proj.weight) for layer in vision.layers]
     return VisionAttention(blocks, vision.config.num_attention_heads, vision.embeddings.position_embeddings[0, 1:])
+
+
+def clip_vision_attention(tower: nn.Module) -> VisionAttention:
+    """transformers' CLIP vision tower: q/k/v/out projections per block; CLS position first."""
+    blocks = [(layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight,
+               layer.self_attn.out_proj.weight) for layer in tower.get_submodule("encoder.layers")]
+    return VisionAttention(blocks, tower.config.num_attention_heads,
+                           tower.get_submodule("embeddings.position_embedding").weight[1:])
 
 
 def clip_attention(visual: nn.Module) -> VisionAttention:

@@ -61,13 +61,16 @@ def pixel_batch(captioner: Captioner, images: Sequence[Image.Image]) -> torch.Te
 
 def caption_ids(captioner: Captioner, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """start + caption + end, padded (with the end token): exactly the sequences `Captioner.generate` produces,
-    and which positions are real (GPT-2 pads with its end token, so padding is told apart by length)."""
+    and which positions the captioner writes (the caption and its end; not the start — a vision-language model's
+    whole prompt, image tokens included — and not the padding: GPT-2 pads with its end token, so padding is told
+    apart by length)."""
     end = captioner.model.generation_config.eos_token_id
-    sequences = [[*captioner.start_ids(), *captioner.tokenize(text), end] for text in captions]
+    start = captioner.start_ids()
+    sequences = [[*start, *captioner.tokenize(text), end] for text in captions]
     length = max(map(len, sequences))
     ids = torch.tensor([sequence + [end] * (length - len(sequence)) for sequence in sequences])
-    real = torch.tensor([[index < len(sequence) for index in range(length)] for sequence in sequences])
-    return ids, real
+    written = torch.tensor([[len(start) <= index < len(sequence) for index in range(length)] for sequence in sequences])
+    return ids, written
 
 
 def captioner_loss(captioner: Captioner, examples: Sequence[Example],
@@ -75,18 +78,18 @@ def captioner_loss(captioner: Captioner, examples: Sequence[Example],
     """Teacher-forced cross-entropy of every caption token after the start (padding ignored), plus
     `DISTILL_WEIGHT` × the distillation loss of the last vision block's patch tokens when a distiller is given."""
     images = [e.image for e in examples]
-    ids, real = caption_ids(captioner, [e.caption for e in examples])
+    ids, written = caption_ids(captioner, [e.caption for e in examples])
     with capture_output(captioner.vision_layers[-1]) as captured:
         logits, _ = captioner._forward(pixel_batch(captioner, images), ids, None)
-    loss = caption_cross_entropy(logits, ids, real)
+    loss = caption_cross_entropy(logits, ids, written)
     if distiller is not None:
         loss = loss + DISTILL_WEIGHT * distiller(captioner.vision_grid(captured[0]), unit_pixels(images))
     return loss
 
 
-def caption_cross_entropy(logits: torch.Tensor, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of every real token after the first, predicted by the logits one position earlier."""
-    targets = ids[:, 1:].masked_fill(~real[:, 1:], -100)
+def caption_cross_entropy(logits: torch.Tensor, ids: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of every written token, predicted by the logits one position earlier."""
+    targets = ids[:, 1:].masked_fill(~written[:, 1:], -100)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
@@ -171,10 +174,10 @@ class CaptioningHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
         """The captions' cross-entropy given CLIP's (B, N, D) patch tokens."""
-        ids, real = caption_ids(self.captioner, captions)
+        ids, written = caption_ids(self.captioner, captions)
         logits = self.decoder(input_ids=ids, attention_mask=torch.ones_like(ids), encoder_hidden_states=tokens,
                               return_dict=True).logits
-        return caption_cross_entropy(logits, ids, real)
+        return caption_cross_entropy(logits, ids, written)
 
 
 def clip_loss(clip: ClipModel, examples: Sequence[Example], distiller: Distiller | None = None,
