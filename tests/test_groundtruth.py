@@ -1,6 +1,7 @@
 """The shipped synthetic models and the ground-truth benchmark (python -m ipag evaluate-groundtruth)."""
 
 import json
+from itertools import combinations
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -118,7 +119,7 @@ def test_evaluate_groundtruth_prints_the_tables_and_writes_json_and_a_plot(tmp_p
         assert {"random", "centre", "gradcam:GradCAM", "saliency:SmoothGrad", "occlusion"} <= set(summary["maps"])
         assert set(summary["captions"]["by_objects"]) <= {"1", "2", "3"}
         assert (tmp_path / f"groundtruth-{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [row["captioners"] for row in result["agreement"]] == [list(FAMILIES)]
+    assert [row["captioners"] for row in result["agreement"]] == [list(pair) for pair in combinations(FAMILIES, 2)]
     printed = capsys.readouterr().out
     assert "pointing game" in printed and "Grounding" in printed and "Sanity check" in printed
     assert "Kendall" in printed and "shape words" in printed
@@ -195,8 +196,10 @@ def test_the_page_outlines_the_true_object_and_scores_each_map(synthetic):
     assert session.scene is not None and session.scene.seed == 1
     colour = next(index for index, word in enumerate(session.caption.words) if word.text in ("blue", "purple"))
     *_, (session, rendered) = ui.explain(synthetic, session, colour, EVALUATED)
-    truth = [row for row in rendered.trust if row[0].startswith("Ground truth")]
-    assert len(truth) == len(session.explanation.maps) and all(" on the object" in row[1] for row in truth)
+    table = rendered.trust
+    on_object = next(i for i, header in enumerate(table.headers) if header.startswith("On the true object"))
+    assert len(table.rows) == len(session.explanation.maps)  # one row per map, with its mass on the true object
+    assert all(row[on_object].endswith("%") for row in table.rows)
     assert "true object" in rendered.label
     assert rendered.picture.size == (384, 384)  # the 96 px scene, enlarged by whole pixels to fill the view
 

@@ -119,8 +119,9 @@ def test_a_registered_map_is_in_the_page_the_api_and_the_export(blurred, explain
                                                           "label": "Blurred saliency: σ (pixels)"}
     page = playground.build_app(explainer)
     assert any(getattr(block, "elem_id", None) == "settings-blur_sigma" for block in page.blocks.values())
-    explanation, drawings = ui.api_explain(explainer, photo, word=1, settings=Settings(grounding=False))
-    assert "blurred_saliency" in explanation.to_dict()["maps"] and drawings["blurred_saliency"].size == photo.size
+    exported, drawings = ui.api_explain(explainer, photo, word=1, settings=Settings(grounding=False))
+    explanation = exported.explanation
+    assert "blurred_saliency" in exported.record()["maps"] and drawings["blurred_saliency"].size == photo.size
     session = ui.Session(image=photo, caption=explanation.caption, explanation=explanation, view="blurred_saliency")
     rendered = ui.render(session, Settings())
     assert rendered.picture is not None and "Blurred saliency" in rendered.label

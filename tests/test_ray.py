@@ -104,7 +104,7 @@ def test_resume_an_interrupted_run_on_ray(photos, local_run, tmp_path, monkeypat
     written = []
 
     def interrupted(folder, files):
-        if folder.parent.parent.name == ".forest.partial":
+        if folder.parent.name == ".forest.partial":
             raise KeyboardInterrupt
         written.append(folder)
         write_files(folder, files)

@@ -134,7 +134,7 @@ def test_awkward_queries_get_a_result_or_a_clear_message(explainer, photo, capti
         assert explanation.query == query and np.isfinite(explanation.word_logprob)
 
 
-def test_a_failing_map_type_leaves_the_others_and_a_note(explainer, photo, caption, monkeypatch):
+def test_a_failing_map_type_leaves_the_others_and_says_why(explainer, photo, caption, monkeypatch):
     from ipag.maps import SaliencyMap
 
     def broken(self, gradients):
@@ -143,7 +143,7 @@ def test_a_failing_map_type_leaves_the_others_and_a_note(explainer, photo, capti
     monkeypatch.setattr(SaliencyMap, "_raw", broken)
     explanation = Explainer(explainer.captioner, explainer.clip, "superpixels").explain(photo, 0, caption=caption)
     assert "saliency" not in explanation.maps and "gradcam" in explanation.maps
-    assert any("saliency exploded" in note for note in explanation.notes)
+    assert "saliency exploded" in explanation.failed_maps["saliency"]
     assert explanation.grounding is not None
 
 
