@@ -43,6 +43,8 @@ from .synthetic.scenes import Scene, find_scene
 
 NO_WORD = "Click a caption word, or type a word and press Explain."  #: plain text: fine as HTML too
 WRITING = "The caption is being written; its words can be clicked once it is complete."
+#: Seconds between two updates of a caption being written (`caption_image_stream`).
+STREAM_INTERVAL = 0.25
 #: Input × gradient: the map that found the named object most often on the ground-truth benchmark among those that
 #: pass the sanity check and cost no more than Grad-CAM (docs/evaluation.md).
 DEFAULT_VIEW = "input_x_gradient"
@@ -238,12 +240,16 @@ def caption_image_stream(explainer: Explainer, image: ImageInput | None, setting
     if image is not None:
         try:
             rgb = load_image(image)
+            shown = 0.0
             for written in explainer.caption_stream(rgb, settings):
-                if isinstance(written, str):
+                # Each update is serialised and sent by the page's threads, which hold the interpreter lock that
+                # generation needs too: a few updates a second read as smoothly and slow the caption less.
+                if isinstance(written, str) and time.monotonic() - shown >= STREAM_INTERVAL:
+                    shown = time.monotonic()
                     yield [(written, None)], Session(image=rgb, captioner=session.captioner), WRITING
         except (ImageError, ValueError) as err:
             raise UserError(str(err)) from err
-    yield caption_image(explainer, image, settings, session)
+    yield caption_image(explainer, image, settings, session)  # the caption is cached: this only aligns it
 
 
 def replan(explainer: Explainer, session: Session, settings: Settings) -> Session:

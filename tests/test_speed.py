@@ -298,3 +298,14 @@ def test_space_entry_point_starts_and_serves_the_page(tmp_path):
         process.terminate()
         output = process.communicate(timeout=60)[0]
     assert "precision" in output  # the start-up says what it computes in
+
+
+def test_the_written_caption_is_shown_at_most_every_stream_interval(monkeypatch):
+    """The page's threads share the interpreter lock with generation: updates are throttled, the first shown at
+    once, the complete caption always."""
+    explainer = Explainer.tiny(seed=0)
+    image = str(ROOT / "examples" / "rocket.jpg")
+    monkeypatch.setattr(ui, "STREAM_INTERVAL", 3600.0)
+    *writing, (segments, session, _) = ui.caption_image_stream(explainer, image, Settings(max_new_tokens=6),
+                                                               ui.Session())
+    assert len(writing) == 1 and session.caption is not None and segments
