@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from ipag import Explainer, ModelUnavailableError, Settings, budget, precision, ui
+from ipag.captioners.base import DecodeOptions
 from ipag.cli import main as cli_main
 from ipag.evaluation.precision import POINTING_WITHIN, agreement, precision_record, precision_summary
 from ipag.maps import IntegratedGradientsMap, MapContext, Occlusion
@@ -309,3 +310,20 @@ def test_the_written_caption_is_shown_at_most_every_stream_interval(monkeypatch)
     *writing, (segments, session, _) = ui.caption_image_stream(explainer, image, Settings(max_new_tokens=6),
                                                                ui.Session())
     assert len(writing) == 1 and session.caption is not None and segments
+
+
+def test_bfloat16_generation_caches_weight_casts_and_leaves_the_weights_frozen():
+    """Autocast caches the casts of weights that require gradients only: during a bfloat16 generation the weights
+    are marked (so each is cast once, not once per token), never outside it, and a float32 one marks nothing."""
+    captioner = Explainer.tiny(seed=0).captioner
+    head = [module for module in captioner.generator.modules() if isinstance(module, torch.nn.Linear)][-1]
+    seen = []  # per call of the output layer (once per token): its weight marked?, gradients on?
+    head.register_forward_pre_hook(lambda module, _: seen.append((module.weight.requires_grad,
+                                                                   torch.is_grad_enabled())))
+    pixels = captioner.preprocess(Image.new("RGB", (32, 32), (90, 30, 200)))
+    for stages, marked in ((frozenset({"caption"}), True), (frozenset(), False)):
+        captioner.precision = Precision(stages)
+        seen.clear()
+        captioner.generate_scored(pixels, DecodeOptions(max_new_tokens=4))
+        assert seen and all(state == (marked, False) for state in seen)
+        assert not any(parameter.requires_grad for parameter in captioner.model.parameters())
