@@ -12,7 +12,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -107,8 +107,8 @@ class ClipModel:
         with self._autocast():
             return self.model.encode_text(tokens, normalize=True).float().cpu()
 
-    def _autocast(self) -> torch.autocast:
-        return self.precision.autocast(self.device, "clip")
+    def _autocast(self) -> AbstractContextManager[None]:
+        return self.precision.autocast(self.device, "clip", self.model)
 
     def relevance(self, image: Image.Image, text: str) -> np.ndarray:
         """Where CLIP's image embedding matches `text`: Chefer et al.'s gradient-weighted attention rollout.
