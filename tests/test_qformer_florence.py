@@ -200,8 +200,8 @@ def test_grad_cam_takes_any_davit_stage(photo):
     captioner = Florence2Captioner.tiny()
     explainer = Explainer(captioner, clip=None)
     caption = explainer.caption(photo)
-    grids = [explainer.explain(photo, 0, caption=caption, settings=Settings(vision_layer=layer)).maps["gradcam"].raw.shape
-             for layer in range(len(captioner.vision_layers))]
+    grids = [explainer.explain(photo, 0, caption=caption, settings=Settings(vision_layer=layer)).maps["gradcam"]
+             .raw.shape for layer in range(len(captioner.vision_layers))]
     assert grids == [(32, 32), (16, 16), (8, 8), (4, 4)]
 
 

@@ -10,9 +10,10 @@ through the language model's attention from the word to the query tokens:
 - raw attention weighs each query's row of that layer by how much the word's rows of the language model attend to
   its image token (mean over heads and layers; `DecoderPass.query_weights`);
 - Grad-CAM on the ViT's blocks (the Q-Former reads the last one's normalised output); LeGrad on their attention.
-Transformer relevancy is not offered: Chefer et al.'s rules propagate relevance through one transformer's
-residual stream, and the queries' stream through the Q-Former is cut from the language model's by a projection
-whose relevance rule the paper does not give (`unavailable_map` says so in the map's place).
+Transformer relevancy is not offered: Chefer et al.'s rules carry relevance through one transformer, or a decoder
+and the encoder it cross-attends to; here it would have to go from the language model's query tokens back into the
+Q-Former that made them (through a projection, and into a Q-Former that cross-attends only every few layers), which
+the rules do not cover (`unavailable_map` says so in the map's place).
 
 BLIP-2 captions with no text (as it was trained: the image tokens, then the start token); an instruction, when
 asked, is its text prompt. InstructBLIP is asked `DEFAULT_INSTRUCTION`, which its Q-Former reads too, through its
@@ -110,9 +111,10 @@ class QFormerCaptioner(VlmCaptioner):
 
     def unavailable_map(self, key: str) -> str | None:
         if key == "relevancy":
-            return ("Transformer relevancy (Chefer et al.) propagates relevance through one transformer, or an encoder "
-                    "and the decoder attending to it; BLIP-2 chains two, the Q-Former whose queries look at the image "
-                    "and a language model that reads the queries as tokens, and the method gives no rule between them.")
+            return ("Transformer relevancy is not offered for BLIP-2: Chefer et al.'s rules carry relevance through "
+                    "one transformer, or a decoder and the encoder it cross-attends to, not from a language model's "
+                    "query tokens back into the Q-Former that made them. Cross-attention Grad-CAM, whose gradient "
+                    "flows through both, is the nearest map.")
         return None
 
     # --- prompts -------------------------------------------------------------------------------------------
