@@ -121,8 +121,9 @@ def test_the_attention_to_the_image_is_the_words_own(captioner, caption, photo, 
     assert not np.allclose(maps[0], maps[1])
     for target, (_, gradients) in zip(targets, results):
         if kind == "florence2":  # the decoder's rows that predict the word, not the whole sequence's
-            assert gradients.attention.shape[1] == len(target.rows) and gradients.row_weights is None
-            assert max(gradients.rows) < len(caption.token_ids) - captioner.answer_start(caption.token_ids) + 2
+            encoder = captioner.answer_start(caption.token_ids) - 2  # the decoder's input starts with </s> <s>
+            assert gradients.rows == tuple(row - encoder for row in target.rows) and gradients.row_weights is None
+            assert gradients.attention.shape[1] == len(target.rows)
         else:  # every query's row, weighed by the word's attention to the query tokens
             queries = captioner.model.config.num_query_tokens
             assert gradients.attention.shape[1] == queries and gradients.row_weights.shape == (queries,)

@@ -35,7 +35,7 @@ from transformers import AutoConfig, ProcessorMixin
 
 from ..errors import ModelUnavailableError
 from ..layout import Layout
-from .base import Attentions, DecoderPass, capture_output, tracked_output
+from .base import Attentions, DecoderPass, capture_output
 from .vlm import DEFAULT_INSTRUCTION, VlmCaptioner
 
 
@@ -100,10 +100,6 @@ class QFormerCaptioner(VlmCaptioner):
     def _cross_attention(self, layer: int) -> nn.Module:
         return self.model.qformer.encoder.layer[self._qformer_layers[layer]].crossattention.attention
 
-    @property
-    def _language_layers(self) -> list[nn.Module]:
-        return list(self.model.language_model.get_decoder().layers)
-
     def attention_layout(self, token_ids: Sequence[int], keys: int, grid: tuple[int, int]) -> Layout:
         """The cross-attention's keys are the ViT's tokens: its CLS token, then the square patch grid."""
         side = round((keys - 1) ** 0.5)
@@ -149,20 +145,14 @@ class QFormerCaptioner(VlmCaptioner):
         return out.logits, None if cross_attention_layer is None else captured[0]
 
     def _forward_with_attentions(self, pixel_values: torch.Tensor, token_ids: torch.Tensor) -> tuple:
-        """The ViT's self-attention per block, the Q-Former's self-attention per layer and its cross-attention per
-        cross-attending layer (as the decoder's), caught as their modules return them. The Q-Former's input (the
-        learnt queries, and InstructBLIP's instruction) does not depend on the image: it is made part of the graph,
-        so that its first self-attention gets the word's gradient too."""
-        qformer = self.model.qformer
+        """The ViT's self-attention per block (LeGrad's) and the Q-Former's cross-attention per cross-attending layer
+        (as the decoder's), caught as their modules return them; no map here needs the others."""
         with ExitStack() as stack:
-            stack.enter_context(tracked_output(qformer.embeddings if self._reads_instruction else qformer.layernorm))
             vision = [stack.enter_context(capture_output(block.self_attn, index=1)) for block in self.vision_layers]
-            queries = [stack.enter_context(capture_output(layer.attention.attention, index=1))
-                       for layer in qformer.encoder.layer]
             cross = [stack.enter_context(capture_output(self._cross_attention(layer), index=1))
                      for layer in range(self.num_decoder_layers)]
             out = self.model(pixel_values=pixel_values, **self._inputs(token_ids), return_dict=True)
-        return out.logits, Attentions(*([captured[0] for captured in kind] for kind in (vision, queries, cross)))
+        return out.logits, Attentions([captured[0] for captured in vision], [], [captured[0] for captured in cross])
 
     def forward_for_attribution(self, pixel_values: torch.Tensor, token_ids: list[int], vision_layer: int,
                                 cross_attention_layer: int | None, attentions: bool = False) -> DecoderPass:
@@ -171,7 +161,7 @@ class QFormerCaptioner(VlmCaptioner):
         layers, off the graph), by which the raw attention map weighs the queries for a word."""
         with ExitStack() as stack:
             language = [stack.enter_context(capture_output(layer.self_attn, index=1))
-                        for layer in self._language_layers]
+                        for layer in self.model.language_model.get_decoder().layers]
             decoded = super().forward_for_attribution(pixel_values, token_ids, vision_layer, cross_attention_layer,
                                                       attentions)
         images = [position for position, token in enumerate(token_ids) if token == self._image_token]
