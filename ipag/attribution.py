@@ -106,6 +106,7 @@ class AttributionPass:
             vision_layout=clean.vision_layout,
             attention_layout=clean.attention_layout,
             rows=tuple(row + clean.row_offset for row in target.rows),
+            row_weights=_row_weights(clean, target),
             attentions=None if clean.attentions is None else _pairs(later, attention_grad[len(cross):]),
         )
         return float(value.detach()), gradients, vision_grad
@@ -194,6 +195,13 @@ def _rows(decoded: DecoderPass, target: Target) -> list[int]:
     if decoded.query_rows is not None:
         return list(decoded.query_rows)
     return [row + decoded.row_offset for row in target.rows]
+
+
+def _row_weights(decoded: DecoderPass, target: Target) -> np.ndarray | None:
+    """How much the target's rows read each query row (`DecoderPass.query_weights`), None without queries."""
+    if decoded.query_weights is None:
+        return None
+    return _numpy(decoded.query_weights[0, [row + decoded.row_offset for row in target.rows]].sum(dim=0))
 
 
 def _rows_of(attention: torch.Tensor | None, rows: list[int]) -> np.ndarray | None:

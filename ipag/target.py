@@ -62,7 +62,8 @@ class TargetGradients:
     its keys, shape (heads, rows, keys), None for a decoder without attention to the image; `vision_*` are the chosen
     vision layer's output as a (D, gh, gw) grid (ViT patch tokens, CNN feature maps, or several tiles' grids side by
     side). The layouts place a value per grid cell or per attention key on the pixel input (`Layout.place`);
-    `rows` are the target's rows in the decoder's attention (relevancy propagates them).
+    `rows` are the target's rows in the decoder's attention (relevancy propagates them). `row_weights`: how much the
+    target reads each row of `attention` (BLIP-2: each query's), None when the rows are the target's own.
     """
 
     vision_activations: np.ndarray
@@ -74,6 +75,7 @@ class TargetGradients:
     vision_layout: Layout
     attention_layout: Layout | None = None
     rows: tuple[int, ...] = ()
+    row_weights: np.ndarray | None = None
     pixels: np.ndarray | None = None
     #: Every attention layer's (probabilities, gradient) as torch tensors (heads, queries, keys), by
     #: ("vision" | "decoder_self" | "decoder_cross", layer); None unless a map type needs them.

@@ -15,6 +15,8 @@ from ..plugins import Registry
 from .base import Captioner, DecodeOptions, DecoderPass, Piece
 from .blip import BlipCaptioner
 from .clipcap import ClipCapCaptioner
+from .florence2 import Florence2Captioner
+from .qformer import QFormerCaptioner
 from .vit_gpt2 import VitGpt2Captioner
 from .vlm import VlmCaptioner
 
@@ -22,7 +24,8 @@ CAPTIONERS: Registry[type[Captioner]] = Registry("ipag.captioners", Captioner, l
 register = CAPTIONERS.register
 unregister = CAPTIONERS.unregister
 
-for _builtin in (BlipCaptioner, VitGpt2Captioner, ClipCapCaptioner, VlmCaptioner):
+for _builtin in (BlipCaptioner, VitGpt2Captioner, ClipCapCaptioner, VlmCaptioner, QFormerCaptioner,
+                 Florence2Captioner):
     register(_builtin)
 
 
@@ -85,5 +88,6 @@ def _unavailable(model_id: str, err: Exception) -> ModelUnavailableError:
         f"Fix: {download_fix(model_id)}")
 
 
-__all__ = ["BlipCaptioner", "CAPTIONERS", "Captioner", "ClipCapCaptioner", "DecodeOptions", "DecoderPass", "Piece",
-           "VitGpt2Captioner", "VlmCaptioner", "known_captioners", "load_captioner", "register", "tiny_captioner", "unregister"]
+__all__ = ["BlipCaptioner", "CAPTIONERS", "Captioner", "ClipCapCaptioner", "DecodeOptions", "DecoderPass",
+           "Florence2Captioner", "Piece", "QFormerCaptioner", "VitGpt2Captioner", "VlmCaptioner", "known_captioners",
+           "load_captioner", "register", "tiny_captioner", "unregister"]

@@ -89,7 +89,9 @@ class DecoderPass:
     for tensors of the graph itself (a slice taken afterwards would get none). The layouts say where the vision
     grid's cells and the attention's keys lie on the pixel input (`ipag.layout`); the attention's rows that
     predict a target are the target's rows shifted by `row_offset` (a decoder that does not see the prompt), or
-    `query_rows` for every target (BLIP-2's Q-Former, whose queries alone look at the image).
+    `query_rows` for every target (BLIP-2's Q-Former, whose queries alone look at the image); then `query_weights`
+    (B, T, queries) says how much each row of the sequence reads each query (BLIP-2's language model's attention to
+    the query tokens), by which the raw attention map weighs the queries for a target.
     """
 
     vision_layer: str  #: qualified module name of the vision layer
@@ -103,6 +105,7 @@ class DecoderPass:
     attention_layout: Layout | None = None
     row_offset: int = 0
     query_rows: tuple[int, ...] | None = None
+    query_weights: torch.Tensor | None = None
     vision_index: int = -1  #: which of `Captioner.vision_layers` made `vision_output` (non-negative)
     attentions: Attentions | None = None  #: every layer's attention, when asked for
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (AutoModelForImageTextToText, PreTrainedTokenizerFast, ProcessorMixin,
                           PretrainedConfig)
 
@@ -33,12 +33,14 @@ SIDE, PATCH = 64, 8
 
 
 def word_tokenizer(specials: Sequence[str], extra: dict[str, str] | None = None, structure: Sequence[str] = (),
-                   chat_template: str | None = None, words: Sequence[str] = WORDS) -> PreTrainedTokenizerFast:
+                   chat_template: str | None = None, words: Sequence[str] = WORDS,
+                   starts_text: bool = False) -> PreTrainedTokenizerFast:
     """A lower-casing word-level tokenizer over `words`, SentencePiece-style ("▁word" starts a word, "▁" alone is a
     space before a marker, punctuation stands alone),
     with the special tokens `specials` (the first four are pad, unknown, start and end), `extra` special tokens
     named by attribute (e.g. {"image_token": "<image>"}), `structure` tokens matched verbatim ("\\n", template
-    markers), and a chat template."""
+    markers), and a chat template. `starts_text`: it puts the start token before every text, as OPT's and Llama's
+    tokenizers do (BLIP-2's processors rely on that: their prompt is the image tokens, then the tokenized text)."""
     extra = extra or {}
     names = list(dict.fromkeys([*specials, *extra.values()]))
     vocab = {token: index for index, token in enumerate(
@@ -50,6 +52,9 @@ def word_tokenizer(specials: Sequence[str], extra: dict[str, str] | None = None,
     backend.add_special_tokens([AddedToken(token, normalized=False, special=True) for token in names])
     backend.add_tokens([AddedToken(token, normalized=False, special=False) for token in structure])
     pad, unknown, start, end = specials[:4]
+    if starts_text:
+        backend.post_processor = processors.TemplateProcessing(single=f"{start} $A", pair=f"{start} $A $B",
+                                                               special_tokens=[(start, vocab[start])])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=pad, unk_token=unknown, bos_token=start,
                                         eos_token=end, extra_special_tokens=extra, model_max_length=4096)
     tokenizer.chat_template = chat_template
@@ -288,7 +293,7 @@ def blip2() -> tuple[PretrainedConfig, ProcessorMixin]:
     """BLIP-2: a ViT, a Q-Former whose queries cross-attend to its patches, OPT reading the queries."""
     from transformers import Blip2Config, Blip2Processor, BlipImageProcessor, OPTConfig
 
-    tokenizer = word_tokenizer(["<pad>", "<unk>", "</s>", "<eos>"], structure=("question", "answer"))
+    tokenizer = word_tokenizer(["<pad>", "<unk>", "</s>", "<eos>"], structure=("question", "answer"), starts_text=True)
     processor = Blip2Processor(image_processor=BlipImageProcessor(size={"height": SIDE, "width": SIDE}),
                                tokenizer=tokenizer, num_query_tokens=QUERIES)  # adds its image token
     text = dict(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
@@ -306,7 +311,7 @@ def instructblip() -> tuple[PretrainedConfig, ProcessorMixin]:
     from transformers import (BertTokenizer, BlipImageProcessor, InstructBlipConfig, InstructBlipProcessor,
                               LlamaConfig)
 
-    tokenizer = word_tokenizer(LLAMA_SPECIALS)
+    tokenizer = word_tokenizer(LLAMA_SPECIALS, starts_text=True)
     bert = BertTokenizer(vocab={token: index for index, token in enumerate(
         ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}, model_max_length=64)
     processor = InstructBlipProcessor(image_processor=BlipImageProcessor(size={"height": SIDE, "width": SIDE}),
@@ -317,21 +322,26 @@ def instructblip() -> tuple[PretrainedConfig, ProcessorMixin]:
     return config, processor
 
 
+#: Florence-2's DaViT shrinks its input 32-fold (strides 4, 2, 2, 2): 128 pixels make a 4 × 4 grid of image tokens.
+FLORENCE_SIDE = 128
+
+
 def florence2() -> tuple[PretrainedConfig, ProcessorMixin]:
-    """Florence-2: a DaViT (convolutional stages with window attention) on the squashed photo, its last stage's
-    2 × 2 grid and their mean as image tokens, before the task prompt, in a BART encoder; a BART decoder."""
+    """Florence-2: a DaViT (convolutional stages with window attention) on the squashed photo, the mean of its last
+    stage's 4 × 4 grid and the grid itself as image tokens, before the task prompt, in a BART encoder; a BART
+    decoder, which starts with </s> and is made to write <s> next (`save_tiny` sets that, as real ones have it)."""
     from transformers import BartConfig, CLIPImageProcessor, Florence2Config, Florence2Processor
 
     tokenizer = word_tokenizer(["<pad>", "<unk>", "<s>", "</s>"], {"image_token": "<image>"}, ())
-    images = CLIPImageProcessor(size={"height": SIDE, "width": SIDE}, do_center_crop=False)
-    images.image_seq_length = 1 + (SIDE // 32) ** 2
+    images = CLIPImageProcessor(size={"height": FLORENCE_SIDE, "width": FLORENCE_SIDE}, do_center_crop=False)
+    images.image_seq_length = 1 + (FLORENCE_SIDE // 32) ** 2
     vision = dict(depths=(1, 1, 1, 1), embed_dim=(8, 16, 16, 32), num_heads=(2, 2, 2, 4), num_groups=(2, 2, 2, 4),
                   window_size=2, drop_path_rate=0.0, projection_dim=32, initializer_range=INIT)
     text = dict(vocab_size=len(tokenizer), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                 decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
                 init_std=INIT, dropout=0.0, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
-                forced_bos_token_id=tokenizer.bos_token_id)
+                forced_eos_token_id=tokenizer.eos_token_id)
     config = Florence2Config(vision_config=vision, text_config=BartConfig(**text),
                              image_token_id=tokenizer.image_token_id)
     return config, Florence2Processor(image_processor=images, tokenizer=tokenizer)
@@ -358,6 +368,8 @@ def save_tiny(kind: str, folder: str | Path, seed: int = 0) -> Path:
                     parameter.normal_(0.0, INIT)
     model.generation_config.max_new_tokens = 20
     model.generation_config.min_new_tokens = 2  # a random model often ends at once: nothing to explain
+    if config.is_encoder_decoder:  # Florence-2's BART: </s> starts the answer, <s> is forced next
+        model.generation_config.forced_bos_token_id = processor.tokenizer.bos_token_id
     folder = Path(folder)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

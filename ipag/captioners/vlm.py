@@ -22,7 +22,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from PIL import Image
@@ -58,6 +58,10 @@ class VlmCaptioner(Captioner):
     name = "vlm"
     model_types = tuple(FAMILIES)
     neutral_prompt = "a picture of"
+    #: What the model is asked when the user asks nothing else (`start_ids`).
+    default_instruction: ClassVar[str] = DEFAULT_INSTRUCTION
+    #: Which of `tiny_vlms.TINY_KINDS` `tiny` builds.
+    tiny_kind: ClassVar[str] = "llava"
 
     def __init__(self, model: nn.Module, processor: ProcessorMixin, device: torch.device, model_id: str) -> None:
         if model.config.text_config._attn_implementation != "eager":
@@ -66,7 +70,8 @@ class VlmCaptioner(Captioner):
         super().__init__(model, processor.image_processor, device, model_id)
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.family = FAMILIES[model.config.model_type]
+        # Classes built on this one for other families (`model_types`) run theirs without token types.
+        self.family = FAMILIES.get(model.config.model_type, Family())
         self._image_token = model.config.image_token_id
         self._end = _ids(model.generation_config.eos_token_id)
         #: The prompts made so far, by instruction: a caption's answer starts after the one it begins with.
@@ -81,9 +86,9 @@ class VlmCaptioner(Captioner):
         """Load a model and its processor; on CPU a model that would not fit in memory is refused first."""
         offline = {"local_files_only": local_files_only}
         config = AutoConfig.from_pretrained(model_id, **offline)
-        if config.model_type not in FAMILIES:
-            raise ModelUnavailableError(f"'{model_id}' is a '{config.model_type}' model; the vision-language "
-                                        f"adapter explains these model types: {', '.join(FAMILIES)}.")
+        if config.model_type not in cls.model_types:
+            raise ModelUnavailableError(f"'{model_id}' is a '{config.model_type}' model; the {cls.__name__} "
+                                        f"adapter explains these model types: {', '.join(cls.model_types)}.")
         if device.type == "cpu":
             refuse_if_too_big(model_id, weight_count(model_id, local_files_only))
         # bfloat16 weights on GPUs (half the memory; the forward's autocast is then a no-op), float32 on CPU.
@@ -94,13 +99,13 @@ class VlmCaptioner(Captioner):
 
     @classmethod
     def tiny(cls, seed: int = 0, device: torch.device = torch.device("cpu")) -> "VlmCaptioner":
-        """A tiny random LLaVA, written and loaded back as a download would be."""
+        """A tiny random model of the family `tiny_kind`, written and loaded back as a download would be."""
         import tempfile
 
         from .tiny_vlms import save_tiny
 
         with tempfile.TemporaryDirectory() as folder:
-            return cls.load(str(save_tiny("llava", folder, seed)), device, local_files_only=True)
+            return cls.load(str(save_tiny(cls.tiny_kind, folder, seed)), device, local_files_only=True)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write model and processor so that `load(folder)` restores exactly this captioner."""
@@ -152,19 +157,22 @@ class VlmCaptioner(Captioner):
     # --- prompts and answers -------------------------------------------------------------------------------
 
     def start_ids(self, pixel_values: torch.Tensor | None = None, instruction: str | None = None) -> list[int]:
-        """The prompt asking `instruction` (None: `DEFAULT_INSTRUCTION`). These families' image token count does
-        not depend on the photo, so one prompt serves every image."""
+        """The prompt asking `instruction` (None or empty: `default_instruction`). These families' image token count
+        does not depend on the photo, so one prompt serves every image."""
         if instruction not in self._prompts:
-            text = instruction or DEFAULT_INSTRUCTION
-            if self.processor.chat_template:
-                text = self.processor.apply_chat_template(
-                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
-                    add_generation_prompt=True)
-            else:  # PaliGemma: the processor writes image tokens, <bos>, the instruction and a newline
-                text = self.processor.image_token + text
-            encoded = self.processor(images=Image.new("RGB", (64, 64)), text=text)
-            self._prompts[instruction] = list(encoded["input_ids"][0])
+            self._prompts[instruction] = self._prompt_ids(instruction or self.default_instruction)
         return list(self._prompts[instruction])
+
+    def _prompt_ids(self, instruction: str) -> list[int]:
+        """The prompt's token ids, made once per instruction (`start_ids` keeps them)."""
+        text = instruction
+        if self.processor.chat_template:
+            text = self.processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+                add_generation_prompt=True)
+        else:  # PaliGemma: the processor writes image tokens, <bos>, the instruction and a newline
+            text = self.processor.image_token + text
+        return list(self.processor(images=Image.new("RGB", (64, 64)), text=text)["input_ids"][0])
 
     def answer_start(self, token_ids: Sequence[int]) -> int:
         """After the longest prompt made here that `token_ids` begins with; 0 for text without a prompt."""

@@ -18,7 +18,8 @@ from .cross_attention import CrossAttentionMap
 @dataclass(frozen=True)
 class AttentionMap(CrossAttentionMap):
     """Mean over heads of the chosen decoder layer's cross-attention, summed over the rows predicting the word
-    (the cross-attention Grad-CAM without its gradient weighting)."""
+    (the cross-attention Grad-CAM without its gradient weighting); over BLIP-2's queries, each weighted by how much
+    the word reads it (`TargetGradients.row_weights`)."""
 
     key = "attention"
     title = "Attention"
@@ -26,4 +27,7 @@ class AttentionMap(CrossAttentionMap):
 
     def _raw(self, context: MapContext) -> np.ndarray:
         gradients = context.gradients
-        return gradients.attention_layout.place(gradients.attention.mean(axis=0).sum(axis=0))
+        rows = gradients.attention.mean(axis=0)
+        if gradients.row_weights is not None:
+            rows = rows * gradients.row_weights[:, None]
+        return gradients.attention_layout.place(rows.sum(axis=0))
