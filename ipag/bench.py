@@ -19,6 +19,7 @@ CLIP can be shown a region (`GROUNDING_VARIANTS`).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import itertools
 import json
@@ -329,7 +330,13 @@ def peak_rss_gib() -> float:
 
 
 def reset_peak_rss() -> None:
-    """Start a new peak of resident memory (Linux only: elsewhere the peak stays the whole run's)."""
+    """Start a new peak of resident memory from what is live now (Linux only: elsewhere the peak stays the whole
+    run's). glibc keeps freed memory mapped for reuse, so without a trim every step's peak would start from the
+    largest earlier step's (occlusion's batches, say) and say nothing of the step itself."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
