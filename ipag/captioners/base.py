@@ -28,6 +28,7 @@ from typing import ClassVar, Iterator, Literal
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.generation.streamers import BaseStreamer
 from transformers.image_processing_utils import BaseImageProcessor
 
@@ -136,6 +137,9 @@ class Captioner(ABC):
         #: Which stages compute in bfloat16 (`ipag.precision`; see `autocast`): none unless the explainer says so
         #: (`--precision`, "auto" by default), so that a captioner built directly computes exactly.
         self.precision: Precision = FLOAT32
+        #: Whether backward passes recompute `checkpointed_layers` instead of keeping their activations (a captioner
+        #: turns it on for models big enough to need it; see `checkpointed`).
+        self.gradient_checkpointing = False
 
     # --- what each captioner implements -------------------------------------------------------------------
 
@@ -186,6 +190,15 @@ class Captioner(ABC):
         attention all lives in explicit probability tensors implement it; the others cannot have the maps that
         need it (see `exposes_attentions`)."""
         raise NotImplementedError(f"The {self.name} captioner does not expose its attention probabilities.")
+
+    @property
+    def checkpointed_layers(self) -> list[nn.Module]:
+        """The layers whose activations a backward pass recomputes when `gradient_checkpointing` is on (none here:
+        a captioner whose family gains from it names its language model's layers)."""
+        return []
+
+    def _checkpointing(self) -> AbstractContextManager[None]:
+        return checkpointed(self.checkpointed_layers if self.gradient_checkpointing else [])
 
     @property
     def exposes_attentions(self) -> bool:
@@ -313,7 +326,7 @@ class Captioner(ABC):
         """`batch_token_logprobs` inside the autograd graph (for methods that differentiate a batch of
         altered images, like integrated gradients)."""
         ids = torch.tensor([list(token_ids)], device=self.device).expand(pixel_values.shape[0], -1)
-        with self.autocast(stage):
+        with self.autocast(stage), self._checkpointing():
             logits, _ = self._forward(pixel_values, ids, None)
         return token_logprobs(torch.log_softmax(_at_least_float32(logits), dim=-1), token_ids)
 
@@ -330,7 +343,8 @@ class Captioner(ABC):
         pixel_values = pixel_values.detach().clone().requires_grad_(True)
         ids = torch.tensor([token_ids], device=self.device).expand(pixel_values.shape[0], -1)
         every = None
-        with torch.enable_grad(), self.autocast("gradients"), capture_output(block) as captured:
+        with torch.enable_grad(), self.autocast("gradients"), self._checkpointing(), \
+                capture_output(block) as captured:
             if attentions:
                 logits, every = self._forward_with_attentions(pixel_values, ids)
                 # A decoder-only model's self-attention holds its attention to the image tokens.
@@ -390,6 +404,34 @@ def capture_output(module: nn.Module, index: int = 0) -> Iterator[list[torch.Ten
         yield captured
     finally:
         handle.remove()
+
+
+@contextmanager
+def checkpointed(layers: Sequence[nn.Module]) -> Iterator[None]:
+    """Run `layers` under activation checkpointing during the block (this thread's calls only): their forward keeps
+    only its inputs, and the backward pass recomputes the rest, so a big language model's backward needs memory for
+    one layer's activations instead of all of them. The outputs (attention probabilities among them) stay in the
+    graph, so gradients with respect to them are exact. transformers' own switch (`gradient_checkpointing_enable`)
+    acts only in training mode, which would also turn on the dropout of some families' layers (OPT, BART) and make
+    an explanation random; the teacher-forced passes must not fill a KV cache either (`use_cache=False`), or the
+    recomputation would append to it a second time."""
+    owner = threading.get_ident()
+    originals = [layer.forward for layer in layers]
+
+    def wrap(forward):
+        def run(*args, **kwargs):
+            if threading.get_ident() != owner or not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return run
+
+    for layer, forward in zip(layers, originals):
+        layer.forward = wrap(forward)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's forward again
 
 
 @contextmanager

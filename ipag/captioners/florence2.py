@@ -101,7 +101,7 @@ class Florence2Captioner(VlmCaptioner):
     def _run(self, pixel_values: torch.Tensor, token_ids: torch.Tensor, attentions: bool) -> tuple:
         """(logits over the whole sequence, the model's output): the decoder's, after zeros for the encoder's input."""
         out = self.model(pixel_values=pixel_values, **self._inputs(token_ids), output_attentions=attentions,
-                         return_dict=True)
+                         use_cache=False, return_dict=True)
         prompt = out.logits.new_zeros(len(token_ids), token_ids.shape[1] - out.logits.shape[1], out.logits.shape[2])
         return torch.cat([prompt, out.logits], dim=1), out
 

@@ -141,7 +141,7 @@ class QFormerCaptioner(VlmCaptioner):
         with ExitStack() as stack:
             if cross_attention_layer is not None:
                 captured = stack.enter_context(capture_output(self._cross_attention(cross_attention_layer), index=1))
-            out = self.model(pixel_values=pixel_values, **self._inputs(token_ids), return_dict=True)
+            out = self.model(pixel_values=pixel_values, **self._inputs(token_ids), use_cache=False, return_dict=True)
         return out.logits, None if cross_attention_layer is None else captured[0]
 
     def _forward_with_attentions(self, pixel_values: torch.Tensor, token_ids: torch.Tensor) -> tuple:
@@ -151,7 +151,7 @@ class QFormerCaptioner(VlmCaptioner):
             vision = [stack.enter_context(capture_output(block.self_attn, index=1)) for block in self.vision_layers]
             cross = [stack.enter_context(capture_output(self._cross_attention(layer), index=1))
                      for layer in range(self.num_decoder_layers)]
-            out = self.model(pixel_values=pixel_values, **self._inputs(token_ids), return_dict=True)
+            out = self.model(pixel_values=pixel_values, **self._inputs(token_ids), use_cache=False, return_dict=True)
         return out.logits, Attentions([captured[0] for captured in vision], [], [captured[0] for captured in cross])
 
     def forward_for_attribution(self, pixel_values: torch.Tensor, token_ids: list[int], vision_layer: int,

@@ -37,6 +37,9 @@ from .base import Attentions, Captioner, Piece, capture_output, is_punctuation
 DEFAULT_INSTRUCTION = "Describe this image in one sentence."
 #: Memory a CPU run needs per weight beyond the weight itself (activations, the backward pass's graph).
 MEMORY_OVERHEAD = 1.3
+#: Models of at least this many weights recompute their language model's activations in the backward pass
+#: (`Captioner.gradient_checkpointing`): their activations, not their weights, would otherwise bound what fits.
+CHECKPOINT_FROM = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -89,13 +92,18 @@ class VlmCaptioner(Captioner):
         if config.model_type not in cls.model_types:
             raise ModelUnavailableError(f"'{model_id}' is a '{config.model_type}' model; the {cls.__name__} "
                                         f"adapter explains these model types: {', '.join(cls.model_types)}.")
+        weights = weight_count(model_id, local_files_only)
         if device.type == "cpu":
-            refuse_if_too_big(model_id, weight_count(model_id, local_files_only))
-        # bfloat16 weights on GPUs (half the memory; the forward's autocast is then a no-op), float32 on CPU.
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = AutoModelForImageTextToText.from_pretrained(model_id, attn_implementation="eager", dtype=dtype,
+            refuse_if_too_big(model_id, weights)
+        # On GPUs: bfloat16 weights (half the memory; the forward's autocast is then a no-op), spread over every GPU
+        # (and the CPU) by accelerate's `device_map` when one does not hold them. float32 on CPU.
+        on_gpu = device.type == "cuda"
+        placement = {"dtype": torch.bfloat16, "device_map": "auto"} if on_gpu else {"dtype": torch.float32}
+        model = AutoModelForImageTextToText.from_pretrained(model_id, attn_implementation="eager", **placement,
                                                             **offline)
-        return cls(model, AutoProcessor.from_pretrained(model_id, **offline), device, model_id)
+        captioner = cls(model, AutoProcessor.from_pretrained(model_id, **offline), device, model_id)
+        captioner.gradient_checkpointing = weights is not None and weights >= CHECKPOINT_FROM
+        return captioner
 
     @classmethod
     def tiny(cls, seed: int = 0, device: torch.device = torch.device("cpu")) -> "VlmCaptioner":
@@ -122,6 +130,11 @@ class VlmCaptioner(Captioner):
         read = max(read) if isinstance(read, Sequence) else read
         # `read` indexes the tower's hidden states, whose first is the embeddings' output.
         return layers[: read % (len(layers) + 1)] if read != -1 else layers
+
+    @property
+    def checkpointed_layers(self) -> list[nn.Module]:
+        """The language model's decoder layers: most of a vision-language model's weights and activations."""
+        return list(self.model.get_decoder().layers)
 
     @property
     def num_decoder_layers(self) -> int:
@@ -238,7 +251,7 @@ class VlmCaptioner(Captioner):
 
     def _forward(self, pixel_values: torch.Tensor, token_ids: torch.Tensor,
                  cross_attention_layer: int | None) -> tuple:
-        out = self.model(pixel_values=pixel_values, **self._inputs(token_ids),
+        out = self.model(pixel_values=pixel_values, **self._inputs(token_ids), use_cache=False,
                          output_attentions=cross_attention_layer is not None, return_dict=True)
         return out.logits, None if cross_attention_layer is None else out.attentions[cross_attention_layer]
 
@@ -248,7 +261,7 @@ class VlmCaptioner(Captioner):
         with ExitStack() as stack:
             vision = [stack.enter_context(capture_output(block.self_attn, index=1)) for block in self.vision_layers]
             out = self.model(pixel_values=pixel_values, **self._inputs(token_ids), output_attentions=True,
-                             return_dict=True)
+                             use_cache=False, return_dict=True)
         return out.logits, Attentions([captured[0] for captured in vision], list(out.attentions), [])
 
 
