@@ -41,6 +41,10 @@ def textured(shape: tuple[int, int], seed: int = 1) -> Image.Image:
 
 def test_a_downloaded_folder_loads_as_its_family(vlm):
     assert isinstance(vlm, VlmCaptioner) and vlm.model.config.model_type in FAMILIES
+    # The language model's attention probabilities are read; the vision tower's only where LeGrad can use them.
+    config = vlm.model.config
+    assert config.text_config._attn_implementation == "eager"
+    assert config.vision_config._attn_implementation == ("sdpa" if vlm.canvas.no_vision_attention else "eager")
 
 
 def test_captions_continue_the_prompt_and_only_the_answer_is_clickable(vlm, photo):

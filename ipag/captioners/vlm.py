@@ -115,7 +115,12 @@ class VlmCaptioner(Captioner):
             refuse_if_too_big(model_id, weight_count(model_id, local_files_only))
         # bfloat16 weights on GPUs (half the memory; the forward's autocast is then a no-op), float32 on CPU.
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = AutoModelForImageTextToText.from_pretrained(model_id, attn_implementation="eager", dtype=dtype,
+        # Every map reads the language model's attention probabilities (eager attention returns them); of the vision
+        # tower's, only LeGrad, which the families without it (`Canvas.no_vision_attention`) do not have: their tower
+        # keeps the faster attention that returns none.
+        attention = ({"": "eager", "text_config": "eager", "vision_config": "sdpa"}
+                     if FAMILIES.get(config.model_type, Family()).canvas.no_vision_attention else "eager")
+        model = AutoModelForImageTextToText.from_pretrained(model_id, attn_implementation=attention, dtype=dtype,
                                                             **offline)
         return cls(model, AutoProcessor.from_pretrained(model_id, **offline), device, model_id)
 
