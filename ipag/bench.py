@@ -383,7 +383,7 @@ def run_benchmark(runs: int = 3, device: str = "auto", tiny: bool = False, segme
     captioner = explainer.captioner
     rgb = benchmark_image(TINY_IMAGE_SIZE if tiny else IMAGE_SIZE)
     pixel_values = captioner.preprocess(rgb)
-    token_ids = captioner.start_ids() + captioner.tokenize(CAPTION)
+    token_ids = captioner.start_ids(pixel_values) + captioner.tokenize(CAPTION)
     caption = explainer.caption_from_ids(pixel_values, token_ids)
     if len(caption.words) != CAPTION_WORDS:
         raise RuntimeError(f"The benchmark caption aligned to {len(caption.words)} words, not {CAPTION_WORDS}.")

@@ -373,7 +373,10 @@ class Explainer:
         words = find_phrase(caption.words, caption.token_ids, query_ids)
         if words:
             return self._in_caption(query, caption, words)
-        prefix = self.captioner.start_ids() + self.captioner.tokenize(self.captioner.neutral_prompt)
+        # The caption's own prompt: what the captioner was asked, about this image (a vision-language model's image
+        # tokens depend on the photo's size).
+        prompt = list(caption.token_ids[:self.captioner.answer_start(caption.token_ids)])
+        prefix = prompt + self.captioner.tokenize(self.captioner.neutral_prompt)
         token_ids = tuple(prefix + query_ids)
         return PreparedQuery(query, token_ids, Target(tuple(range(len(prefix), len(token_ids)))), ())
 

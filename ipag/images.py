@@ -127,8 +127,8 @@ def _from_array(array: np.ndarray) -> Image.Image:
 def resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize a 2-D map to `size` = (width, height) of the input image (bilinear, float32).
 
-    Maps are computed on the model's square input, which every processor here obtains by a plain resize of
-    the whole image (no crop), so stretching back to the original size is the exact inverse geometry.
+    Maps are computed on the model's input, which every captioner here obtains by a plain resize of the whole
+    image (no crop, no padding), so stretching back to the original size is the exact inverse geometry.
     Pillow's float ("F") resampling: the same values as scikit-image's when enlarging, several times faster
     (a click draws every map), and anti-aliased when shrinking.
     """

@@ -77,3 +77,19 @@ def union_boxes(boxes: np.ndarray, sources: np.ndarray) -> np.ndarray:
     with warnings.catch_warnings():  # a token without any placed source keeps a NaN box, as intended
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.concatenate([np.nanmin(picked[..., :2], axis=1), np.nanmax(picked[..., 2:], axis=1)], axis=1)
+
+
+def grid_boxes(rows: int, columns: int) -> np.ndarray:
+    """The (rows · columns, 4) boxes of a row-major grid of equal cells over the whole input."""
+    vertical, horizontal = np.linspace(0.0, 1.0, rows + 1), np.linspace(0.0, 1.0, columns + 1)
+    top, left = np.meshgrid(vertical[:-1], horizontal[:-1], indexing="ij")
+    bottom, right = np.meshgrid(vertical[1:], horizontal[1:], indexing="ij")
+    return np.stack([top, left, bottom, right], axis=-1).reshape(-1, 4)
+
+
+def tile_boxes(rows: int, columns: int, side: int) -> np.ndarray:
+    """The cells of a rows × columns grid of tiles over the input, each tile cut into side × side cells, tile after
+    tile in reading order (each tile's cells row-major): where a tiled model's tokens lie, or a model's patches
+    when its processor orders them by merge block (each block a "tile")."""
+    cells = grid_boxes(rows * side, columns * side).reshape(rows, side, columns, side, 4)
+    return cells.transpose(0, 2, 1, 3, 4).reshape(-1, 4)

@@ -60,8 +60,8 @@ class TargetGradients:
     noisy copies after the clean one; None until the backward pass through the vision encoder has run.
     `attention` / `attention_gradients` are the decoder's attention rows that predict the target tokens over all
     its keys, shape (heads, rows, keys), None for a decoder without attention to the image; `vision_*` are the chosen
-    vision layer's output as a (D, gh, gw) grid (ViT patch tokens, CNN feature maps, or several tiles' grids side by
-    side). The layouts place a value per grid cell or per attention key on the pixel input (`Layout.place`);
+    vision layer's output as a (D, gh, gw) grid (ViT patch tokens, CNN feature maps, or several tiles' grids one above
+    the other). The layouts place a value per grid cell or per attention key on the pixel input (`Layout.place`);
     `rows` are the target's rows in the decoder's attention (relevancy propagates them). `row_weights`: how much the
     target reads each row of `attention` (BLIP-2: each query's), None when the rows are the target's own.
     """

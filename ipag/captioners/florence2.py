@@ -77,9 +77,9 @@ class Florence2Captioner(VlmCaptioner):
 
     # --- prompts -------------------------------------------------------------------------------------------
 
-    def _prompt_ids(self, instruction: str) -> list[int]:
+    def _prompt_ids(self, instruction: str, size: tuple[int, int]) -> list[int]:
         """The encoder's input for the task or prompt `instruction`, then the decoder's start."""
-        encoded = self.processor(images=Image.new("RGB", (64, 64)), text=instruction)
+        encoded = self.processor(images=Image.new("RGB", size[::-1]), text=instruction)
         return list(encoded["input_ids"][0]) + self._decoder_start
 
     def _encoder_length(self, token_ids: Sequence[int]) -> int:

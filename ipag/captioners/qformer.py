@@ -115,10 +115,10 @@ class QFormerCaptioner(VlmCaptioner):
 
     # --- prompts -------------------------------------------------------------------------------------------
 
-    def _prompt_ids(self, instruction: str) -> list[int]:
+    def _prompt_ids(self, instruction: str, size: tuple[int, int]) -> list[int]:
         """The processor's prompt: the image placeholders, then the tokenized instruction; InstructBLIP's Q-Former
         reads the instruction too, so its ids are kept for every sequence that starts with this prompt."""
-        encoded = self.processor(images=Image.new("RGB", (64, 64)), text=instruction)
+        encoded = self.processor(images=Image.new("RGB", size[::-1]), text=instruction)
         ids = list(encoded["input_ids"][0])
         if self._reads_instruction:
             self._qformer_prompts[tuple(ids)] = list(encoded["qformer_input_ids"][0])

@@ -5,12 +5,17 @@ A vision-language model captions by answering an instruction about the image: it
 and the model continues it. Here the prompt is a caption's `start_ids`, so every teacher-forced computation sees
 exactly what generation saw, and only the answer's words are clickable (the prompt's tokens are "special" pieces).
 
-The families explained are the decoder-only ones whose image tokens form one fixed grid over one squashed or
-centre-cropped input (`FAMILIES`): the vision tower's patches (Grad-CAM at the block the projector reads), the
-language model's self-attention from the word's rows to the image tokens (its "attention to the image", every
-layer available) and relevancy with Chefer et al.'s self-attention rules. Families whose input is cut into tiles
-or resized per photo (LLaVA-NeXT / OneVision, Qwen2-VL, Idefics3 / SmolVLM) need per-image inputs besides the
-pixels, which the captioner interface does not carry yet; they are refused with the list of what is supported.
+The families explained are the decoder-only ones (`FAMILIES`): LLaVA 1.5, PaliGemma and Gemma 3, whose image tokens
+are one grid over one squashed input; LLaVA-NeXT and LLaVA-OneVision (a thumbnail and any-resolution tiles), Idefics3
+and SmolVLM (whole tiles and a thumbnail, pixel-shuffled), Qwen2-VL and Qwen2.5-VL (merged patches at a resolution
+chosen per photo, 3-D rotary positions from `image_grid_thw`). The captioner's pixel input is always one normalised
+canvas, the photo squashed to the size its processor would choose; `ipag.captioners.canvas` turns it into each
+family's inputs differentiably and says where each token lies on it. Every family has the vision tower's tokens
+(Grad-CAM at the block the projector reads), the language model's self-attention from the word's rows to the image
+tokens (its "attention to the image", every layer available) and relevancy with Chefer et al.'s self-attention
+rules; LeGrad needs one input's vision attention, which the tiled families and Qwen's windowed tower do not give.
+Because the image-token count depends on the canvas, so does the prompt: prompts are made per instruction and canvas
+size, and a caption's canvas is read back from the prompt it begins with.
 """
 
 from __future__ import annotations
@@ -20,21 +25,26 @@ import os
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 from PIL import Image
 from torch import nn
+from torchvision.transforms.v2.functional import pil_to_tensor
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
 
 from ..errors import ModelUnavailableError
 from ..layout import Layout
 from .base import Attentions, Captioner, Piece, capture_output, is_punctuation
+from .canvas import AnyResolution, Canvas, Patches, Tiles
 
 #: What a vision-language model is asked when the user asks nothing else.
 DEFAULT_INSTRUCTION = "Describe this image in one sentence."
+#: What a prompt is made for: an instruction (None: the default) and a canvas size (height, width).
+PromptKey = tuple[str | None, tuple[int, int]]
+#: The photo size whose canvas `start_ids` asks about when it is given no canvas: a square.
+SQUARE = (64, 64)
 #: Memory a CPU run needs per weight beyond the weight itself (activations, the backward pass's graph).
 MEMORY_OVERHEAD = 1.3
 #: Models of at least this many weights recompute their language model's activations in the backward pass
@@ -44,15 +54,24 @@ CHECKPOINT_FROM = 1_000_000_000
 
 @dataclass(frozen=True)
 class Family:
-    """How one decoder-only family is run. `token_types`: what the model's `token_type_ids` mark — nothing,
-    the image tokens (Gemma 3 attends to them bidirectionally) or the answer (PaliGemma: the prompt is its
-    bidirectional prefix, the answer its causal suffix)."""
+    """How one decoder-only family is run. `canvas`: how it sees the photo (`ipag.captioners.canvas`).
+    `vision_blocks`: its vision tower's blocks, under the model's `model`. `token_types`: what the model's token
+    types mark — nothing, the image tokens (Gemma 3 attends to them bidirectionally; Qwen gives them 3-D rotary
+    positions) or the answer (PaliGemma: the prompt is its bidirectional prefix, the answer its causal suffix) —
+    and `types_argument` the keyword it takes them by."""
 
+    canvas: type[Canvas] = Canvas
+    vision_blocks: str = "vision_tower.encoder.layers"
     token_types: Literal["none", "image", "answer"] = "none"
+    types_argument: str = "token_type_ids"
 
 
+_QWEN = Family(Patches, "visual.blocks", "image", "mm_token_type_ids")
+_IDEFICS = Family(Tiles, "vision_model.encoder.layers")
 #: The families this adapter runs, by `config.model_type`.
-FAMILIES = {"llava": Family(), "paligemma": Family("answer"), "gemma3": Family("image")}
+FAMILIES = {"llava": Family(), "paligemma": Family(token_types="answer"), "gemma3": Family(token_types="image"),
+            "llava_next": Family(AnyResolution), "llava_onevision": Family(AnyResolution), "qwen2_vl": _QWEN,
+            "qwen2_5_vl": _QWEN, "idefics3": _IDEFICS, "smolvlm": _IDEFICS}
 
 
 class VlmCaptioner(Captioner):
@@ -73,12 +92,15 @@ class VlmCaptioner(Captioner):
         super().__init__(model, processor.image_processor, device, model_id)
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        # Classes built on this one for other families (`model_types`) run theirs without token types.
+        # Classes built on this one for other families (`model_types`) run theirs as one squashed input, without
+        # token types.
         self.family = FAMILIES.get(model.config.model_type, Family())
+        self.canvas = self.family.canvas(model, processor.image_processor)
         self._image_token = model.config.image_token_id
         self._end = _ids(model.generation_config.eos_token_id)
-        #: The prompts made so far, by instruction: a caption's answer starts after the one it begins with.
-        self._prompts: dict[str | None, list[int]] = {}
+        #: The prompts made so far, by instruction and canvas size: a caption's answer starts after the one it
+        #: begins with, and its image tokens lie on that canvas.
+        self._prompts: dict[PromptKey, list[int]] = {}
         self._anchor = self.tokenizer("a", add_special_tokens=False).input_ids
         #: Tokens a caption never holds: the tokenizer's added markers (image placeholders, which would ask for a
         #: second image's features; PaliGemma's location tokens; chat markers), its end aside. Random models write them.
@@ -99,7 +121,12 @@ class VlmCaptioner(Captioner):
         # (and the CPU) by accelerate's `device_map` when one does not hold them. float32 on CPU.
         on_gpu = device.type == "cuda"
         placement = {"dtype": torch.bfloat16, "device_map": "auto"} if on_gpu else {"dtype": torch.float32}
-        model = AutoModelForImageTextToText.from_pretrained(model_id, attn_implementation="eager", **placement,
+        # Every map reads the language model's attention probabilities (eager attention returns them); of the vision
+        # tower's, only LeGrad, which the families without it (`Canvas.no_vision_attention`) do not have: their tower
+        # keeps the faster attention that returns none.
+        attention = ({"": "eager", "text_config": "eager", "vision_config": "sdpa"}
+                     if FAMILIES.get(config.model_type, Family()).canvas.no_vision_attention else "eager")
+        model = AutoModelForImageTextToText.from_pretrained(model_id, attn_implementation=attention, **placement,
                                                             **offline)
         captioner = cls(model, AutoProcessor.from_pretrained(model_id, **offline), device, model_id)
         captioner.gradient_checkpointing = weights is not None and weights >= CHECKPOINT_FROM
@@ -125,7 +152,7 @@ class VlmCaptioner(Captioner):
     @property
     def vision_layers(self) -> list[nn.Module]:
         """The vision tower's blocks up to the one whose output the projector reads (later ones get no gradient)."""
-        layers = list(self.model.model.vision_tower.get_submodule("encoder.layers"))
+        layers = list(self.model.model.get_submodule(self.family.vision_blocks))
         read = getattr(self.model.config, "vision_feature_layer", -1)
         read = max(read) if isinstance(read, Sequence) else read
         # `read` indexes the tower's hidden states, whose first is the embeddings' output.
@@ -144,40 +171,48 @@ class VlmCaptioner(Captioner):
         return f"language model layer {layer} attention to the image tokens"
 
     def vision_grid(self, output: torch.Tensor) -> torch.Tensor:
-        """ViT tokens as a grid, with or without a CLS token first (CLIP has one, SigLIP none)."""
-        side = round(output.shape[1] ** 0.5)
-        return output.transpose(1, 2).reshape(output.shape[0], -1, side, side) if side * side == output.shape[1] \
-            else super().vision_grid(output)
+        return self.canvas.vision_grid(output)
+
+    def vision_layout(self, pixel_values: torch.Tensor, index: int, grid: tuple[int, int]) -> Layout:
+        return self.canvas.vision_layout(tuple(pixel_values.shape[-2:]), grid)
 
     def attention_layout(self, token_ids: Sequence[int], keys: int, grid: tuple[int, int]) -> Layout:
-        """The image tokens: one square grid over the input, from the first image placeholder on."""
-        count = list(token_ids).count(self._image_token)
-        side = round(count ** 0.5)
-        return Layout.of_grid(side, side, first=list(token_ids).index(self._image_token))
+        """The image tokens of the prompt `token_ids` begins with, on the canvas that prompt was made for."""
+        ids = list(token_ids)
+        made = self._prompt_of(ids)
+        if made is None:
+            raise ValueError("These tokens do not begin with a prompt this captioner made, so where their image tokens "
+                             "lie is unknown: make it with `start_ids(pixel_values, instruction)` first.")
+        (_, size), _ = made
+        return self.canvas.image_layout(ids, size)
+
+    def unavailable_map(self, key: str) -> str | None:
+        return self.canvas.no_vision_attention if key == "legrad" else None
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """The processor's input for the photo squashed to the model's input size first: the model sees the whole
-        photo (LLaVA's processor would crop its sides off, so a word about them could not be explained), and
-        every map goes back onto the photo by stretching (`images.resize_map`), the exact inverse."""
-        return super().preprocess(image.convert("RGB").resize(self._input_size[::-1], Image.BICUBIC))
-
-    @cached_property
-    def _input_size(self) -> tuple[int, int]:
-        """(height, width) of the processor's pixel input (the same for every photo in these families)."""
-        pixels = self.image_processor(images=Image.new("RGB", (64, 64)), return_tensors="pt").pixel_values
-        return tuple(pixels.shape[-2:])
+        """The canvas: the photo squashed (bicubic) to the size the family's processor would choose for it, then
+        normalised by the processor. The model sees the whole photo (LLaVA's processor would crop its sides off, and
+        the any-resolution ones pad it, so a word about them could not be explained), and every map goes back onto
+        the photo by stretching (`images.resize_map`), the exact inverse."""
+        rgb = image.convert("RGB")
+        height, width = self.canvas.size(rgb.height, rgb.width)
+        squashed = pil_to_tensor(rgb.resize((width, height), Image.BICUBIC))[None]
+        return self.canvas.normalise(squashed).to(self.device, dtype=self.model.dtype)
 
     # --- prompts and answers -------------------------------------------------------------------------------
 
     def start_ids(self, pixel_values: torch.Tensor | None = None, instruction: str | None = None) -> list[int]:
-        """The prompt asking `instruction` (None or empty: `default_instruction`). These families' image token count
-        does not depend on the photo, so one prompt serves every image."""
-        if instruction not in self._prompts:
-            self._prompts[instruction] = self._prompt_ids(instruction or self.default_instruction)
-        return list(self._prompts[instruction])
+        """The prompt asking `instruction` (None or empty: `default_instruction`) about the canvas `pixel_values`,
+        whose size sets the image-token count of the any-resolution families (None: the canvas of a square photo)."""
+        size = self.canvas.size(*SQUARE) if pixel_values is None else tuple(pixel_values.shape[-2:])
+        key = (instruction, size)
+        if key not in self._prompts:
+            self._prompts[key] = self._prompt_ids(instruction or self.default_instruction, size)
+        return list(self._prompts[key])
 
-    def _prompt_ids(self, instruction: str) -> list[int]:
-        """The prompt's token ids, made once per instruction (`start_ids` keeps them)."""
+    def _prompt_ids(self, instruction: str, size: tuple[int, int]) -> list[int]:
+        """The prompt's token ids for a canvas of `size`, made once per instruction and size (`start_ids` keeps them):
+        the processor expands the image placeholder for a blank canvas of that size."""
         text = instruction
         if self.processor.chat_template:
             text = self.processor.apply_chat_template(
@@ -185,12 +220,17 @@ class VlmCaptioner(Captioner):
                 add_generation_prompt=True)
         else:  # PaliGemma: the processor writes image tokens, <bos>, the instruction and a newline
             text = self.processor.image_token + text
-        return list(self.processor(images=Image.new("RGB", (64, 64)), text=text)["input_ids"][0])
+        return list(self.processor(images=Image.new("RGB", size[::-1]), text=text)["input_ids"][0])
 
     def answer_start(self, token_ids: Sequence[int]) -> int:
         """After the longest prompt made here that `token_ids` begins with; 0 for text without a prompt."""
-        ids = list(token_ids)
-        return max((len(p) for p in self._prompts.values() if ids[:len(p)] == p), default=0)
+        made = self._prompt_of(list(token_ids))
+        return 0 if made is None else len(made[1])
+
+    def _prompt_of(self, ids: list[int]) -> tuple[PromptKey, list[int]] | None:
+        """The longest prompt made here that `ids` begins with, and what it was made for; None: none."""
+        return max(((key, prompt) for key, prompt in self._prompts.items() if ids[:len(prompt)] == prompt),
+                   key=lambda made: len(made[1]), default=None)
 
     def _caption_end(self, sequence: list[int]) -> int:
         start = self.answer_start(sequence)
@@ -237,31 +277,34 @@ class VlmCaptioner(Captioner):
     def _inputs(self, token_ids: torch.Tensor) -> dict:
         """The language model's inputs besides the image for (B, T) ids: mask, and token types where it takes them."""
         inputs = {"input_ids": token_ids, "attention_mask": torch.ones_like(token_ids)}
+        types = self.family.types_argument
         if self.family.token_types == "image":
-            inputs["token_type_ids"] = (token_ids == self._image_token).long()
+            inputs[types] = (token_ids == self._image_token).long()
         elif self.family.token_types == "answer":
             start = self.answer_start(token_ids[0].tolist())
-            inputs["token_type_ids"] = (torch.arange(token_ids.shape[1], device=token_ids.device) >= start
-                                        ).long().expand_as(token_ids)
+            positions = torch.arange(token_ids.shape[1], device=token_ids.device)
+            inputs[types] = (positions >= start).long().expand_as(token_ids)
         return inputs
 
     def _generate_inputs(self, pixel_values: torch.Tensor, start: list[int]) -> dict:
-        return {"pixel_values": pixel_values, "suppress_tokens": self._suppressed,
+        return {**self.canvas.pixel_inputs(pixel_values), "suppress_tokens": self._suppressed,
                 **self._inputs(torch.tensor([start], device=self.device))}
 
     def _forward(self, pixel_values: torch.Tensor, token_ids: torch.Tensor,
                  cross_attention_layer: int | None) -> tuple:
-        out = self.model(pixel_values=pixel_values, **self._inputs(token_ids), use_cache=False,
+        out = self.model(**self.canvas.pixel_inputs(pixel_values), **self._inputs(token_ids), use_cache=False,
                          output_attentions=cross_attention_layer is not None, return_dict=True)
         return out.logits, None if cross_attention_layer is None else out.attentions[cross_attention_layer]
 
     def _forward_with_attentions(self, pixel_values: torch.Tensor, token_ids: torch.Tensor) -> tuple:
         """Every language-model layer's self-attention (it holds the attention to the image), and the vision
-        tower's blocks' up to the one the projector reads, caught as their attention modules return them."""
+        tower's blocks' up to the one the projector reads, caught as their attention modules return them (for
+        families whose vision attention LeGrad can use, `Canvas.no_vision_attention`)."""
+        blocks = [] if self.canvas.no_vision_attention else self.vision_layers
         with ExitStack() as stack:
-            vision = [stack.enter_context(capture_output(block.self_attn, index=1)) for block in self.vision_layers]
-            out = self.model(pixel_values=pixel_values, **self._inputs(token_ids), output_attentions=True,
-                             use_cache=False, return_dict=True)
+            vision = [stack.enter_context(capture_output(block.self_attn, index=1)) for block in blocks]
+            out = self.model(**self.canvas.pixel_inputs(pixel_values), **self._inputs(token_ids),
+                             output_attentions=True, use_cache=False, return_dict=True)
         return out.logits, Attentions([captured[0] for captured in vision], list(out.attentions), [])
 
 

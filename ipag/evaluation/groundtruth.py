@@ -140,8 +140,9 @@ def proposal_masks(explainer: Explainer, image, settings: Settings) -> list[np.n
 def true_caption(explainer: Explainer, scene: Scene) -> Caption:
     """The scene's true caption as the captioner's tokens, scored under teacher forcing."""
     captioner = explainer.captioner
-    token_ids = captioner.start_ids() + captioner.tokenize(scene.caption)
-    return explainer.caption_from_ids(captioner.preprocess(scene.image), token_ids)
+    pixel_values = captioner.preprocess(scene.image)
+    token_ids = captioner.start_ids(pixel_values) + captioner.tokenize(scene.caption)
+    return explainer.caption_from_ids(pixel_values, token_ids)
 
 
 def _key(key: str) -> str:
