@@ -84,7 +84,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--synthetic", nargs="?", const=True, default=None, metavar="FOLDER",
                        help="the small models trained on generated scenes: the ones shipped in models/, or those "
                        "`train-synthetic` wrote to FOLDER (offline; captions that mean something)")
-    group.add_argument("--tiny", action="store_true", help="tiny random models: offline, for testing the plumbing")
+    group.add_argument("--tiny", action="store_true", help="tiny random models: offline, for testing the plumbing "
+                       "(with --captioner FOLDER: that model, and a tiny CLIP)")
     group.add_argument("--captioner", default=None,
                        help=f"{', '.join(known_captioners())}, a hub id or local folder of a BLIP or ViT-GPT2 "
                        f"captioner, or a ClipCap checkpoint file (.pt/.safetensors, see the README); default "
@@ -146,9 +147,8 @@ def load_explainer(args: argparse.Namespace) -> Explainer:
     precision = {"precision": args.precision} if args.precision else {}  # else each kind of models' default
     if args.synthetic:
         return Explainer.synthetic(args.device, args.cache_mb, synthetic_folder(args), captioner, **precision)
-    if args.tiny:
-        return Explainer.tiny(device=args.device, captioner=captioner if captioner in known_captioners()
-                              else DEFAULT_CAPTIONER, cache_mb=args.cache_mb, **precision)
+    if args.tiny:  # a named captioner's tiny random version, or the model --captioner names, with a tiny CLIP
+        return Explainer.tiny(device=args.device, captioner=captioner, cache_mb=args.cache_mb, **precision)
     print(f"Loading {captioner} and CLIP {args.clip} (first run downloads them)…", file=sys.stderr, flush=True)
     return Explainer.from_pretrained(captioner, None if args.clip == "none" else args.clip,
                                      args.segmenter or "auto", args.device, args.cache_mb, **precision)

@@ -9,7 +9,7 @@ from PIL import Image
 from ipag import Explainer, ModelUnavailableError, Settings
 from ipag.captioners import VlmCaptioner, load_captioner
 from ipag.captioners.tiny_vlms import save_tiny
-from ipag.captioners.vlm import FAMILIES, refuse_if_too_big, weight_count
+from ipag.captioners.vlm import DEFAULT_INSTRUCTION, FAMILIES, refuse_if_too_big, weight_count
 from tests.helpers import expected_maps
 
 CPU = torch.device("cpu")
@@ -78,6 +78,36 @@ def test_an_instruction_changes_the_prompt_not_the_answer_start(vlm):
     assert vlm.answer_start(vlm.tokenize("a dog")) == 0  # a query alone has no prompt
 
 
+def test_changing_the_instruction_recaptions_with_its_prompt_and_its_words_follow(vlm, photo, monkeypatch):
+    """The instruction is part of the caption's key and of its prompt: another instruction captions again and
+    changes the prompt's tokens (every later key holds them); asking the default by name is asking nothing."""
+    explainer = Explainer(vlm, clip=None)
+    generated = []
+    original = vlm.generate_scored
+    monkeypatch.setattr(vlm, "generate_scored", lambda *args, **kwargs: generated.append(1) or original(*args, **kwargs))
+    own = explainer.caption(photo, Settings(max_new_tokens=4))
+    asked = explainer.caption(photo, Settings(max_new_tokens=4, instruction="What does this show?"))
+    assert len(generated) == 2 and own.instruction == vlm.default_instruction == DEFAULT_INSTRUCTION
+    assert asked.instruction == "What does this show?" and asked.to_dict()["instruction"] == asked.instruction
+    prompt = asked.token_ids[:vlm.answer_start(asked.token_ids)]
+    assert list(prompt) == vlm.start_ids(instruction="What does this show?") != vlm.start_ids()
+    assert "▁what" in vlm.token_strings(list(prompt)) and "▁what" not in own.tokens
+    assert explainer.caption(photo, Settings(max_new_tokens=4, instruction=DEFAULT_INSTRUCTION)) is own
+    assert explainer.caption(photo, Settings(max_new_tokens=4, instruction="What does this show?")) is asked
+    assert len(generated) == 2  # both served from the cache
+    # a word is explained on its caption's prompt, and says which instruction that was, whatever is asked now
+    typed = explainer.explain(photo, "red car", asked, Settings(max_new_tokens=4))
+    assert typed.token_ids[:len(prompt)] == prompt and typed.settings.instruction == "What does this show?"
+    assert explainer.resolve(Settings()).instruction == DEFAULT_INSTRUCTION
+
+
+def test_captioners_that_take_no_instruction_ignore_it(explainer, photo):
+    assert not explainer.captioner.takes_instruction and explainer.captioner.default_instruction is None
+    asked = explainer.caption(photo, Settings(instruction="What does this show?"))
+    assert asked is explainer.caption(photo) and asked.instruction is None  # the same caption, from the cache
+    assert explainer.resolve(Settings(instruction="What does this show?")).instruction is None
+
+
 def test_an_unsupported_type_lists_the_supported_ones(tmp_path):
     folder = save_tiny("qwen2_vl", tmp_path)
     with pytest.raises(ModelUnavailableError, match="llava, paligemma, gemma3"):
@@ -104,3 +134,4 @@ def test_the_synthetic_llava_saves_small_and_loads_as_synthetic_mode_names_it(tm
     prompt = captioner.start_ids()
     assert prompt.count(captioner._image_token) == 144  # the scene's 12 × 12 patches, then the start of text
     assert captioner.token_strings(prompt[-1:]) == ["<|endoftext|>"]
+    assert not captioner.takes_instruction  # its prompt has no instruction in it: the page shows no box for one

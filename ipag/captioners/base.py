@@ -22,6 +22,7 @@ import unicodedata
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from collections.abc import Mapping, Sequence
 from typing import ClassVar, Iterator, Literal
 
@@ -41,7 +42,7 @@ PieceKind = Literal["start", "continue", "punct", "special"]
 @dataclass(frozen=True)
 class DecodeOptions:
     """How to generate a caption. `num_beams=1` is greedy decoding; the end token counts as a new token.
-    (`Settings` declares and checks the first two; the explainer makes these options from it.)"""
+    (`Settings` declares and checks them but `min_new_tokens`; `ipag.word.decode_options` makes these from it.)"""
 
     num_beams: int = 1
     max_new_tokens: int = 20
@@ -125,6 +126,9 @@ class Captioner(ABC):
     no_cross_attention: ClassVar[str | None] = None
     #: Neutral text a free query is appended to, so log p(query | image) is a caption-like continuation.
     neutral_prompt: ClassVar[str] = "a picture of"
+    #: What the captioner is asked when the user asks nothing else (a vision-language model's instruction; the page
+    #: shows it as its instruction box's placeholder). None: it takes no instruction, its prompt is fixed.
+    default_instruction: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module, image_processor: BaseImageProcessor, device: torch.device,
                  model_id: str) -> None:
@@ -200,6 +204,18 @@ class Captioner(ABC):
     def start_ids(self, pixel_values: torch.Tensor | None = None, instruction: str | None = None) -> list[int]:
         """The token(s) a caption of this image starts with: the decoder's start token (BLIP's [DEC]), or a
         vision-language model's prompt asking `instruction` (None: its default) about `pixel_values`."""
+
+    @cached_property
+    def takes_instruction(self) -> bool:
+        """Whether an instruction changes what the captioner is given: it has a default one, and its prompt says it
+        (the synthetic LLaVA's chat template writes only the image: it is a captioner, not an assistant)."""
+        asked = self.default_instruction
+        return asked is not None and self.start_ids(instruction=f"{asked} {asked}") != self.start_ids(instruction=asked)
+
+    def instruction(self, asked: str | None) -> str | None:
+        """The instruction a caption is made with: `asked`, else the captioner's own; None for a captioner that
+        takes none, whatever was asked (made concrete before any cache key, so equal prompts get equal keys)."""
+        return (asked or self.default_instruction) if self.takes_instruction else None
 
     def answer_start(self, token_ids: Sequence[int]) -> int:
         """Where the written part of a caption's `token_ids` begins (after `start_ids`)."""

@@ -130,6 +130,12 @@ class VlmCaptioner(Captioner):
     def attention_name(self, layer: int) -> str:
         return f"language model layer {layer} attention to the image tokens"
 
+    @property
+    def short_name(self) -> str:
+        """The family as transformers names its model class ("Llava", "PaliGemma", "Gemma3"): the page's sentences
+        say “Llava is 15% sure of …”, not the adapter's registry name."""
+        return type(self.model).__name__.removesuffix("ForConditionalGeneration")
+
     def vision_grid(self, output: torch.Tensor) -> torch.Tensor:
         """ViT tokens as a grid, with or without a CLS token first (CLIP has one, SigLIP none)."""
         side = round(output.shape[1] ** 0.5)
