@@ -146,7 +146,8 @@ class Explainer:
         if cross is None:  # a late-middle layer, ⌊2L/3⌋ (8 of 12 for BLIP-base), LAVIS's choice for BLIP
             cross = (2 * decoder) // 3 if decoder >= 3 else decoder - 1
         segmenter = resolve_name(settings.segmenter or self.default_segmenter)
-        return replace(settings, instruction=captioner.instruction(settings.instruction), vision_layer=captioner.resolve_layer(settings.vision_layer, layers, "Vision layer"),
+        return replace(settings, instruction=captioner.instruction(settings.instruction),
+                       vision_layer=captioner.resolve_layer(settings.vision_layer, layers, "Vision layer"),
                        # without cross-attention there is no layer to choose: the setting is ignored
                        cross_attention_layer=captioner.resolve_layer(cross, decoder, "Cross-attention layer")
                        if decoder else None,

@@ -160,8 +160,8 @@ class Settings:
     max_new_tokens: int = _setting(20, "caption", "Max new tokens", minimum=1, maximum=128, step=1)
     #: What a vision-language model is asked (None: its own instruction, `Captioner.default_instruction`);
     #: captioners that take none ignore it, and the page shows its box only for those that take one.
-    instruction: str | None = _setting(None, "caption", "Instruction (empty: the model's own)", type=str,
-                                       widget="text", valid=_plain_instruction)
+    instruction: str | None = _setting(None, "caption", "Instruction: what a vision-language model is asked",
+                                       type=str, widget="text", valid=_plain_instruction)
     # the word's pass (its range is the captioner's: `Explainer.resolve` checks it)
     vision_layer: int = _setting(-1, "gradients", "Vision block for Grad-CAM (-1 = last)", step=1, widget="slider")
     cross_attention_layer: int | None = _setting(None, "gradients", "Decoder layer for cross-attention", step=1,

@@ -421,3 +421,15 @@ def test_a_bad_instruction_from_the_page_is_a_message():
     for bad, message in (("What?\x1b[2J", "control characters"), ("?" * 600, "too long")):
         with pytest.raises(ui.UserError, match=message):
             playground._settings({"instruction": bad})
+
+
+def test_switching_the_captioner_shows_or_hides_the_instruction_box(vlm_explainer):
+    from ipag import Explainers
+    from ipag.captioners import tiny_captioner
+    from ipag.captioners.vlm import DEFAULT_INSTRUCTION
+
+    demo = playground.build_app(Explainers(vlm_explainer, "llava", tiny_captioner, ["blip-base"]))
+    switch = next(dep.fn for dep in demo.fns.values() if getattr(dep.fn, "__name__", "") == "on_captioner")
+    (shown, _), (hidden, _) = switch("llava"), switch("blip-base")
+    assert shown["visible"] and shown["placeholder"] == DEFAULT_INSTRUCTION
+    assert not hidden["visible"] and hidden["placeholder"] is None

@@ -42,7 +42,7 @@ PieceKind = Literal["start", "continue", "punct", "special"]
 @dataclass(frozen=True)
 class DecodeOptions:
     """How to generate a caption. `num_beams=1` is greedy decoding; the end token counts as a new token.
-    (`Settings` declares and checks them but `min_new_tokens`; `ipag.word.decode_options` makes these from it.)"""
+    (`Settings` declares and checks them but `min_new_tokens`; `Explainer.decode_options` makes these from it.)"""
 
     num_beams: int = 1
     max_new_tokens: int = 20
