@@ -11,8 +11,8 @@
 
 Every command takes the playground's model options (--synthetic, --tiny, --captioner, --clip, --segmenter, …).
 Exit status: 0 when everything was done; 1 when some inputs failed (each is reported, the others are done);
-2 when a model or a metric cannot be loaded, `--ray` finds no Ray, or the arguments are wrong; 130 when
-interrupted (Ctrl-C).
+2 when a model or a metric cannot be loaded, `--ray` finds no Ray, or the arguments are wrong (for the models too: a
+layer they do not have, an instruction the model refuses); 130 when interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from PIL import Image
 from .batch import LOCAL, RayUnavailableError, Record, Worker, run_items
 from .cache import DEFAULT_CACHE_MB, image_key
 from .captioners import Captioner, known_captioners, load_captioner, tiny_captioner
-from .errors import ModelUnavailableError, QueryError
+from .errors import ModelUnavailableError, QueryError, SettingError
 from .evaluation.captions import COCO_METRICS, MetricUnavailableError, evaluate_captions, require_java
 from .evaluation.faithfulness import METRICS, ROAD_PERCENTILES, faithfulness_result, image_faithfulness
 from .evaluation.grounding import ablation, grid, grounding_result, grounding_table, scene_groundings
@@ -616,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     try:
         return args.run(args)
-    except (ModelUnavailableError, MetricUnavailableError, DatasetError, RayUnavailableError) as err:
+    except (ModelUnavailableError, MetricUnavailableError, DatasetError, RayUnavailableError, SettingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what was finished is kept; an image half written never looks finished

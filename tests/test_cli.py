@@ -204,6 +204,20 @@ def test_a_vision_language_model_answers_the_instruction_given_on_the_command_li
     assert "▁what ▁does ▁this ▁show ?" in " ".join(prompt)
 
 
+def test_settings_the_models_refuse_exit_2_with_the_reason(photos, tmp_path, capsys):
+    """What only the loaded models can refuse (Florence-2's processor takes a task token alone; a layer the model does
+    not have) is refused before any image, with the reason, not a traceback."""
+    from ipag.captioners.tiny_vlms import save_tiny
+
+    folder = save_tiny("florence2", tmp_path / "florence2")
+    code, _, err = run(capsys, "explain", photos / "beach.jpg", "--out", tmp_path / "out", *TINY, "--captioner", folder,
+                       "--instruction", "<CAPTION> of the dog")
+    assert code == 2 and "error: Florence-2 cannot be asked '<CAPTION> of the dog': Task token <CAPTION>" in err
+    code, _, err = run(capsys, "explain", photos / "beach.jpg", "--out", tmp_path / "out", *TINY, "--vision-layer", "99")
+    assert code == 2 and "error: Vision layer index 99 is out of range" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_cache_budget_option_reaches_the_explainer():
     parser = argparse.ArgumentParser()
     cli.add_model_arguments(parser)

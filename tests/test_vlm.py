@@ -134,4 +134,3 @@ def test_the_synthetic_llava_saves_small_and_loads_as_synthetic_mode_names_it(tm
     prompt = captioner.start_ids()
     assert prompt.count(captioner._image_token) == 144  # the scene's 12 × 12 patches, then the start of text
     assert captioner.token_strings(prompt[-1:]) == ["<|endoftext|>"]
-    assert not captioner.takes_instruction  # its prompt has no instruction in it: the page shows no box for one

@@ -22,7 +22,6 @@ import unicodedata
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property
 from collections.abc import Mapping, Sequence
 from typing import ClassVar, Iterator, Literal
 
@@ -32,6 +31,7 @@ from torch import nn
 from transformers.generation.streamers import BaseStreamer
 from transformers.image_processing_utils import BaseImageProcessor
 
+from ..errors import SettingError
 from ..layout import Layout
 from ..precision import FLOAT32, Precision, Stage
 from ..target import token_logprobs
@@ -205,17 +205,22 @@ class Captioner(ABC):
         """The token(s) a caption of this image starts with: the decoder's start token (BLIP's [DEC]), or a
         vision-language model's prompt asking `instruction` (None: its default) about `pixel_values`."""
 
-    @cached_property
+    @property
     def takes_instruction(self) -> bool:
-        """Whether an instruction changes what the captioner is given: it has a default one, and its prompt says it
-        (the synthetic LLaVA's chat template writes only the image: it is a captioner, not an assistant)."""
-        asked = self.default_instruction
-        return asked is not None and self.start_ids(instruction=f"{asked} {asked}") != self.start_ids(instruction=asked)
+        """Whether the captioner answers an instruction (it has a default one; BLIP-2's is the empty prompt)."""
+        return self.default_instruction is not None
 
     def instruction(self, asked: str | None) -> str | None:
-        """The instruction a caption is made with: `asked`, else the captioner's own; None for a captioner that
-        takes none, whatever was asked (made concrete before any cache key, so equal prompts get equal keys)."""
-        return (asked or self.default_instruction) if self.takes_instruction else None
+        """The instruction a caption is made with: `asked`, else the captioner's own; None when it is asked nothing
+        (it takes no instruction, whatever was asked, or its own is empty: BLIP-2). Made concrete before any cache key,
+        so that equal prompts get equal keys."""
+        instruction = (asked or self.default_instruction or None) if self.takes_instruction else None
+        if instruction is not None:
+            try:
+                self.start_ids(instruction=instruction)  # its prompt, made once: the processor may refuse it
+            except ValueError as err:
+                raise SettingError(f"{self.short_name} cannot be asked {instruction!r}: {err}") from err
+        return instruction
 
     def answer_start(self, token_ids: Sequence[int]) -> int:
         """Where the written part of a caption's `token_ids` begins (after `start_ids`)."""
@@ -262,7 +267,7 @@ class Captioner(ABC):
     def resolve_layer(self, index: int, count: int, what: str) -> int:
         """Accept Python-style negative indices; reject out-of-range ones with a clear message."""
         if not -count <= index < count:
-            raise ValueError(f"{what} index {index} is out of range: this model has {count} ({-count}..{count - 1}).")
+            raise SettingError(f"{what} index {index} is out of range: this model has {count} ({-count}..{count - 1}).")
         return index % count
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:

@@ -132,9 +132,9 @@ class VlmCaptioner(Captioner):
 
     @property
     def short_name(self) -> str:
-        """The family as transformers names its model class ("Llava", "PaliGemma", "Gemma3"): the page's sentences
-        say “Llava is 15% sure of …”, not the adapter's registry name."""
-        return type(self.model).__name__.removesuffix("ForConditionalGeneration")
+        """Its `title`, else the family as transformers names its model class ("Llava", "PaliGemma", "Gemma3"): the
+        page's sentences say “Llava is 15% sure of …”, not the adapter's registry name."""
+        return self.title or type(self.model).__name__.removesuffix("ForConditionalGeneration")
 
     def vision_grid(self, output: torch.Tensor) -> torch.Tensor:
         """ViT tokens as a grid, with or without a CLS token first (CLIP has one, SigLIP none)."""
