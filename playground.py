@@ -319,9 +319,16 @@ def _wire_explaining(page: Page) -> None:
     def on_tick(state):
         return page.caption_update(state)
 
+    @friendly(1)
+    def on_captioner(name):
+        """The instruction box follows the captioner: shown for one that takes an instruction, with its own."""
+        return gr.update(**ui.instruction_box(get(name).captioner))
+
     upload = dict(fn=on_image, inputs=[page.image, page.captioner, page.session, *widgets],
                   outputs=[page.image, page.caption, page.ticker, *outputs], api_visibility="private")
-    gr.on([page.image.upload, page.recaption.click, page.captioner.input], **upload)
+    instruction = page.settings["instruction"]
+    gr.on([page.image.upload, page.recaption.click, page.captioner.input, instruction.submit], **upload)
+    page.captioner.input(on_captioner, [page.captioner], [instruction, page.message], api_visibility="private")
     page.examples.load_input_event.then(**upload)
     page.caption.select(on_select, [page.session, *widgets], outputs, api_visibility="private")
     gr.on([page.explain.click, page.query.submit], on_query, [page.query, page.session, *widgets], outputs,
@@ -399,9 +406,10 @@ def _api(explainer: Explainer) -> None:
 
     @_api_errors
     def caption(image: FileData, num_beams: int = DEFAULTS.num_beams, max_new_tokens: int = DEFAULTS.max_new_tokens,
-                precompute: bool = False) -> dict:
-        """The caption of an uploaded image: its text, and each word's span, tokens and log-probability."""
-        settings = _settings({"num_beams": num_beams, "max_new_tokens": max_new_tokens})
+                precompute: bool = False, instruction: str | None = DEFAULTS.instruction) -> dict:
+        """The caption of an uploaded image: its text, the instruction a vision-language model answered, and each
+        word's span, tokens and log-probability."""
+        settings = _settings({"num_beams": num_beams, "max_new_tokens": max_new_tokens, "instruction": instruction})
         result = ui.api_caption(explainer, _path(image), settings)
         if precompute:
             explainer.precompute_async(_path(image), explainer.caption(_path(image), settings), settings)

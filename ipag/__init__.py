@@ -4,7 +4,7 @@ Start with `Explainer` (`Explainer.tiny()` works offline); see README.md for the
 """
 
 from .captioners import CAPTIONERS
-from .errors import ModelUnavailableError, QueryError
+from .errors import ModelUnavailableError, QueryError, SettingError
 from .explainer import Explainer, Explainers
 from .images import ImageError, load_image
 from .maps import MAP_TYPES
@@ -18,5 +18,5 @@ for _registry in (MAP_TYPES, CAPTIONERS, SEGMENTERS):
 
 __all__ = [
     "Caption", "DEFAULTS", "Explainer", "Explainers", "Explanation", "Heatmap", "ImageError", "ModelUnavailableError",
-    "QueryError", "Settings", "Word", "load_image",
+    "QueryError", "SettingError", "Settings", "Word", "load_image",
 ]

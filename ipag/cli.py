@@ -11,8 +11,8 @@
 
 Every command takes the playground's model options (--synthetic, --tiny, --captioner, --clip, --segmenter, …).
 Exit status: 0 when everything was done; 1 when some inputs failed (each is reported, the others are done);
-2 when a model or a metric cannot be loaded, `--ray` finds no Ray, or the arguments are wrong; 130 when
-interrupted (Ctrl-C).
+2 when a model or a metric cannot be loaded, `--ray` finds no Ray, or the arguments are wrong (for the models too: a
+layer they do not have, an instruction the model refuses); 130 when interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from PIL import Image
 from .batch import LOCAL, RayUnavailableError, Record, Worker, run_items
 from .cache import DEFAULT_CACHE_MB, image_key
 from .captioners import Captioner, known_captioners, load_captioner, tiny_captioner
-from .errors import ModelUnavailableError, QueryError
+from .errors import ModelUnavailableError, QueryError, SettingError
 from .evaluation.captions import COCO_METRICS, MetricUnavailableError, evaluate_captions, require_java
 from .evaluation.faithfulness import METRICS, ROAD_PERCENTILES, faithfulness_result, image_faithfulness
 from .evaluation.grounding import ablation, grid, grounding_result, grounding_table, scene_groundings
@@ -84,7 +84,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--synthetic", nargs="?", const=True, default=None, metavar="FOLDER",
                        help="the small models trained on generated scenes: the ones shipped in models/, or those "
                        "`train-synthetic` wrote to FOLDER (offline; captions that mean something)")
-    group.add_argument("--tiny", action="store_true", help="tiny random models: offline, for testing the plumbing")
+    group.add_argument("--tiny", action="store_true", help="tiny random models: offline, for testing the plumbing "
+                       "(with --captioner FOLDER: that model, and a tiny CLIP)")
     group.add_argument("--captioner", default=None,
                        help=f"{', '.join(known_captioners())}, a hub id or local folder of a BLIP or ViT-GPT2 "
                        f"captioner, or a ClipCap checkpoint file (.pt/.safetensors, see the README); default "
@@ -146,9 +147,8 @@ def load_explainer(args: argparse.Namespace) -> Explainer:
     precision = {"precision": args.precision} if args.precision else {}  # else each kind of models' default
     if args.synthetic:
         return Explainer.synthetic(args.device, args.cache_mb, synthetic_folder(args), captioner, **precision)
-    if args.tiny:
-        return Explainer.tiny(device=args.device, captioner=captioner if captioner in known_captioners()
-                              else DEFAULT_CAPTIONER, cache_mb=args.cache_mb, **precision)
+    if args.tiny:  # a named captioner's tiny random version, or the model --captioner names, with a tiny CLIP
+        return Explainer.tiny(device=args.device, captioner=captioner, cache_mb=args.cache_mb, **precision)
     print(f"Loading {captioner} and CLIP {args.clip} (first run downloads them)…", file=sys.stderr, flush=True)
     return Explainer.from_pretrained(captioner, None if args.clip == "none" else args.clip,
                                      args.segmenter or "auto", args.device, args.cache_mb, **precision)
@@ -616,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     try:
         return args.run(args)
-    except (ModelUnavailableError, MetricUnavailableError, DatasetError, RayUnavailableError) as err:
+    except (ModelUnavailableError, MetricUnavailableError, DatasetError, RayUnavailableError, SettingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what was finished is kept; an image half written never looks finished

@@ -7,3 +7,8 @@ class ModelUnavailableError(RuntimeError):
 
 class QueryError(ValueError):
     """A query cannot be explained as given (empty, unknown word index, nothing to tokenize)."""
+
+
+class SettingError(ValueError):
+    """A setting's value does not suit the loaded models (a layer they do not have, an instruction the model's
+    processor refuses): the settings alone could not tell."""

@@ -28,7 +28,7 @@ from .align import align, find_phrase
 from .attribution import KeptPass
 from .budget import section
 from .cache import DEFAULT_CACHE_MB, ImageCache, image_key
-from .captioners import Captioner, DecodeOptions, load_captioner, tiny_captioner
+from .captioners import Captioner, DecodeOptions, known_captioners, load_captioner, tiny_captioner
 from .device import resolve_device
 from .errors import QueryError
 from .grounding import ClipModel, GroundedImage
@@ -101,9 +101,12 @@ class Explainer:
              cache_mb: float = DEFAULT_CACHE_MB, precision: str = "float32") -> "Explainer":
         """The whole pipeline on tiny random models built from configs (a captioner by friendly name, CLIP)
         and scikit-image superpixels: offline, in seconds. For tests, CI and `playground.py --tiny`: in float32
-        unless asked, because tests compare their numbers with exact computations."""
+        unless asked, because tests compare their numbers with exact computations. A `captioner` that is no friendly
+        name is loaded as it is (a folder of a tiny model written by `save_pretrained`, say)."""
         resolved = resolve_device(device)
-        return cls(tiny_captioner(captioner, seed, resolved), ClipModel.tiny(seed, resolved), "superpixels",
+        model = tiny_captioner(captioner, seed, resolved) if captioner in known_captioners() else \
+            load_captioner(captioner, resolved)
+        return cls(model, ClipModel.tiny(seed, resolved), "superpixels",
                    segmenter_options={"torchvision": {"pretrained": False}},  # random Mask R-CNN: no download
                    cache_mb=cache_mb, precision=precision)
 
@@ -134,15 +137,17 @@ class Explainer:
 
     def resolve(self, settings: Settings = DEFAULTS) -> Settings:
         """`settings` with every default made concrete for these models (vision block and decoder layer as
-        non-negative indices, the segmenter's real name), so that equal computations get equal cache keys.
-        A captioner without cross-attention gets no decoder layer (None), whatever was asked."""
+        non-negative indices, the segmenter's real name, the instruction: `Captioner.instruction`), so that equal
+        computations get equal cache keys. A captioner without cross-attention gets no decoder layer (None), and one
+        that takes no instruction no instruction, whatever was asked."""
         captioner = self.captioner
         layers, decoder = len(captioner.vision_layers), captioner.num_decoder_layers
         cross = settings.cross_attention_layer
         if cross is None:  # a late-middle layer, ⌊2L/3⌋ (8 of 12 for BLIP-base), LAVIS's choice for BLIP
             cross = (2 * decoder) // 3 if decoder >= 3 else decoder - 1
         segmenter = resolve_name(settings.segmenter or self.default_segmenter)
-        return replace(settings, vision_layer=captioner.resolve_layer(settings.vision_layer, layers, "Vision layer"),
+        return replace(settings, instruction=captioner.instruction(settings.instruction),
+                       vision_layer=captioner.resolve_layer(settings.vision_layer, layers, "Vision layer"),
                        # without cross-attention there is no layer to choose: the setting is ignored
                        cross_attention_layer=captioner.resolve_layer(cross, decoder, "Cross-attention layer")
                        if decoder else None,
@@ -177,7 +182,7 @@ class Explainer:
         streamer = _QueueStreamer(tokens) if settings.num_beams == 1 else None
         key, work = self._caption_task(load_image(image), settings, streamer)
         future = self.scheduler.request([key], work, Priority.CAPTION)[key]
-        token_ids = self.captioner.start_ids()
+        token_ids = self.captioner.start_ids(instruction=self.decode_options(settings).instruction)
         while not future.done():
             try:
                 token_ids = token_ids + tokens.get(timeout=0.05)
@@ -189,7 +194,7 @@ class Explainer:
     def _caption_task(self, rgb: Image.Image, settings: Settings,
                       streamer: BaseStreamer | None = None) -> tuple[Key, Callable[[Publish], None]]:
         """The caption's cache key, and the work that computes and publishes it."""
-        options = DecodeOptions(settings.num_beams, settings.max_new_tokens)
+        options = self.decode_options(settings)
         key = self._keys(rgb).caption(options)
 
         def work(publish: Publish) -> None:
@@ -197,14 +202,21 @@ class Explainer:
 
         return key, work
 
+    def decode_options(self, settings: Settings) -> DecodeOptions:
+        """How `settings` say to caption, for this captioner (its instruction made concrete: `Captioner.instruction`)."""
+        return DecodeOptions(settings.num_beams, settings.max_new_tokens,
+                             instruction=self.captioner.instruction(settings.instruction))
+
     def _caption_pixels(self, pixel_values, options: DecodeOptions, streamer: BaseStreamer | None = None) -> Caption:
         with section("caption"):
-            return self.caption_from_ids(pixel_values, *self.captioner.generate_scored(pixel_values, options, streamer))
+            return self.caption_from_ids(pixel_values, *self.captioner.generate_scored(pixel_values, options, streamer),
+                                         instruction=options.instruction)
 
-    def caption_from_ids(self, pixel_values, token_ids: Sequence[int],
-                         logprobs: Sequence[float] | None = None) -> Caption:
-        """Align a token sequence (starting with the start token) with the log-probabilities of its tokens
-        after the first (scored here under teacher forcing when not given)."""
+    def caption_from_ids(self, pixel_values, token_ids: Sequence[int], logprobs: Sequence[float] | None = None,
+                         instruction: str | None = None) -> Caption:
+        """Align a token sequence (starting with the start token, or the prompt asking `instruction`: None, the
+        captioner's own) with the log-probabilities of its tokens after the first (scored here under teacher forcing
+        when not given)."""
         token_ids = list(token_ids)
         if logprobs is None:
             logprobs = self.captioner.token_logprobs(pixel_values, token_ids) if len(token_ids) > 1 else []
@@ -212,7 +224,8 @@ class Explainer:
         text, words = align(self.captioner.pieces(token_ids), token_ids, logprobs)
         return Caption(text=text, words=words, token_ids=tuple(token_ids),
                        tokens=tuple(self.captioner.token_strings(token_ids)),
-                       token_logprobs=tuple(logprobs), captioner=self.captioner.describe())
+                       token_logprobs=tuple(logprobs), captioner=self.captioner.describe(),
+                       instruction=self.captioner.instruction(instruction))
 
     # --- explaining -----------------------------------------------------------------------------------------
 
@@ -280,8 +293,9 @@ class Explainer:
         grounding = explanation.grounding.choose(index)
         token_ids = explanation.token_ids
         checks_key = keys.region_checks(grounding.mask, token_ids)
+        instruction = explanation.caption.instruction if explanation.caption else None
         checks = self.scheduler.result(checks_key, lambda publish: publish(
-            checks_key, region_checks(self._workshop(), keys, rgb, grounding.mask, token_ids)))
+            checks_key, region_checks(self._workshop(), keys, rgb, grounding.mask, token_ids, instruction)))
         verification = None
         if checks.region_caption is not None:
             words = [w.text for w in explanation.words] or explanation.query.split()
@@ -347,6 +361,8 @@ class Explainer:
         rgb = load_image(image)
         settings = self.resolve(settings)
         caption = caption or self.caption(rgb, settings)
+        # the instruction the caption answered: a changed one applies to the next caption, not to this one's words
+        settings = replace(settings, instruction=caption.instruction)
         return WordStages(self._workshop(), rgb, self._keys(rgb), caption, self._prepare_query(query, caption),
                           settings)
 
@@ -375,8 +391,8 @@ class Explainer:
             return self._in_caption(query, caption, words)
         # The caption's own prompt: what the captioner was asked, about this image (a vision-language model's image
         # tokens depend on the photo's size).
-        prompt = list(caption.token_ids[:self.captioner.answer_start(caption.token_ids)])
-        prefix = prompt + self.captioner.tokenize(self.captioner.neutral_prompt)
+        prompt = caption.token_ids[:self.captioner.answer_start(caption.token_ids)]
+        prefix = [*prompt, *self.captioner.tokenize(self.captioner.neutral_prompt)]
         token_ids = tuple(prefix + query_ids)
         return PreparedQuery(query, token_ids, Target(tuple(range(len(prefix), len(token_ids)))), ())
 

@@ -41,11 +41,15 @@ class Caption:
     tokens: tuple[str, ...]  #: the tokenizer's strings for `token_ids`
     token_logprobs: tuple[float, ...]  #: log p(y_t | image, y_<t); 0.0 for the BOS position
     captioner: str = ""
+    #: What a vision-language model was asked (its prompt's instruction, at the start of `token_ids`); None for a
+    #: captioner that takes no instruction.
+    instruction: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "text": self.text,
             "captioner": self.captioner,
+            "instruction": self.instruction,
             "words": [
                 {
                     "index": w.index,

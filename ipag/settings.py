@@ -19,6 +19,8 @@ keys however they were asked for.
 
 from __future__ import annotations
 
+import reprlib
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
@@ -32,6 +34,9 @@ COLORMAPS = ("viridis", "inferno", "magma", "cividis", "gray", "turbo", "jet")
 #: What CLIP is shown of a region (`ipag.grounding.composite`): the region sharp and the rest blurred or grey, or
 #: the blurred composite cropped to the region.
 REGION_VIEWS = ("blur", "grey", "crop")
+#: The longest instruction a vision-language model is asked (a question or a task, not a document: every character
+#: is prompt the model reads again for each word explained).
+MAX_INSTRUCTION_CHARS = 500
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,9 @@ class Setting:
         return list(self.choices() if callable(self.choices) else self.choices) if self.choices is not None else None
 
     def coerce(self, value: Any) -> Any:
-        """`value` as the declared type: widgets send numbers as floats and JSON may send ints for floats."""
-        if value is None:
+        """`value` as the declared type: widgets send numbers as floats and JSON may send ints for floats, and an
+        empty text box sends "" where it means "none given" (None, where None is the default)."""
+        if value is None or (self.default is None and isinstance(value, str) and not value.strip()):
             return None
         if self.kind is int and isinstance(value, float):
             if not value.is_integer():
@@ -105,7 +111,7 @@ class Setting:
             raise ValueError(f"Unknown {name} {value!r}; choose one of: {', '.join(options)}.")
         problem = self.valid(value) if self.valid else None
         if problem:
-            raise ValueError(f"{name} {problem}; got {value!r}.")
+            raise ValueError(f"{name} {problem}; got {reprlib.repr(value)}.")  # a long text shortened
 
 
 def _setting(default: Any, stage: Stage, label: str, **declaration: Any) -> Any:
@@ -124,6 +130,18 @@ def _has_placeholder(template: str) -> str | None:
     return None if "{}" in template else "must contain '{}' where the word goes"
 
 
+def _plain_instruction(text: str) -> str | None:
+    """What is wrong with an instruction: nothing to ask, too long, or control characters (line breaks, tabs,
+    escape sequences), which a one-line question has no use for and which could break the chat template's turns."""
+    if not text.strip():
+        return "is empty; leave it out to ask the model's own"
+    if len(text) > MAX_INSTRUCTION_CHARS:
+        return f"is too long ({len(text)} characters; at most {MAX_INSTRUCTION_CHARS})"
+    if any(unicodedata.category(char) == "Cc" for char in text):
+        return "must not contain control characters (line breaks, tabs, …)"
+    return None
+
+
 #: The settings map types and other plugins declared (`declare`), by name, in the order they were declared.
 _DECLARED: dict[str, Setting] = {}
 
@@ -140,6 +158,10 @@ class Settings:
     # captioning
     num_beams: int = _setting(1, "caption", "Beam size (1 = greedy)", minimum=1, maximum=16, step=1)
     max_new_tokens: int = _setting(20, "caption", "Max new tokens", minimum=1, maximum=128, step=1)
+    #: What a vision-language model is asked (None: its own instruction, `Captioner.default_instruction`);
+    #: captioners that take none ignore it, and the page shows its box only for those that take one.
+    instruction: str | None = _setting(None, "caption", "Instruction: what a vision-language model is asked",
+                                       type=str, widget="text", valid=_plain_instruction)
     # the word's pass (its range is the captioner's: `Explainer.resolve` checks it)
     vision_layer: int = _setting(-1, "gradients", "Vision block for Grad-CAM (-1 = last)", step=1, widget="slider")
     cross_attention_layer: int | None = _setting(None, "gradients", "Decoder layer for cross-attention", step=1,

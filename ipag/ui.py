@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import tempfile
+import textwrap
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from typing import Any
 
 from PIL import Image
 
+from .captioners import Captioner
 from .errors import ModelUnavailableError, QueryError
 from .evaluation.localisation import GroundTruth, ground_truth
 from .explainer import Explainer, Explainers
@@ -53,10 +55,14 @@ EXPORTS = Path(tempfile.gettempdir()) / "ipag-exports"
 GRID_SIDE = 192
 #: The mark after a caption word while the background precompute explains the caption's words (`Plan.progress`).
 MARKS: dict[Progress, str] = {"ready": "✓", "running": "⟳", "partial": "◐", "queued": "○", "dropped": ""}
-#: The caption's label while words are marked, and once every word is explained.
-CAPTION_MARKED = "Caption — click a word (colour: its probability; ✓ explained, ⟳ computing, ◐ partly, ○ queued)"
-CAPTION_READY = "Caption — click a word (colour: its probability; every word is explained: clicks answer at once)"
-CAPTION_LABEL = "Caption — click a word (colour: its probability)"
+#: The caption's label while words are marked, once every word is explained, and otherwise; a vision-language
+#: model's caption is called the answer to its instruction instead (`caption_label`).
+CAPTION = "Caption"
+CAPTION_MARKED = f"{CAPTION} — click a word (colour: its probability; ✓ explained, ⟳ computing, ◐ partly, ○ queued)"
+CAPTION_READY = f"{CAPTION} — click a word (colour: its probability; every word is explained: clicks answer at once)"
+CAPTION_LABEL = f"{CAPTION} — click a word (colour: its probability)"
+#: How much of an instruction the caption's label quotes (the whole of it is in the raw result).
+LABEL_INSTRUCTION_CHARS = 60
 #: The image evidence (Δlog p, photo vs blank image) below which the picture "barely changed" the word (in nats:
 #: 0.05 is a 5% change of its probability).
 BARELY = 0.05
@@ -146,6 +152,7 @@ def settings_panels(explainer: Explainer) -> dict[str, dict[str, SettingWidget]]
         "cross_attention_layer": {"minimum": 0, "maximum": max(decoder - 1, 1), "value": resolved.cross_attention_layer
                                   or 0, "interactive": not no_layer, "info": no_layer},
         "segmenter": {"value": resolved.segmenter, "choices": available_segmenters()},
+        "instruction": instruction_box(captioner),
     }
     panels: dict[str, dict[str, SettingWidget]] = {title: {} for title in PANELS}
     for name, setting in declarations().items():
@@ -162,6 +169,12 @@ def settings_panels(explainer: Explainer) -> dict[str, dict[str, SettingWidget]]
         panels[title][name] = SettingWidget(kind, options | of_the_models.get(name, {}))
     return panels
 
+
+
+def instruction_box(captioner: Captioner) -> dict[str, Any]:
+    """The instruction box for `captioner`: shown only when it takes an instruction, with its own as the
+    placeholder (what an empty box asks)."""
+    return {"visible": captioner.takes_instruction, "placeholder": captioner.default_instruction}
 
 
 # --- captioning --------------------------------------------------------------------------------------------
@@ -196,18 +209,28 @@ def word_for_segment(caption: Caption, segment: int) -> int | None:
 
 
 def readiness(session: Session) -> tuple[list[tuple[str, float | None]], str, bool]:
-    """The caption marked with how far each word's background explanation is, its label, and whether it is still
-    changing (a page polls until it is not). Without a precompute, or once every word is explained, the caption
-    is shown plain."""
-    if session.caption is None:
+    """The caption marked with how far each word's background explanation is, its label (`caption_label`), and
+    whether it is still changing (a page polls until it is not). Without a precompute, or once every word is
+    explained, the caption is shown plain."""
+    caption = session.caption
+    if caption is None:
         return [], CAPTION_LABEL, False
     progress = session.plan.progress() if session.plan is not None else None
     if not progress:
-        return caption_segments(session.caption), CAPTION_LABEL, False
+        return caption_segments(caption), caption_label(caption, CAPTION_LABEL), False
     if all(state == "ready" for state in progress):
-        return caption_segments(session.caption), CAPTION_READY, False
+        return caption_segments(caption), caption_label(caption, CAPTION_READY), False
     changing = any(state in ("running", "queued", "partial") for state in progress)
-    return caption_segments(session.caption, progress), CAPTION_MARKED, changing
+    return caption_segments(caption, progress), caption_label(caption, CAPTION_MARKED), changing
+
+
+def caption_label(caption: Caption, label: str) -> str:
+    """`label` (one of the caption's labels), naming a vision-language model's caption after what it answers, so
+    the reader knows which question its words reply to: “Answer to “What is shown?” — click a word …”."""
+    if caption.instruction is None:
+        return label
+    asked = textwrap.shorten(caption.instruction, LABEL_INSTRUCTION_CHARS, placeholder="…")
+    return f"Answer to “{asked}”{label.removeprefix(CAPTION)}"
 
 
 def caption_image(explainer: Explainer, image: ImageInput | None, settings: Settings, session: Session,
@@ -677,7 +700,8 @@ def fresh_path(stem: str, suffix: str) -> Path:
     return EXPORTS / f"{stem}_{uuid.uuid4().hex[:8]}{suffix}"
 
 
-__all__ = ["PANELS", "SANITY_LABEL", "Rendered", "Session", "SettingWidget", "Table", "UserError", "api_caption",
-           "api_explain", "caption_image", "caption_image_stream", "caption_segments", "compare_captions", "explain",
-           "export", "readiness", "render", "replan", "sanity_check", "select_candidate", "select_tile", "select_view",
+__all__ = ["PANELS", "SANITY_LABEL", "Rendered", "Session", "SettingWidget", "Table", "UserError",
+           "api_caption", "api_explain", "caption_image", "caption_image_stream", "caption_label",
+           "caption_segments", "compare_captions", "explain", "export", "instruction_box", "readiness",
+           "render", "replan", "sanity_check", "select_candidate", "select_tile", "select_view",
            "select_word", "settings_panels", "summary", "trust_table", "views"]

@@ -16,7 +16,7 @@ from PIL import Image
 
 from .align import align
 from .budget import section
-from .captioners import Captioner
+from .captioners import Captioner, DecodeOptions
 from .grounding import Grounding, composite
 from .images import BACKGROUND
 from .results import Heatmap, Verification
@@ -49,11 +49,14 @@ def masses_inside(maps: Mapping[str, Heatmap], mask: np.ndarray) -> dict[str, fl
     return {key: mass_inside(heatmap.at(small.shape[::-1]), small) for key, heatmap in maps.items()}
 
 
-def caption_region(captioner: Captioner, image: Image.Image, mask: np.ndarray) -> RegionCaption:
-    """What the captioner says when shown only the region (the rest greyed out). Generated only, not scored:
-    just its words are needed, and scoring would cost another forward pass."""
+def caption_region(captioner: Captioner, image: Image.Image, mask: np.ndarray,
+                   instruction: str | None) -> RegionCaption:
+    """What the captioner says when shown only the region (the rest greyed out), asked the caption's `instruction`
+    (a vision-language model's; None: its own). Generated only, not scored: just its words are needed, and scoring
+    would cost another forward pass."""
     with section("region caption"):
-        token_ids = captioner.generate(captioner.preprocess(composite(image, mask, mode="grey")))
+        pixels = captioner.preprocess(composite(image, mask, mode="grey"))
+        token_ids = captioner.generate(pixels, DecodeOptions(instruction=instruction))
     text, words = align(captioner.pieces(token_ids), token_ids, [0.0] * len(token_ids))
     return RegionCaption(text, frozenset(word.text.lower() for word in words))
 

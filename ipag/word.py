@@ -92,8 +92,8 @@ class Keys:
     def prior(self, token_ids: tuple[int, ...]) -> Key:
         return self._of("prior", token_ids)
 
-    def region_caption(self, mask: np.ndarray) -> Key:
-        return self._of("region caption", _mask_key(mask))
+    def region_caption(self, mask: np.ndarray, instruction: str | None) -> Key:
+        return self._of("region caption", _mask_key(mask), instruction)
 
     def region_logprobs(self, mask: np.ndarray, token_ids: tuple[int, ...]) -> Key:
         return self._of("region logprobs", _mask_key(mask), token_ids)
@@ -200,13 +200,15 @@ def trust_logprobs(tools: Workshop, keys: Keys, rgb: Image.Image, token_ids: tup
     return prior, region
 
 
-def region_checks(tools: Workshop, keys: Keys, rgb: Image.Image, mask: np.ndarray,
-                  token_ids: tuple[int, ...]) -> Checks:
-    """The region's own caption and the sequence's token log-probabilities with only the region / without
-    it, cached per region: several words often share one region, and its passes are made once."""
+def region_checks(tools: Workshop, keys: Keys, rgb: Image.Image, mask: np.ndarray, token_ids: tuple[int, ...],
+                  instruction: str | None) -> Checks:
+    """The region's own caption (asked the caption's `instruction`) and the sequence's token log-probabilities with
+    only the region / without it, cached per region: several words often share one region, and its passes are
+    made once."""
     try:
         prior, logprobs = trust_logprobs(tools, keys, rgb, token_ids, mask)
-        caption = tools.get(keys.region_caption(mask), lambda: caption_region(tools.captioner, rgb, mask))
+        caption = tools.get(keys.region_caption(mask, instruction),
+                            lambda: caption_region(tools.captioner, rgb, mask, instruction))
         return Checks(caption, logprobs, [], prior)
     except Exception as err:  # noqa: BLE001 — the region and maps stand without their trust numbers
         logger.exception("verification failed")
@@ -379,7 +381,8 @@ class WordStages:
         if self.grounded:
             region = tools.scheduler.result(self._region_key(), self._region)
             if region.grounding is not None:
-                checks = region_checks(tools, self.keys, self.rgb, region.grounding.mask, token_ids)
+                checks = region_checks(tools, self.keys, self.rgb, region.grounding.mask, token_ids,
+                                       self.caption.instruction)
         if checks.prior is None:  # no region, or its check failed
             checks = checks._replace(prior=trust_logprobs(tools, self.keys, self.rgb, token_ids)[0])
         publish(self._checks_key(), checks)

@@ -546,3 +546,61 @@ def test_synthetic_mode_grounds_a_shape_word_on_its_true_object(browser, tmp_pat
     finally:
         page.close()
         demo.close()
+
+
+# --- a vision-language model in the page: only its answer is clickable, its instruction can be edited (issue 26) -
+
+def test_a_vision_language_model_answers_its_instruction_in_the_page(app_url, browser, tmp_path):
+    """A tiny random LLaVA, loaded from its folder as a user's download: upload, the caption is the answer (its label
+    quotes the instruction, the prompt's words are not shown), a click explains a word with its maps and region;
+    then another instruction typed in the page captions again with a prompt that asks it. BLIP's page has no box."""
+    from ipag.captioners.tiny_vlms import save_tiny
+    from ipag.captioners.vlm import DEFAULT_INSTRUCTION
+
+    page = open_page(browser, app_url)
+    page.locator("#caption").wait_for(timeout=30_000)
+    assert not page.locator("#settings-instruction").is_visible()  # BLIP takes no instruction
+    page.close()
+
+    explainer = Explainer.tiny(captioner=str(save_tiny("llava", tmp_path / "llava")))
+    demo = playground.build_app(explainer)
+    demo.queue(default_concurrency_limit=2)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                            theme=playground.THEME)
+    errors: list[str] = []
+    page = open_page(browser, url, errors)
+    try:
+        image = Image.open(EXAMPLES / "chelsea.jpg")
+        words = upload(page, EXAMPLES / "chelsea.jpg")
+        caption = explainer.caption(image)  # what the page showed (cached)
+        assert caption.instruction == DEFAULT_INSTRUCTION
+        page.locator("#caption").get_by_text(f"Answer to “{DEFAULT_INSTRUCTION}”").wait_for(timeout=30_000)
+        assert word_texts(words) == [word.text for word in caption.words]  # the answer's words, the prompt's none
+        words.first.click()
+        finished(page, caption.words[0].text)
+        page.wait_for_function("() => { const img = document.querySelector('#picture img');"
+                               " return img && img.complete && img.naturalWidth > 0; }", timeout=30_000)
+        explanation = explainer.explain(image, 0, caption)
+        assert page.locator("#grid img").count() == len(explanation.maps) >= 5
+        assert page.locator("#candidates label").count() >= 2 and "Region of “" in page.locator("#status").inner_text()
+        assert page.locator("#summary").inner_text().startswith(f"{explainer.captioner.short_name} is ")
+
+        page.get_by_role("button", name="Captioner and decoding").click()
+        box = page.locator("#settings-instruction textarea, #settings-instruction input").first
+        assert box.get_attribute("placeholder") == DEFAULT_INSTRUCTION  # what an empty box asks
+        box.fill("What does this show?")
+        box.press("Enter")  # captions again, as "Caption again" does
+        page.locator("#caption").get_by_text("Answer to “What does this show?”").wait_for(timeout=60_000)
+        asked = explainer.caption(image, Settings(instruction="What does this show?"))  # the page's, cached
+        prompt = asked.tokens[:explainer.captioner.answer_start(asked.token_ids)]
+        assert "▁what" in prompt and "▁what" not in caption.tokens  # the prompt asks the new instruction
+        words.first.wait_for(timeout=60_000)
+        assert word_texts(words) == [word.text for word in asked.words]
+        words.first.click()
+        finished(page, asked.words[0].text)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "vlm.png"), full_page=True)
+        assert errors == [], errors
+    finally:
+        page.close()
+        demo.close()

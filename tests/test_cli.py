@@ -176,11 +176,46 @@ def test_unavailable_model_exits_2_with_the_fix(photos, tmp_path, capsys):
     (["evaluate-faithfulness", "--road-percentiles", "0,50"], "strictly between 0 and 100"),
     (["evaluate-faithfulness", "--steps", "0"], "positive whole number"),
     (["explain", "--cache-mb", "0"], "positive whole number"),
+    (["explain", "--instruction", "What?\nNow ignore the image."], "instruction must not contain control characters"),
+    (["explain", "--instruction", "why " * 150], "instruction is too long (600 characters; at most 500)"),
 ])
 def test_bad_arguments_exit_2(photos, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exited:
         cli.main([argv[0], str(photos), "--out", str(tmp_path), "--tiny", *argv[1:]])
     assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_vision_language_model_answers_the_instruction_given_on_the_command_line(photos, tmp_path, capsys):
+    """`--tiny --captioner FOLDER` runs that model (a tiny LLaVA, as a user's download) with the tiny CLIP, and
+    `--instruction` is what it is asked: its prompt, the caption's record and the settings' all say so."""
+    from ipag.captioners.tiny_vlms import save_tiny
+
+    folder = save_tiny("llava", tmp_path / "llava")
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "explain", photos / "beach.jpg", "--out", out, *TINY, "--captioner", folder,
+                       "--instruction", "What does this show?")
+    assert code == 0, err
+    index = json.loads((out / "beach" / cli.INDEX).read_text())
+    caption = index["caption"]
+    assert index["settings"]["captioner"].startswith(f"vlm ({folder}")
+    assert caption["instruction"] == index["settings"]["instruction"] == "What does this show?"
+    assert caption["words"]
+    prompt = caption["tokens"][:caption["words"][0]["token_positions"][0]]  # what comes before the answer
+    assert "▁what ▁does ▁this ▁show ?" in " ".join(prompt)
+
+
+def test_settings_the_models_refuse_exit_2_with_the_reason(photos, tmp_path, capsys):
+    """What only the loaded models can refuse (Florence-2's processor takes a task token alone; a layer the model does
+    not have) is refused before any image, with the reason, not a traceback."""
+    from ipag.captioners.tiny_vlms import save_tiny
+
+    folder = save_tiny("florence2", tmp_path / "florence2")
+    code, _, err = run(capsys, "explain", photos / "beach.jpg", "--out", tmp_path / "out", *TINY, "--captioner", folder,
+                       "--instruction", "<CAPTION> of the dog")
+    assert code == 2 and "error: Florence-2 cannot be asked '<CAPTION> of the dog': Task token <CAPTION>" in err
+    code, _, err = run(capsys, "explain", photos / "beach.jpg", "--out", tmp_path / "out", *TINY, "--vision-layer", "99")
+    assert code == 2 and "error: Vision layer index 99 is out of range" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_cache_budget_option_reaches_the_explainer():

@@ -79,6 +79,9 @@ def test_options_left_out_keep_the_defaults_and_bad_values_are_refused(capsys):
     ({"num_beams": 2.5}, "whole number"),
     ({"verify": None}, "verify needs a value"),
     ({"beams": 3}, "Unknown setting(s) beams; known settings: num_beams"),
+    ({"instruction": "What is shown?\nIgnore the image."}, "instruction must not contain control characters"),
+    ({"instruction": "Describe\tit."}, "instruction must not contain control characters"),
+    ({"instruction": "?" * 501}, "instruction is too long (501 characters; at most 500)"),
 ])
 def test_values_are_checked_against_their_declaration(values, message):
     with pytest.raises(ValueError) as error:
@@ -99,3 +102,13 @@ def test_settings_are_values_whatever_way_they_are_made():
         Settings(beams=3)
     with pytest.raises(AttributeError):
         _ = chosen.beams
+
+
+def test_an_empty_instruction_box_asks_the_models_own_and_a_long_one_is_quoted_short():
+    assert Settings.from_values({"instruction": "  "}) == Settings.from_values({"instruction": ""}) == DEFAULTS
+    assert Settings.from_values({"instruction": "What is shown?"}).instruction == "What is shown?"
+    with pytest.raises(ValueError, match="instruction is empty"):
+        Settings(instruction=" ")  # made directly: "" is not None
+    with pytest.raises(ValueError) as error:
+        Settings(instruction="why " * 200)
+    assert len(str(error.value)) < 150  # the message quotes the start of the text, not all 800 characters

@@ -382,3 +382,54 @@ def test_a_constant_map_is_undefined_in_the_sanity_check_never_a_pass(explainer,
     assert record["verdicts"]["gradcam"] == "undefined" and "gradcam" not in steps[-1].flagged
     assert record["steps"][-1]["correlations"]["gradcam"] is None
     assert table.headers == ["Map", "top 1", "all 2 (verdict)", "Verdict"]
+
+
+@pytest.fixture(scope="module")
+def vlm_explainer(tmp_path_factory):
+    """The page's explainer with a tiny random LLaVA (a folder, as a user's download) and the tiny CLIP."""
+    from ipag import Explainer
+    from ipag.captioners.tiny_vlms import save_tiny
+
+    return Explainer.tiny(captioner=str(save_tiny("llava", tmp_path_factory.mktemp("llava"))))
+
+
+def test_the_instruction_box_is_shown_only_for_a_captioner_that_takes_one(explainer, vlm_explainer):
+    from ipag.captioners.vlm import DEFAULT_INSTRUCTION
+
+    decoding = next(iter(ui.PANELS))
+    blip = ui.settings_panels(explainer)[decoding]["instruction"]
+    llava = ui.settings_panels(vlm_explainer)[decoding]["instruction"]
+    assert blip.kind == llava.kind == "text" and not blip.options["visible"] and blip.options["value"] is None
+    assert llava.options["visible"] and llava.options["placeholder"] == DEFAULT_INSTRUCTION  # what empty asks
+
+
+def test_the_caption_is_labelled_as_the_answer_to_its_instruction(explainer, vlm_explainer):
+    image = Image.open(EXAMPLE)
+    asked = Settings(max_new_tokens=4, instruction="What does this show?")
+    _, session, _ = ui.caption_image(vlm_explainer, image, asked, ui.Session(), precompute=False)
+    assert ui.readiness(session)[1] == "Answer to “What does this show?” — click a word (colour: its probability)"
+    assert ui.api_caption(vlm_explainer, image, asked)["instruction"] == "What does this show?"
+    assert "does this show" not in session.caption.text.lower()  # the prompt is not part of the caption
+    long = replace(session.caption, instruction="Describe " + "every object in this picture, " * 10)
+    label = ui.caption_label(long, ui.CAPTION_LABEL)
+    assert label.startswith("Answer to “Describe every object") and "…”" in label and len(label) < 120
+    _, blip, _ = ui.caption_image(explainer, image, asked, ui.Session(), precompute=False)
+    assert ui.readiness(blip)[1] == ui.CAPTION_LABEL  # BLIP was asked nothing
+
+
+def test_a_bad_instruction_from_the_page_is_a_message():
+    for bad, message in (("What?\x1b[2J", "control characters"), ("?" * 600, "too long")):
+        with pytest.raises(ui.UserError, match=message):
+            playground._settings({"instruction": bad})
+
+
+def test_switching_the_captioner_shows_or_hides_the_instruction_box(vlm_explainer):
+    from ipag import Explainers
+    from ipag.captioners import tiny_captioner
+    from ipag.captioners.vlm import DEFAULT_INSTRUCTION
+
+    demo = playground.build_app(Explainers(vlm_explainer, "llava", tiny_captioner, ["blip-base"]))
+    switch = next(dep.fn for dep in demo.fns.values() if getattr(dep.fn, "__name__", "") == "on_captioner")
+    (shown, _), (hidden, _) = switch("llava"), switch("blip-base")
+    assert shown["visible"] and shown["placeholder"] == DEFAULT_INSTRUCTION
+    assert not hidden["visible"] and hidden["placeholder"] is None

@@ -11,7 +11,7 @@ from ipag import Explainer, ModelUnavailableError, Settings
 from ipag.captioners import VlmCaptioner, load_captioner
 from ipag.captioners.base import capture_output
 from ipag.captioners.tiny_vlms import save_tiny
-from ipag.captioners.vlm import FAMILIES, refuse_if_too_big, weight_count
+from ipag.captioners.vlm import DEFAULT_INSTRUCTION, FAMILIES, refuse_if_too_big, weight_count
 from tests.helpers import expected_maps
 
 CPU = torch.device("cpu")
@@ -204,6 +204,36 @@ def test_an_instruction_changes_the_prompt_not_the_answer_start(vlm):
 def test_tokens_without_a_prompt_made_here_have_no_image_layout(vlm):
     with pytest.raises(ValueError, match="do not begin with a prompt"):
         vlm.attention_layout(vlm.tokenize("a dog"), 2, (1, 1))
+
+
+def test_changing_the_instruction_recaptions_with_its_prompt_and_its_words_follow(vlm, photo, monkeypatch):
+    """The instruction is part of the caption's key and of its prompt: another instruction captions again and
+    changes the prompt's tokens (every later key holds them); asking the default by name is asking nothing."""
+    explainer = Explainer(vlm, clip=None)
+    generated = []
+    original = vlm.generate_scored
+    monkeypatch.setattr(vlm, "generate_scored", lambda *args, **kwargs: generated.append(1) or original(*args, **kwargs))
+    own = explainer.caption(photo, Settings(max_new_tokens=4))
+    asked = explainer.caption(photo, Settings(max_new_tokens=4, instruction="What does this show?"))
+    assert len(generated) == 2 and own.instruction == vlm.default_instruction == DEFAULT_INSTRUCTION
+    assert asked.instruction == "What does this show?" and asked.to_dict()["instruction"] == asked.instruction
+    prompt = asked.token_ids[:vlm.answer_start(asked.token_ids)]
+    assert list(prompt) == vlm.start_ids(instruction="What does this show?") != vlm.start_ids()
+    assert "▁what" in vlm.token_strings(list(prompt)) and "▁what" not in own.tokens
+    assert explainer.caption(photo, Settings(max_new_tokens=4, instruction=DEFAULT_INSTRUCTION)) is own
+    assert explainer.caption(photo, Settings(max_new_tokens=4, instruction="What does this show?")) is asked
+    assert len(generated) == 2  # both served from the cache
+    # a word is explained on its caption's prompt, and says which instruction that was, whatever is asked now
+    typed = explainer.explain(photo, "red car", asked, Settings(max_new_tokens=4))
+    assert typed.token_ids[:len(prompt)] == prompt and typed.settings.instruction == "What does this show?"
+    assert explainer.resolve(Settings()).instruction == DEFAULT_INSTRUCTION
+
+
+def test_captioners_that_take_no_instruction_ignore_it(explainer, photo):
+    assert not explainer.captioner.takes_instruction and explainer.captioner.default_instruction is None
+    asked = explainer.caption(photo, Settings(instruction="What does this show?"))
+    assert asked is explainer.caption(photo) and asked.instruction is None  # the same caption, from the cache
+    assert explainer.resolve(Settings(instruction="What does this show?")).instruction is None
 
 
 def test_an_unsupported_type_lists_the_supported_ones(tmp_path):

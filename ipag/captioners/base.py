@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.generation.streamers import BaseStreamer
 from transformers.image_processing_utils import BaseImageProcessor
 
+from ..errors import SettingError
 from ..layout import Layout
 from ..precision import FLOAT32, Precision, Stage
 from ..target import token_logprobs
@@ -42,7 +43,7 @@ PieceKind = Literal["start", "continue", "punct", "special"]
 @dataclass(frozen=True)
 class DecodeOptions:
     """How to generate a caption. `num_beams=1` is greedy decoding; the end token counts as a new token.
-    (`Settings` declares and checks the first two; the explainer makes these options from it.)"""
+    (`Settings` declares and checks them but `min_new_tokens`; `Explainer.decode_options` makes these from it.)"""
 
     num_beams: int = 1
     max_new_tokens: int = 20
@@ -126,6 +127,9 @@ class Captioner(ABC):
     no_cross_attention: ClassVar[str | None] = None
     #: Neutral text a free query is appended to, so log p(query | image) is a caption-like continuation.
     neutral_prompt: ClassVar[str] = "a picture of"
+    #: What the captioner is asked when the user asks nothing else (a vision-language model's instruction; the page
+    #: shows it as its instruction box's placeholder). None: it takes no instruction, its prompt is fixed.
+    default_instruction: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module, image_processor: BaseImageProcessor, device: torch.device,
                  model_id: str) -> None:
@@ -214,6 +218,23 @@ class Captioner(ABC):
         """The token(s) a caption of this image starts with: the decoder's start token (BLIP's [DEC]), or a
         vision-language model's prompt asking `instruction` (None: its default) about `pixel_values`."""
 
+    @property
+    def takes_instruction(self) -> bool:
+        """Whether the captioner answers an instruction (it has a default one; BLIP-2's is the empty prompt)."""
+        return self.default_instruction is not None
+
+    def instruction(self, asked: str | None) -> str | None:
+        """The instruction a caption is made with: `asked`, else the captioner's own; None when it is asked nothing
+        (it takes no instruction, whatever was asked, or its own is empty: BLIP-2). Made concrete before any cache key,
+        so that equal prompts get equal keys."""
+        instruction = (asked or self.default_instruction or None) if self.takes_instruction else None
+        if instruction is not None:
+            try:
+                self.start_ids(instruction=instruction)  # its prompt, made once: the processor may refuse it
+            except ValueError as err:
+                raise SettingError(f"{self.short_name} cannot be asked {instruction!r}: {err}") from err
+        return instruction
+
     def answer_start(self, token_ids: Sequence[int]) -> int:
         """Where the written part of a caption's `token_ids` begins (after `start_ids`)."""
         return len(self.start_ids())
@@ -259,7 +280,7 @@ class Captioner(ABC):
     def resolve_layer(self, index: int, count: int, what: str) -> int:
         """Accept Python-style negative indices; reject out-of-range ones with a clear message."""
         if not -count <= index < count:
-            raise ValueError(f"{what} index {index} is out of range: this model has {count} ({-count}..{count - 1}).")
+            raise SettingError(f"{what} index {index} is out of range: this model has {count} ({-count}..{count - 1}).")
         return index % count
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:

@@ -170,6 +170,12 @@ class VlmCaptioner(Captioner):
     def attention_name(self, layer: int) -> str:
         return f"language model layer {layer} attention to the image tokens"
 
+    @property
+    def short_name(self) -> str:
+        """Its `title`, else the family as transformers names its model class ("Llava", "PaliGemma", "Gemma3"): the
+        page's sentences say “Llava is 15% sure of …”, not the adapter's registry name."""
+        return self.title or type(self.model).__name__.removesuffix("ForConditionalGeneration")
+
     def vision_grid(self, output: torch.Tensor) -> torch.Tensor:
         return self.canvas.vision_grid(output)
 
