@@ -218,8 +218,9 @@ def test_changing_the_instruction_recaptions_with_its_prompt_and_its_words_follo
     assert len(generated) == 2 and own.instruction == vlm.default_instruction == DEFAULT_INSTRUCTION
     assert asked.instruction == "What does this show?" and asked.to_dict()["instruction"] == asked.instruction
     prompt = asked.token_ids[:vlm.answer_start(asked.token_ids)]
-    assert list(prompt) == vlm.start_ids(instruction="What does this show?") != vlm.start_ids()
-    assert "▁what" in vlm.token_strings(list(prompt)) and "▁what" not in own.tokens
+    pixels = vlm.preprocess(photo)  # the prompt's image tokens follow the photo's canvas
+    assert list(prompt) == vlm.start_ids(pixels, "What does this show?") != vlm.start_ids(pixels)
+    assert "▁what" in vlm.token_strings(list(prompt)) and "▁what" not in own.tokens[:vlm.answer_start(own.token_ids)]
     assert explainer.caption(photo, Settings(max_new_tokens=4, instruction=DEFAULT_INSTRUCTION)) is own
     assert explainer.caption(photo, Settings(max_new_tokens=4, instruction="What does this show?")) is asked
     assert len(generated) == 2  # both served from the cache
@@ -300,3 +301,11 @@ def assert_placed_on_its_pixels(placed: np.ndarray, gradient: torch.Tensor, what
     assert inside[centre], what
     top, left, bottom, right = extent(pixels > 0)
     assert inside.sum() <= 1.5 * (bottom - top) * (right - left) * pixels.size, what
+
+
+def test_a_template_without_the_instruction_takes_none():
+    """The synthetic LLaVA's chat template leaves the text out (it was trained on captions alone): asking it
+    something would change nothing, so it takes no instruction and its captions name none."""
+    synthetic = Explainer.synthetic(captioner="llava", precision="float32")
+    assert not synthetic.captioner.takes_instruction
+    assert synthetic.resolve(Settings(instruction="What is shown?")).instruction is None

@@ -25,6 +25,7 @@ import os
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -215,6 +216,15 @@ class VlmCaptioner(Captioner):
         if key not in self._prompts:
             self._prompts[key] = self._prompt_ids(instruction or self.default_instruction, size)
         return list(self._prompts[key])
+
+    @cached_property
+    def takes_instruction(self) -> bool:
+        """Whether the prompt carries an instruction at all: a chat template may leave the text out (the synthetic
+        LLaVA, trained on captions alone, is prompted with its image tokens only), and then none is offered."""
+        if self.default_instruction is None or not self.processor.chat_template:
+            return self.default_instruction is not None
+        size = self.canvas.size(*SQUARE)
+        return self._prompt_ids("a", size) != self._prompt_ids("b", size)
 
     def _prompt_ids(self, instruction: str, size: tuple[int, int]) -> list[int]:
         """The prompt's token ids for a canvas of `size`, made once per instruction and size (`start_ids` keeps them):
