@@ -35,7 +35,7 @@ from ipag.device import resolve_device  # noqa: E402
 from ipag.target import Target  # noqa: E402
 
 #: The yardstick: the captioner the main benchmark measures at real size, here tiny like the others.
-REFERENCE = "blip"
+REFERENCE = "blip-base"
 
 
 def measure(explainer: Explainer, runs: int, device: torch.device) -> dict[str, Any]:
