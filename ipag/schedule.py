@@ -20,7 +20,6 @@ import heapq
 import itertools
 import logging
 import threading
-import time
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import CancelledError, Future
@@ -37,13 +36,6 @@ Key = tuple[str, Hashable]
 Publish = Callable[[Key, Any], None]
 
 
-#: Seconds background work waits after it is asked for. A page asks for it (every word's precompute) in the same
-#: handler that shows the caption, and sending that update needs the CPU and the interpreter lock that a model's
-#: forward would take at once: measured in the page in Chromium on 2 cores, upload → clickable caption went from
-#: 2.72 s to 2.36 s with this wait. Anything a user or a caller waits for is never held by it.
-SETTLE_S = 0.5
-
-
 class Priority(IntEnum):
     CAPTION = 0  #: an upload: nothing else can start before the user has words to click
     CLICK = 1  #: something a user (or an API call, or the CLI) is waiting for
@@ -58,8 +50,6 @@ class Task:
     work: Callable[[Publish], None]
     priority: Priority
     plan: int = 0  #: background plans run newest first
-    #: When background work may start (`time.monotonic()`): `SETTLE_S` after it was asked for.
-    ready_at: float = field(default_factory=lambda: time.monotonic() + SETTLE_S)
     futures: dict[Key, Future] = field(default_factory=dict)
     state: str = "queued"  #: queued → running → done, or cancelled
 
@@ -227,27 +217,19 @@ class Scheduler:
         self._condition.notify()
 
     def _next(self) -> Task | None:
-        """The next task to run, waiting for one; None once the scheduler is closed. Background work waits until it
-        has settled (`SETTLE_S`); anything more urgent is ahead of it in the heap and runs at once."""
+        """The next task to run, waiting for one; None once the scheduler is closed."""
         with self._condition:
             while not self._closed:
-                wait: float | None = None
                 while self._heap:
-                    priority, _, _, task = self._heap[0]
+                    priority, _, _, task = heapq.heappop(self._heap)
                     if task.state != "queued" or priority != task.priority:
-                        heapq.heappop(self._heap)  # cancelled, or a stale entry of a task whose priority was raised
-                        continue
-                    if priority == Priority.BACKGROUND and (wait := task.ready_at - time.monotonic()) > 0:
-                        break
-                    heapq.heappop(self._heap)
+                        continue  # cancelled, or a stale entry of a task whose priority was raised
                     if not self._answer_from_cache(task):
                         task.state = "running"
                         return task
-                else:
-                    wait = None
-                    for callback in self._idle:
-                        callback()
-                self._condition.wait(wait)
+                for callback in self._idle:
+                    callback()
+                self._condition.wait()
             return None
 
     def _answer_from_cache(self, task: Task) -> bool:
