@@ -240,10 +240,44 @@ def caption_image(explainer: Explainer, image: ImageInput | None, settings: Sett
     clicks only draw; the previous image's background work that has not started is dropped."""
     if image is None:
         return [], Session(), "Upload an image, take a webcam photo, paste one or pick an example."
+    return _captioned(explainer, _load(image), image, settings, session, precompute)
+
+
+def caption_image_stream(explainer: Explainer, image: ImageInput | None, settings: Settings,
+                         session: Session) -> Iterator[tuple[list[tuple[str, float | None]], Session, str]]:
+    """`caption_image`, with the caption shown while it is written: per token, the text so far (one segment, not
+    clickable), a session with the image but no caption yet, and a status line; then what `caption_image`
+    returns (the caption is cached by then)."""
+    if image is None:
+        yield caption_image(explainer, image, settings, session)
+        return
+    rgb = _load(image)  # once: an upload is a file, decoded here only
+    shown = 0.0
     try:
-        rgb = load_image(image)
+        for written in explainer.caption_stream(rgb, settings):
+            # Each update is serialised and sent by the page's threads, which hold the interpreter lock that
+            # generation needs too: a few updates a second read as smoothly and slow the caption less.
+            if isinstance(written, str) and time.monotonic() - shown >= STREAM_INTERVAL:
+                shown = time.monotonic()
+                yield [(written, None)], Session(image=rgb, captioner=session.captioner), WRITING
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    yield _captioned(explainer, rgb, image, settings, session)  # the caption is cached: this only aligns it
+
+
+def _load(image: ImageInput) -> Image.Image:
+    try:
+        return load_image(image)
+    except ValueError as err:  # ImageError among them: the loader's message
+        raise UserError(str(err)) from err
+
+
+def _captioned(explainer: Explainer, rgb: Image.Image, image: ImageInput, settings: Settings, session: Session,
+               precompute: bool = True) -> tuple[list[tuple[str, float | None]], Session, str]:
+    """`caption_image` for the image `image` loaded as `rgb`."""
+    try:
         caption = explainer.caption(rgb, settings)
-    except (ImageError, ValueError) as err:
+    except ValueError as err:
         raise UserError(str(err)) from err
     if session.plan is not None:
         session.plan.cancel()
@@ -253,26 +287,6 @@ def caption_image(explainer: Explainer, image: ImageInput | None, settings: Sett
     if not caption.words:
         return caption_segments(caption), session, "The caption has no words to explain; type a query instead."
     return caption_segments(caption), session, f"{len(caption.words)} words. {NO_WORD}"
-
-
-def caption_image_stream(explainer: Explainer, image: ImageInput | None, settings: Settings,
-                         session: Session) -> Iterator[tuple[list[tuple[str, float | None]], Session, str]]:
-    """`caption_image`, with the caption shown while it is written: per token, the text so far (one segment, not
-    clickable), a session with the image but no caption yet, and a status line; then what `caption_image`
-    returns (the caption is cached by then)."""
-    if image is not None:
-        try:
-            rgb = load_image(image)
-            shown = 0.0
-            for written in explainer.caption_stream(rgb, settings):
-                # Each update is serialised and sent by the page's threads, which hold the interpreter lock that
-                # generation needs too: a few updates a second read as smoothly and slow the caption less.
-                if isinstance(written, str) and time.monotonic() - shown >= STREAM_INTERVAL:
-                    shown = time.monotonic()
-                    yield [(written, None)], Session(image=rgb, captioner=session.captioner), WRITING
-        except (ImageError, ValueError) as err:
-            raise UserError(str(err)) from err
-    yield caption_image(explainer, image, settings, session)  # the caption is cached: this only aligns it
 
 
 def replan(explainer: Explainer, session: Session, settings: Settings) -> Session:
