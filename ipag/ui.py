@@ -33,7 +33,7 @@ from .explainer import Explainer, Explainers
 from .export import WordExport, image_export, safe_name, write_zip
 from .grounding import Grounding
 from .grounding.result import DECISIVE_RATIO
-from .images import ImageError, ImageInput, load_image
+from .images import ImageInput, load_image
 from .maps import MAP_TYPES, CrossAttentionMap, map_titles
 from .render import captioned, colours, draw_map, draw_maps, draw_outline, draw_region, enlarged
 from .results import Caption, Explanation
