@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import numpy as np
@@ -80,14 +81,16 @@ def phone_photo(folder: Path, index: int, size: tuple[int, int] = (4000, 3000)) 
 PHOTOS: dict[str, Callable[[Path, int], Path]] = {"small": small_image, "phone": phone_photo}
 
 
-def serve(explainer: Explainer) -> tuple[gr.Blocks, str]:
-    """The playground on `explainer`, on a free loopback port; returns the app (to close) and its URL."""
-    demo = playground.build_app(explainer)
+def serve(explainer: Explainer, *examples: Any, **launch: Any) -> tuple[gr.Blocks, str]:
+    """The playground on `explainer` (and `build_app`'s `examples`), on a free loopback port, launched with
+    `launch`'s options besides; returns the app (to close) and its URL."""
+    demo = playground.build_app(explainer, *examples)
     demo.queue(default_concurrency_limit=2, max_size=256)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                            theme=playground.THEME, **launch)
     return demo, url
 
 

@@ -3,7 +3,6 @@
 import os
 import re
 import shutil
-import socket
 import time
 from functools import partial
 from pathlib import Path
@@ -12,7 +11,6 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-import playground
 from ipag import Explainer, Settings, ui
 from tests.helpers import expected_maps
 from scripts.stress import phone_photo, serve, soak
@@ -24,20 +22,11 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SYNTHETIC_EXAMPLE = 5
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app():
     """The playground in tiny mode, served on loopback for the tests of this module: (url, explainer)."""
     explainer = Explainer.tiny(seed=0)
-    demo = playground.build_app(explainer)
-    demo.queue(default_concurrency_limit=2)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                            quiet=True, theme=playground.THEME)
+    demo, url = serve(explainer)
     yield url, explainer
     demo.close()
 
@@ -337,10 +326,7 @@ def test_concurrent_clients_each_get_their_own_image(app_url, tmp_path):
 def test_auth_protects_page_and_api():
     import httpx
 
-    demo = playground.build_app(Explainer.tiny(seed=0))
-    demo.queue()
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                            auth=("ann", "secret"))
+    demo, url = serve(Explainer.tiny(seed=0), auth=("ann", "secret"))
     try:
         assert httpx.get(f"{url}config", timeout=10).status_code == 401
         with pytest.raises(Exception):
@@ -516,10 +502,7 @@ def test_synthetic_mode_grounds_a_shape_word_on_its_true_object(browser, tmp_pat
 
     explainer = Explainer.synthetic()
     scenes = example_files(tmp_path / "scenes")
-    demo = playground.build_app(explainer, (scenes, "Generated scenes"))
-    demo.queue(default_concurrency_limit=2)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                            theme=playground.THEME)
+    demo, url = serve(explainer, (scenes, "Generated scenes"))
     errors: list[str] = []
     page = open_page(browser, url, errors)
     try:
@@ -563,10 +546,7 @@ def test_a_vision_language_model_answers_its_instruction_in_the_page(app_url, br
     page.close()
 
     explainer = Explainer.tiny(captioner=str(save_tiny("llava", tmp_path / "llava")))
-    demo = playground.build_app(explainer)
-    demo.queue(default_concurrency_limit=2)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                            theme=playground.THEME)
+    demo, url = serve(explainer)
     errors: list[str] = []
     page = open_page(browser, url, errors)
     try:
