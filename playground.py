@@ -137,6 +137,12 @@ class Page:
         return [self.session, self.picture, self.label, self.legend, self.grid, self.candidates, self.summary,
                 self.trust, self.status, self.details, self.sanity, self.view]
 
+    def progress_on(self) -> list:
+        """Where an explaining event shows that it is working: the large view and the status line. Gradio would
+        otherwise animate a spinner and a timer over every one of the dozen outputs, and on a small machine
+        drawing them took the browser more CPU than the caption it waited for (see docs/performance.md)."""
+        return [self.picture, self.status]
+
     def only(self, values: dict[Any, Any]) -> tuple:
         """What an explanation updates (`outputs`), with these components' new values and the others unchanged."""
         return tuple(values.get(component, gr.skip()) for component in self.outputs())
@@ -325,15 +331,18 @@ def _wire_explaining(page: Page) -> None:
         return gr.update(**ui.instruction_box(get(name).captioner))
 
     upload = dict(fn=on_image, inputs=[page.image, page.captioner, page.session, *widgets],
-                  outputs=[page.image, page.caption, page.ticker, *outputs], api_visibility="private")
+                  outputs=[page.image, page.caption, page.ticker, *outputs], api_visibility="private",
+                  show_progress_on=[page.caption])
     instruction = page.settings["instruction"]
     gr.on([page.image.upload, page.recaption.click, page.captioner.input, instruction.submit], **upload)
     page.captioner.input(on_captioner, [page.captioner], [instruction, page.message], api_visibility="private")
     page.examples.load_input_event.then(**upload)
-    page.caption.select(on_select, [page.session, *widgets], outputs, api_visibility="private")
+    page.caption.select(on_select, [page.session, *widgets], outputs, api_visibility="private",
+                        show_progress_on=page.progress_on())
     gr.on([page.explain.click, page.query.submit], on_query, [page.query, page.session, *widgets], outputs,
-          api_visibility="private")
-    page.candidates.input(on_candidate, [page.candidates, page.session, *widgets], outputs, api_visibility="private")
+          api_visibility="private", show_progress_on=page.progress_on())
+    page.candidates.input(on_candidate, [page.candidates, page.session, *widgets], outputs, api_visibility="private",
+                          show_progress_on=page.progress_on())
     page.view.input(on_view, [page.view, page.session, *widgets], outputs, api_visibility="private",
                     show_progress="hidden")
     page.grid.select(on_tile, [page.session, *widgets], outputs, api_visibility="private", show_progress="hidden")
@@ -397,7 +406,7 @@ def _wire_settings(page: Page) -> None:
                          show_progress="hidden")
         elif name not in decoding:  # decoding options apply to the next caption ("Caption again")
             widget.input(on_settings, [page.session, *widgets], [page.caption, page.ticker, *outputs],
-                         api_visibility="private")
+                         api_visibility="private", show_progress_on=page.progress_on())
 
 
 def _api(explainer: Explainer) -> None:

@@ -155,8 +155,10 @@ class KeptPass:
             self._kept = (wanted, make())
         return self._kept[1]
 
-    def drop(self) -> None:
-        self._kept = None
+    def drop(self) -> bool:
+        """Free the kept pass; whether there was one."""
+        kept, self._kept = self._kept, None
+        return kept is not None
 
 
 def target_gradients(captioner: Captioner, pixel_values: torch.Tensor, token_ids: Sequence[int],

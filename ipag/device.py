@@ -1,6 +1,11 @@
-"""Choosing where models run, and the CPU settings that keep backward passes fast."""
+"""Choosing where models run, and the CPU settings that keep backward passes fast and memory low."""
 
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+from collections.abc import Callable
 
 import torch
 
@@ -31,3 +36,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if resolved.type == "cpu":
         torch.set_flush_denormal(True)
     return resolved
+
+
+def release_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's `malloc_trim`; elsewhere nothing). glibc keeps what
+    tensors free for reuse, but in pieces that the next large tensors often cannot use: after a precompute the
+    process held 4.56 GiB, 2.75 GiB after a trim, and the next request's peak stacked on the difference. The
+    explainer calls this when its worker runs out of work, not after every task: re-faulting each task's memory
+    made a precompute ~25% slower."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    library = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(library), "malloc_trim", None) if library else None

@@ -29,7 +29,7 @@ from .attribution import KeptPass
 from .budget import section
 from .cache import DEFAULT_CACHE_MB, ImageCache, image_key
 from .captioners import Captioner, DecodeOptions, known_captioners, load_captioner, tiny_captioner
-from .device import resolve_device
+from .device import release_freed_memory, resolve_device
 from .errors import QueryError
 from .grounding import ClipModel, GroundedImage
 from .images import ImageInput, load_image
@@ -72,6 +72,7 @@ class Explainer:
         self.scheduler = Scheduler(self.cache)
         self._kept = KeptPass()  # the worker's current forward pass, shared by the words of a caption
         self.scheduler.on_idle(self._kept.drop)
+        self.scheduler.on_idle(release_freed_memory)
         self._segmenters: dict[str, Segmenter] = {}
         self._lock = threading.Lock()  # segmenters load once, even when two users ask at the same time
 

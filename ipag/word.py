@@ -27,6 +27,7 @@ from .attribution import AttributionPass, KeptPass, PassNeeds, PassSpec
 from .budget import section
 from .cache import ImageCache, image_key
 from .captioners import Captioner, DecodeOptions
+from .device import release_freed_memory
 from .grounding import ClipModel, GroundedImage, Grounder, Grounding, noun_phrase
 from .maps import MAP_TYPES, MapContext, MapType
 from .results import Caption, Explanation, Heatmap, Word
@@ -346,13 +347,24 @@ class WordStages:
             maps = _attribute(self.map_types["pixels"], context)
         publish(self._pixel_key(), MapsResult(logprob, *maps))
 
+    def _free_kept_pass(self) -> None:
+        """A stage that does not use the word's forward pass frees it first, and gives its memory back to the
+        system: its graph (~0.5 GB for BLIP-base) would otherwise sit beside the segmenter, the region's caption
+        and the trust forwards at a click's memory peak (or its freed pieces, which their larger tensors cannot
+        reuse). Every word's maps are queued before any word's region (`Explainer._queue`), so the caption's words
+        still share one forward; a click between them costs the next word one more."""
+        if self.tools.kept.drop():
+            release_freed_memory()
+
     def _own_maps(self, publish: Publish) -> None:
+        self._free_kept_pass()
         pixel_values = self.tools.captioner.preprocess(self.rgb)
         with section("more maps"):
             maps = _attribute(self.map_types["own"], self._context(pixel_values=pixel_values))
         publish(self._own_key(), MapsResult(None, *maps))
 
     def _region(self, publish: Publish) -> None:
+        self._free_kept_pass()
         tools, settings = self.tools, self.settings
         try:
             prepared = grounded_image(tools, self.keys, self.rgb, settings)
@@ -376,6 +388,7 @@ class WordStages:
     def _checks(self, publish: Publish) -> None:
         """The trust numbers' model runs: the checks of the word's region when it has one, and the language
         prior of the word's sequence (scored in the same batch as the region's composites when not cached)."""
+        self._free_kept_pass()
         tools, token_ids = self.tools, self.item.token_ids
         checks = Checks(None, None, [])
         if self.grounded:

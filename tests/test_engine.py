@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+import ipag.word
 from ipag import Explainer, ModelUnavailableError, QueryError, Settings
 from ipag.attribution import target_gradients
 from ipag.captioners import BlipCaptioner, DecodeOptions
@@ -142,6 +143,23 @@ def test_shared_forward_gives_the_same_maps_as_one_word_at_a_time(explainer, pho
         for key in ("gradcam", "cross_attention", "saliency"):
             np.testing.assert_allclose(explanation.maps[key].raw, alone.maps[key].raw, rtol=1e-5, atol=1e-9)
     assert not np.allclose(together[0].maps["saliency"].raw, together[1].maps["saliency"].raw)
+
+
+def test_the_words_share_one_forward_pass_and_free_it_before_the_region_and_trust_numbers(photo, caption,
+                                                                                         monkeypatch):
+    """A caption's words are explained on one forward pass (its graph kept between them), which the stages that do
+    not use it free first: it must not sit beside the region's caption and trust forwards at a click's peak."""
+    explainer = Explainer.tiny(seed=0)
+    forwards, alive = [], []
+    original = ipag.word.AttributionPass
+    monkeypatch.setattr(ipag.word, "AttributionPass", lambda *args: forwards.append(1) or original(*args))
+    for name in ("caption_region", "score_images"):
+        function = getattr(ipag.word, name)
+        monkeypatch.setattr(ipag.word, name, lambda *args, function=function: alive.append(
+            explainer._kept._kept is not None) or function(*args))
+    explanations = explainer.precompute(photo, caption)
+    assert len(explanations) > 1 and all(explanation.verification is not None for explanation in explanations)
+    assert len(forwards) == 1 and alive and not any(alive)
 
 
 def test_word_logprob_matches_the_caption(explainer, photo, caption):

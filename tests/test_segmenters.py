@@ -151,7 +151,7 @@ def torchvision_segmenter():
         patch.setattr("torchvision.models._api.load_state_dict_from_url", _no_download)
         torch.manual_seed(0)
         return load_segmenter("torchvision", pretrained=False, score_threshold=0.0, min_size=64, max_size=96,
-                              max_segments=6, rpn_post_nms_top_n_test=50)
+                              max_segments=6, proposals=50)
 
 
 def test_torchvision_random_weights_give_labelled_input_size_masks(torchvision_segmenter):
@@ -162,6 +162,7 @@ def test_torchvision_random_weights_give_labelled_input_size_masks(torchvision_s
     scores = [s.score for s in segmentation]
     assert scores == sorted(scores, reverse=True) and {s.source for s in segmentation} == {"torchvision"}
     assert torchvision_segmenter.describe() == "torchvision Mask R-CNN R50-FPN v2 (random weights)"
+    assert torchvision_segmenter.network.rpn.post_nms_top_n() == 50  # the box head sees only these proposals
 
 
 def test_torchvision_mask_threshold_applies(torchvision_segmenter, monkeypatch):

@@ -314,16 +314,24 @@ def test_the_written_caption_is_shown_at_most_every_stream_interval(monkeypatch)
 
 def test_bfloat16_generation_caches_weight_casts_and_leaves_the_weights_frozen():
     """Autocast caches the casts of weights that require gradients only: during a bfloat16 generation the weights
-    are marked (so each is cast once, not once per token), never outside it, and a float32 one marks nothing."""
+    run once per token are marked (so each is cast once, not once per token), never outside it, nor the vision
+    encoder's, run once (their cached copies would only hold memory); a float32 generation marks nothing; scoring
+    a caption, one forward, marks nothing either."""
     captioner = Explainer.tiny(seed=0).captioner
     head = [module for module in captioner.generator.modules() if isinstance(module, torch.nn.Linear)][-1]
-    seen = []  # per call of the output layer (once per token): its weight marked?, gradients on?
-    head.register_forward_pre_hook(lambda module, _: seen.append((module.weight.requires_grad,
-                                                                   torch.is_grad_enabled())))
+    vision = next(module for module in captioner.vision_layers[0].modules() if isinstance(module, torch.nn.Linear))
+    seen: dict[str, list] = {"head": [], "vision": []}  # per call: its weight marked?, gradients on?
+    for name, module in (("head", head), ("vision", vision)):
+        module.register_forward_pre_hook(lambda module, _, name=name: seen[name].append(
+            (module.weight.requires_grad, torch.is_grad_enabled())))
     pixels = captioner.preprocess(Image.new("RGB", (32, 32), (90, 30, 200)))
-    for stages, marked in ((frozenset({"caption"}), True), (frozenset(), False)):
+    for stages, marked in ((frozenset({"caption", "scoring"}), True), (frozenset(), False)):
         captioner.precision = Precision(stages)
-        seen.clear()
+        for calls in seen.values():
+            calls.clear()
         captioner.generate_scored(pixels, DecodeOptions(max_new_tokens=4))
-        assert seen and all(state == (marked, False) for state in seen)
+        assert len(seen["head"]) == 4 and all(state == (marked, False) for state in seen["head"])
+        assert seen["vision"] == [(False, False)]
+        captioner.token_logprobs(pixels, captioner.generate(pixels, DecodeOptions(max_new_tokens=4)))
+        assert seen["head"][-1] == (False, False)
         assert not any(parameter.requires_grad for parameter in captioner.model.parameters())

@@ -288,10 +288,16 @@ class Captioner(ABC):
         pixels = self.image_processor(images=image, return_tensors="pt").pixel_values
         return pixels.to(self.device, dtype=self.model.dtype)
 
-    def autocast(self, stage: Stage) -> AbstractContextManager[None]:
+    def autocast(self, stage: Stage, reused: bool = False) -> AbstractContextManager[None]:
         """Where a pass of `stage` runs in its `precision`: torch's bfloat16 autocast (matrix products and
-        convolutions in bfloat16, weights and log-probabilities in float32) or float32."""
-        return self.precision.autocast(self.device, stage, self.model)
+        convolutions in bfloat16, weights and log-probabilities in float32) or float32. `reused`: the block runs
+        the model's weights again and again (generation), so their bfloat16 casts are kept for it: all but the
+        vision encoder's blocks, which generation runs once."""
+        if not reused:
+            return self.precision.autocast(self.device, stage)
+        once = {id(weight) for layer in self.vision_layers for weight in layer.parameters()}
+        return self.precision.autocast(self.device, stage,
+                                       [weight for weight in self.model.parameters() if id(weight) not in once])
 
     def generate(self, pixel_values: torch.Tensor, options: DecodeOptions = DecodeOptions()) -> list[int]:
         """Generated ids, starting with the decoder's start token and without the end token."""
@@ -310,7 +316,7 @@ class Captioner(ABC):
         probability under the model must not be.
         """
         start = self.start_ids(pixel_values, options.instruction)
-        with self.autocast("caption"):
+        with self.autocast("caption", reused=True):
             minimum = {} if options.min_new_tokens is None else {"min_new_tokens": options.min_new_tokens}
             output = self.generator.generate(num_beams=options.num_beams, max_new_tokens=options.max_new_tokens,
                                              do_sample=False, return_dict_in_generate=True, output_logits=True,

@@ -93,7 +93,7 @@ class ClipModel:
     @torch.no_grad()
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """L2-normalised image embeddings, (N, D) float32 on the CPU, computed `batch_size` images at a time."""
-        with self._autocast():
+        with self.precision.autocast(self.device, "clip", self.model.visual.parameters()):  # per chunk
             chunks = [
                 self.model.encode_image(self.pixels(images[start:start + self.batch_size]), normalize=True).float()
                 for start in range(0, len(images), self.batch_size)
@@ -108,7 +108,7 @@ class ClipModel:
             return self.model.encode_text(tokens, normalize=True).float().cpu()
 
     def _autocast(self) -> AbstractContextManager[None]:
-        return self.precision.autocast(self.device, "clip", self.model)
+        return self.precision.autocast(self.device, "clip")
 
     def relevance(self, image: Image.Image, text: str) -> np.ndarray:
         """Where CLIP's image embedding matches `text`: Chefer et al.'s gradient-weighted attention rollout.
