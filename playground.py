@@ -375,7 +375,7 @@ def _wire_compare(page: Page) -> None:
     for name, component in zip(page.names, page.compared):
         component.select(on_compare_select(name), [page.session, *widgets],
                          [page.caption, page.ticker, page.captioner, *page.outputs(), page.message],
-                         api_visibility="private")
+                         api_visibility="private", show_progress_on=page.progress_on())
 
 
 def _wire_settings(page: Page) -> None:

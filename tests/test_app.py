@@ -62,6 +62,23 @@ def test_api_caption_and_explain_through_gradio_client(app, monkeypatch):
     assert len(started) == 1
 
 
+def test_no_event_animates_its_progress_over_every_output():
+    """Gradio draws a spinner and a timer over each output of a running event; over the dozen outputs of an
+    upload or a click, drawing them took the browser more CPU than the caption it waited for. Events with many
+    outputs show their progress on one or two of them: the caption while it is written, the large view and the
+    status line while a word is explained."""
+    import playground
+
+    demo = playground.build_app(Explainer.tiny(seed=0))
+    ids = {block.elem_id: block._id for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    shown = {}
+    for dependency in demo.config["dependencies"]:
+        if dependency["show_progress"] != "hidden" and len(dependency["outputs"]) > 3:
+            assert dependency["show_progress_on"], dependency["targets"]
+            shown[tuple(dependency["targets"])] = set(dependency["show_progress_on"])
+    assert {ids["caption"]} in shown.values() and {ids["picture"], ids["status"]} in shown.values()
+
+
 def test_api_reports_bad_input_as_an_error(app_url):
     client = Client(app_url, verbose=False)
     photo = handle_file(str(EXAMPLES / "coffee.jpg"))
