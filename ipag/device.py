@@ -41,9 +41,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def release_freed_memory() -> None:
     """Give the C heap's free pages back to the system (glibc's `malloc_trim`; elsewhere nothing). glibc keeps what
     tensors free for reuse, but in pieces that the next large tensors often cannot use: after a precompute the
-    process held 4.56 GiB, 2.75 GiB after a trim, and the next request's peak stacked on the difference. The
-    explainer calls this when its worker runs out of work, not after every task: re-faulting each task's memory
-    made a precompute ~25% slower."""
+    process held 4.56 GiB, 2.75 GiB after a trim, and later peaks stacked on the difference. Called only where a
+    large graph was just freed (`ipag.word`): the next task pays for it by faulting its memory in again, which
+    made a precompute ~25% slower when done after every task, and the caption 0.15 s slower when done whenever
+    the worker idled."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

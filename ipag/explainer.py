@@ -29,7 +29,7 @@ from .attribution import KeptPass
 from .budget import section
 from .cache import DEFAULT_CACHE_MB, ImageCache, image_key
 from .captioners import Captioner, DecodeOptions, known_captioners, load_captioner, tiny_captioner
-from .device import release_freed_memory, resolve_device
+from .device import resolve_device
 from .errors import QueryError
 from .grounding import ClipModel, GroundedImage
 from .images import ImageInput, load_image
@@ -72,7 +72,6 @@ class Explainer:
         self.scheduler = Scheduler(self.cache)
         self._kept = KeptPass()  # the worker's current forward pass, shared by the words of a caption
         self.scheduler.on_idle(self._kept.drop)
-        self.scheduler.on_idle(release_freed_memory)
         self._segmenters: dict[str, Segmenter] = {}
         self._lock = threading.Lock()  # segmenters load once, even when two users ask at the same time
 
@@ -273,14 +272,17 @@ class Explainer:
         return self.explain_many(image, list(range(len(caption.words))), caption, settings)
 
     def precompute_async(self, image: ImageInput, caption: Caption, settings: Settings = DEFAULTS) -> Plan:
-        """Queue every caption word's stages in the background (every word's maps first, then regions, …) and
-        return the plan; `Plan.cancel()` drops what has not started (e.g. when the user changes a setting), and
-        `Plan.progress()` says how far each word is.
+        """Queue every caption word's stages in the background (the caption's language prior, then every word's
+        maps, then regions, …) and return the plan; `Plan.cancel()` drops what has not started (e.g. when the
+        user changes a setting), and `Plan.progress()` says how far each word is.
         Clicks go before it, and a click on a word it has queued raises that word's tasks to the front."""
         rgb = load_image(image)
         words = [self._word(rgb, index, caption, settings) for index in range(len(caption.words))]
         plan = self.scheduler.new_plan()
         plan.groups = [tuple(word.all_keys()) for word in words]  # each word's progress, for the page to show
+        if words and words[0].settings.verify:
+            prior = words[0].language_prior()
+            self.scheduler.request(prior.keys, prior.work, Priority.BACKGROUND, plan)
         self._queue(words, Priority.BACKGROUND, plan)
         return plan
 

@@ -304,13 +304,18 @@ def replan(explainer: Explainer, session: Session, settings: Settings) -> Sessio
 def explain(explainer: Explainer, session: Session, query: int | str,
             settings: Settings) -> Iterator[tuple[Session, Rendered]]:
     """Explain a caption word (by index) or typed text for the session's image; yields the page's content
-    after each stage of the computation, the last one complete."""
+    after each stage of the computation, the last one complete. The small maps come only when they changed
+    (`Rendered.grid` None: as shown before): the page would otherwise redraw and re-encode every tile for the
+    region's and the trust numbers' stages, on the CPU the word's next stage needs."""
     if session.image is None or session.caption is None:
         raise UserError("Upload an image first: there is nothing to explain yet.")
+    shown: list[str] | None = None  # the maps of the small maps yielded last
     try:
         for explanation in explainer.explain_stages(session.image, query, session.caption, settings):
             session = replace(session, explanation=explanation, query=query, candidate=0)
-            yield session, render(session, settings)
+            changed = list(explanation.maps) != shown
+            shown = list(explanation.maps)
+            yield session, render(session, settings, grid=changed)
     except (QueryError, ValueError) as err:
         raise UserError(str(err)) from err
 

@@ -19,12 +19,10 @@ Reported as medians over the runs:
 The example photos are not warmed up first (the page does that at start-up in `playground.main`, not in
 `build_app`), so the worker serves only this benchmark.
 
-The browser shares this machine's cores with the server, which a Space's visitor's browser does not (it runs on
-their own computer). So by default Chromium runs at the lowest CPU priority (`nice 19`): the server computes as
-if alone on its cores, and the browser draws with what is left. `--browser-equal` gives it an equal share (a
-2-core machine serving its own browser). Either way the benchmark waits passively: a `MutationObserver` checks
-the page when it changes, instead of Playwright polling it on every animation frame (that polling, and the
-layout that reading `innerText` forces, took CPU from the server that no user's browser takes).
+Chromium shares this machine's 2 cores with the server (a Space's visitor's browser runs on their own computer:
+this is the harder case). The benchmark waits passively: a `MutationObserver` checks the page when it changes,
+instead of Playwright polling it on every animation frame (that polling, and the layout that reading `innerText`
+forces, took CPU from the server that no user's browser takes).
 """
 
 from __future__ import annotations
@@ -110,17 +108,6 @@ def upload(page: Any, path: Path) -> tuple[float, Any]:
     return time.perf_counter() - started, page.locator("#caption .token.highlighted")
 
 
-def chromium(folder: Path, equal: bool) -> str:
-    """The browser to launch: Chromium itself, or (unless `equal`) a script starting it at the lowest CPU
-    priority, which every process it starts inherits."""
-    if equal:
-        return CHROMIUM
-    script = folder / "chromium-niced"
-    script.write_text(f'#!/bin/sh\nexec nice -n 19 {CHROMIUM} "$@"\n')
-    script.chmod(0o755)
-    return str(script)
-
-
 def wait_idle(explainer: Any, timeout: float = 900.0) -> float:
     """Block until the explainer's worker has nothing queued or running; returns when that happened."""
     if not explainer.wait_until_idle(timeout):
@@ -129,8 +116,7 @@ def wait_idle(explainer: Any, timeout: float = 900.0) -> float:
 
 
 def run_page_benchmark(runs: int = 3, device: str = "auto", tiny: bool = False, segments: int = bench.SEGMENTS,
-                       precision: str = "auto", browser_equal: bool = False,
-                       log=lambda message: None) -> dict[str, Any]:
+                       precision: str = "auto", log=lambda message: None) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
 
     resolved = resolve_device(device)
@@ -148,7 +134,7 @@ def run_page_benchmark(runs: int = 3, device: str = "auto", tiny: bool = False, 
     pictures = photos(folder, 2 * runs + 1, tiny)
     try:
         with sync_playwright() as playwright, budget.sections_of(ui, "render", "drawing"):
-            browser = playwright.chromium.launch(executable_path=chromium(folder, browser_equal), args=[
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
                 "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.goto(url)
@@ -195,8 +181,7 @@ def run_page_benchmark(runs: int = 3, device: str = "auto", tiny: bool = False, 
                         "threads": torch.get_num_threads(), "tiny": tiny, "captioner": explainer.captioner.describe(),
                         "precision": explainer.captioner.precision.describe(),
                         "segmenter": explainer.segmenter().describe(), "runs": runs,
-                        "caption_words": words_counted, "path": "the page (playground.build_app) in Chromium",
-                        "browser": "an equal CPU share" if browser_equal else "the lowest CPU priority (nice 19)"},
+                        "caption_words": words_counted, "path": "the page (playground.build_app) in Chromium"},
         "samples": samples, "metrics": metrics, "backward_passes_on_precomputed_clicks": backward_passes,
         "budgets": {key: {"wall_s": metrics[key], "sections": budget.Budget.median(spent).to_dict()}
                     for key, spent in budgets.items()},
@@ -209,7 +194,7 @@ def format_report(results: dict[str, Any]) -> str:
              f"{env['path']}",
              f"device {env['device']} ({env['processor']}), {env['threads']} threads; captioner {env['captioner']}; "
              f"segmenter {env['segmenter']}; precision {env['precision']}; captions of {env['caption_words']} words; "
-             f"the browser at {env['browser']}; medians of {env['runs']} run(s)",
+             f"medians of {env['runs']} run(s)",
              "", f"{'what the user waits for':<50} {'median':>8}  {'goal':<6} {'met':<4} runs"]
     for key, label in METRICS.items():
         value, goal = results["metrics"][key], GOALS[key]
@@ -230,11 +215,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--segments", type=int, default=bench.SEGMENTS)
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
-    parser.add_argument("--browser-equal", action="store_true",
-                        help="give Chromium an equal CPU share (default: the lowest priority, as if on its own computer)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    results = run_page_benchmark(args.runs, args.device, args.tiny, args.segments, args.precision, args.browser_equal,
+    results = run_page_benchmark(args.runs, args.device, args.tiny, args.segments, args.precision,
                                  log=lambda message: print(f"… {message}", file=sys.stderr, flush=True))
     print(format_report(results))
     if args.json:

@@ -46,7 +46,13 @@ def test_select_handler_explains_the_clicked_word(explainer, captioned):
     # Gradio calls the handler with a SelectData built from the browser event; build the same here.
     word_segment = next(i for i, (_, score) in enumerate(segments) if score is not None and i > 0)
     event = gr.SelectData(None, {"index": word_segment, "value": segments[word_segment][0], "selected": True})
-    *_, (session, rendered) = ui.select_word(explainer, session, event.index, Settings())
+    shown = list(ui.select_word(explainer, session, event.index, Settings()))
+    session, rendered = shown[-1]
+    maps = [list(stage.explanation.maps) for stage, _ in shown]
+    resent = [update.grid is not None for _, update in shown]
+    assert resent == [now != before for now, before in zip(maps, [None, *maps])]  # only when the maps changed
+    assert resent[0] and not all(resent)  # the region's and the trust numbers' stages add no map
+    grid = next(update.grid for _, update in reversed(shown) if update.grid is not None)
     word = session.caption.words[ui.word_for_segment(session.caption, word_segment)]
     assert session.explanation.words == (word,)
     assert session.query == word.index
@@ -62,7 +68,7 @@ def test_select_handler_explains_the_clicked_word(explainer, captioned):
     with pytest.raises(ui.UserError, match="Unknown view"):
         ui.select_view(session, "lrp", Settings())
     assert rendered.candidates and rendered.candidates[0].startswith("1. ")
-    assert [caption for _, caption in rendered.grid] == [ui.map_title(key) for key in session.explanation.maps]
+    assert [caption for _, caption in grid] == [ui.map_title(key) for key in session.explanation.maps]
     assert f"is {ui._percent(word.probability)} sure of “{word.text}”" in rendered.summary
     assert all(part in rendered.summary for part in ("the picture", "CLIP", "Shown only that region"))
     assert rendered.trust.headers[1].startswith("In the region (chance ")
