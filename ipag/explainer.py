@@ -272,17 +272,14 @@ class Explainer:
         return self.explain_many(image, list(range(len(caption.words))), caption, settings)
 
     def precompute_async(self, image: ImageInput, caption: Caption, settings: Settings = DEFAULTS) -> Plan:
-        """Queue every caption word's stages in the background (the caption's language prior, then every word's
-        maps, then regions, …) and return the plan; `Plan.cancel()` drops what has not started (e.g. when the
-        user changes a setting), and `Plan.progress()` says how far each word is.
+        """Queue every caption word's stages in the background (every word's maps first, then regions, …) and
+        return the plan; `Plan.cancel()` drops what has not started (e.g. when the user changes a setting), and
+        `Plan.progress()` says how far each word is.
         Clicks go before it, and a click on a word it has queued raises that word's tasks to the front."""
         rgb = load_image(image)
         words = [self._word(rgb, index, caption, settings) for index in range(len(caption.words))]
         plan = self.scheduler.new_plan()
         plan.groups = [tuple(word.all_keys()) for word in words]  # each word's progress, for the page to show
-        if words and words[0].settings.verify:
-            prior = words[0].language_prior()
-            self.scheduler.request(prior.keys, prior.work, Priority.BACKGROUND, plan)
         self._queue(words, Priority.BACKGROUND, plan)
         return plan
 

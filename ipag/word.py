@@ -304,14 +304,6 @@ class WordStages:
             stages.append(Stage("trust numbers", (self._checks_key(),), self._checks))
         return stages
 
-    def language_prior(self) -> Stage:
-        """The sequence's language prior (log p on a blank image) as a stage of its own: every word of a caption
-        needs it for its trust numbers, so the precompute runs it first, and a word clicked early scores only its
-        region's two composites (otherwise it is scored in the same batch, `trust_logprobs`)."""
-        key = self.keys.prior(self.item.token_ids)
-        return Stage("language prior", (key,), lambda publish: publish(
-            key, trust_logprobs(self.tools, self.keys, self.rgb, self.item.token_ids)[0]))
-
     def all_keys(self) -> list[Key]:
         return [key for stage in self.stages() for key in stage.keys]
 

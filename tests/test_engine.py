@@ -162,20 +162,6 @@ def test_the_words_share_one_forward_pass_and_free_it_before_the_region_and_trus
     assert len(forwards) == 1 and alive and not any(alive)
 
 
-def test_the_background_precompute_scores_the_language_prior_first(photo, caption, monkeypatch):
-    """Every word's trust numbers need the caption's language prior: the precompute scores it first, alone, and each
-    region's composites then without it; the numbers are those of the click path, which scores all three at once."""
-    explainer, batches = Explainer.tiny(seed=0), []
-    original = ipag.word.score_images
-    monkeypatch.setattr(ipag.word, "score_images", lambda captioner, images, ids: batches.append(len(images)) or
-                        original(captioner, images, ids))
-    explainer.precompute_async(photo, caption).wait()
-    assert batches[0] == 1 and len(batches) > 1 and set(batches[1:]) == {2}
-    clicked = Explainer.tiny(seed=0).explain(photo, 0, caption=caption)
-    assert explainer.explain(photo, 0, caption=caption).prior_logprob == pytest.approx(clicked.prior_logprob, abs=1e-5)
-    assert batches[-1] == 3  # the click path: prior and composites in one batch
-
-
 def test_word_logprob_matches_the_caption(explainer, photo, caption):
     explanation = explainer.explain(photo, 3, caption=caption)
     assert explanation.in_caption
