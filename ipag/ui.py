@@ -313,9 +313,9 @@ def explain(explainer: Explainer, session: Session, query: int | str,
     try:
         for explanation in explainer.explain_stages(session.image, query, session.caption, settings):
             session = replace(session, explanation=explanation, query=query, candidate=0)
-            changed = list(explanation.maps) != shown
-            shown = list(explanation.maps)
-            yield session, render(session, settings, grid=changed)
+            maps = list(explanation.maps)
+            yield session, render(session, settings, grid=maps != shown)
+            shown = maps
     except (QueryError, ValueError) as err:
         raise UserError(str(err)) from err
 

@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
@@ -93,7 +93,7 @@ class ClipModel:
     @torch.no_grad()
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """L2-normalised image embeddings, (N, D) float32 on the CPU, computed `batch_size` images at a time."""
-        with self.precision.autocast(self.device, "clip", self.model.visual.parameters()):  # per chunk
+        with self._autocast(reused=self.model.visual.parameters()):  # the tower runs once per chunk
             chunks = [
                 self.model.encode_image(self.pixels(images[start:start + self.batch_size]), normalize=True).float()
                 for start in range(0, len(images), self.batch_size)
@@ -107,8 +107,8 @@ class ClipModel:
         with self._autocast():
             return self.model.encode_text(tokens, normalize=True).float().cpu()
 
-    def _autocast(self) -> AbstractContextManager[None]:
-        return self.precision.autocast(self.device, "clip")
+    def _autocast(self, reused: Iterable[nn.Parameter] = ()) -> AbstractContextManager[None]:
+        return self.precision.autocast(self.device, "clip", reused)
 
     def relevance(self, image: Image.Image, text: str) -> np.ndarray:
         """Where CLIP's image embedding matches `text`: Chefer et al.'s gradient-weighted attention rollout.
