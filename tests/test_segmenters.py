@@ -2,6 +2,7 @@
 torchvision and Detectron2 backends on tiny random-weight models (no download). The Detectron2 tests skip
 where it is not installed (it is not on PyPI); they run wherever it is built."""
 
+import copy
 import importlib
 import sys
 import types
@@ -163,6 +164,19 @@ def test_torchvision_random_weights_give_labelled_input_size_masks(torchvision_s
     assert scores == sorted(scores, reverse=True) and {s.source for s in segmentation} == {"torchvision"}
     assert torchvision_segmenter.describe() == "torchvision Mask R-CNN R50-FPN v2 (random weights)"
     assert torchvision_segmenter.network.rpn.post_nms_top_n() == 50  # the box head sees only these proposals
+
+
+def test_torchvision_runs_channels_last_with_the_same_masks(torchvision_segmenter):
+    """The convolutions' weights are stored channels-last (faster on CPU), and the masks are those of the same
+    network in the default layout."""
+    conv = torchvision_segmenter.network.backbone.body.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    image = noise(37, 23)
+    default = copy.deepcopy(torchvision_segmenter)
+    default.network.to(memory_format=torch.contiguous_format)
+    expected, found = default.segment(image), torchvision_segmenter.segment(image)
+    assert len(found) == len(expected) >= 1
+    assert all(np.mean(a.mask == b.mask) > 0.99 and a.label == b.label for a, b in zip(found, expected))
 
 
 def test_torchvision_mask_threshold_applies(torchvision_segmenter, monkeypatch):

@@ -69,7 +69,9 @@ class TorchvisionMaskRCNN(Segmenter):
                 f"Connect to the internet once (they are cached), or copy that file to {cached}; the "
                 "'superpixels' segmenter needs no weights at all."
             ) from err
-        self.network = network.eval().to(self.device)
+        # Channels-last: oneDNN's CPU convolutions run it without reordering every activation (same masks; 640×480
+        # photo, 2 cores: 2.85 → 2.6 s).
+        self.network = network.eval().to(self.device, memory_format=torch.channels_last)
 
     def describe(self) -> str:
         return f"torchvision Mask R-CNN R50-FPN v2 ({'COCO' if self.pretrained else 'random weights'})"
