@@ -85,6 +85,7 @@ def test_the_queue_polls_every_20_ms_not_every_millisecond():
     import inspect
 
     import gradio.queueing
+
     import playground
 
     demo = playground.queue(playground.build_app(Explainer.tiny(seed=0)), 2)
