@@ -27,7 +27,7 @@ def direct_pass(captioner, pixels, token_ids, positions, attention_layer):
         logprobs = torch.log_softmax(out.logits, dim=-1)
         target = sum(logprobs[0, p - 1, token_ids[p]] for p in positions)
         target.backward()
-    return float(target), pixels.grad[0].numpy(), out.cross_attentions[attention_layer][0].detach().numpy()
+    return target.item(), pixels.grad[0].numpy(), out.cross_attentions[attention_layer][0].detach().numpy()
 
 
 def test_input_x_gradient_and_attention_match_a_direct_computation(explainer, photo, caption):
