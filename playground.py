@@ -45,8 +45,10 @@ and numbers that say how far to trust them."""
 #: Local system fonts only: the page must not fetch anything from the internet (offline use, privacy).
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
                        font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
-#: The small maps start below their gallery's label (Gradio floats it over the first row).
-CSS = "#grid { padding-top: 2.2em; }"
+#: The small maps start below their gallery's label (Gradio floats it over the first row). While an event's output
+#: is still being generated, Gradio pulses an accent border around it forever; it stays, still: in Chromium on 2
+#: cores that repaint took 0.8 s of CPU per click from the model worker (docs/performance.md).
+CSS = "#grid { padding-top: 2.2em; } .generating { animation: none !important; }"
 #: How often Gradio's queue looks for a new event while none is waiting, and for progress to send (seconds). Gradio
 #: polls every 1 ms on Linux (50 ms on Windows) and every 10 ms: on 2 cores, an event loop waking 1000 times a
 #: second beside the model worker made its generation 15% slower and segmentation 7% (in-process: 1.03 → 1.17 s,
@@ -514,9 +516,15 @@ def serve(args: argparse.Namespace, explainer: Explainer, notice: str | None = N
     threading.Thread(target=warm_up, args=(explainer, examples[0]), daemon=True).start()
     queue(demo, args.concurrency, max_size=64)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                max_file_size="25mb", theme=THEME, css=CSS, prevent_thread_lock=not block)
+    launch(demo, server_name=args.host, server_port=args.port, share=args.share, auth=auth, max_file_size="25mb",
+           prevent_thread_lock=not block)
     return demo
+
+
+def launch(demo: gr.Blocks, **options: Any) -> tuple:
+    """`demo.launch(**options)` with the page's look (`THEME`, `CSS`): every server of the page (`make play`, the
+    Space, the tests and the benchmarks) draws it the same way. Returns what `launch` does (app, URL, share URL)."""
+    return demo.launch(theme=THEME, css=CSS, **options)
 
 
 def queue(demo: gr.Blocks, concurrency: int, max_size: int | None = None) -> gr.Blocks:

@@ -124,8 +124,8 @@ def run_page_benchmark(runs: int = 3, device: str = "auto", tiny: bool = False, 
     explainer = bench.build_explainer(resolved, tiny, segments, precision)
     demo = playground.build_app(explainer)
     playground.queue(demo, 2)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                            theme=playground.THEME)
+    _, url, _ = playground.launch(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                                  quiet=True)
     samples: dict[str, list[float]] = {key: [] for key in METRICS}
     budgets: dict[str, list[budget.Budget]] = {key: [] for key in BUDGETED}
     words_counted: list[int] = []

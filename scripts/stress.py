@@ -89,8 +89,8 @@ def serve(explainer: Explainer, *examples: Any, **launch: Any) -> tuple[gr.Block
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                            theme=playground.THEME, **launch)
+    _, url, _ = playground.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
+                                  quiet=True, **launch)
     return demo, url
 
 
