@@ -55,6 +55,8 @@ CSS = "#grid { padding-top: 2.2em; } .generating { animation: none !important; }
 #: 2.30 → 2.47 s); at 20 ms the loop costs nothing measurable, and an event starts at most 20 ms later.
 QUEUE_POLL_S = 0.02
 PROGRESS_POLL_S = 0.05
+#: Explaining events handled at once (`--concurrency`): two visitors are served side by side on 2 cores.
+CONCURRENCY = 2
 
 
 def friendly(outputs: int) -> Callable[[Callable], Callable]:
@@ -485,7 +487,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
     parser.add_argument("--auth", metavar="USER:PASS", help="require this login for the page and the API")
-    parser.add_argument("--concurrency", type=int, default=2, help="requests handled at the same time")
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="requests handled at the same time")
     args = parser.parse_args(argv)
     if args.auth and ":" not in args.auth:
         parser.error("--auth takes USER:PASS")
@@ -527,7 +529,7 @@ def launch(demo: gr.Blocks, **options: Any) -> tuple:
     return demo.launch(theme=THEME, css=CSS, **options)
 
 
-def queue(demo: gr.Blocks, concurrency: int, max_size: int | None = None) -> gr.Blocks:
+def queue(demo: gr.Blocks, concurrency: int = CONCURRENCY, max_size: int | None = None) -> gr.Blocks:
     """Turn on the page's queue (at most `concurrency` explaining events at once, `max_size` waiting), polling at
     `QUEUE_POLL_S` and `PROGRESS_POLL_S` instead of Gradio's every millisecond. Gradio has no option for these:
     they are its `Queue`'s attributes (a test checks that Gradio's loops still read them)."""

@@ -123,7 +123,7 @@ def run_page_benchmark(runs: int = 3, device: str = "auto", tiny: bool = False, 
     log("building the models")
     explainer = bench.build_explainer(resolved, tiny, segments, precision)
     demo = playground.build_app(explainer)
-    playground.queue(demo, 2)
+    playground.queue(demo)
     _, url, _ = playground.launch(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
                                   quiet=True)
     samples: dict[str, list[float]] = {key: [] for key in METRICS}

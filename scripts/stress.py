@@ -85,7 +85,7 @@ def serve(explainer: Explainer, *examples: Any, **launch: Any) -> tuple[gr.Block
     """The playground on `explainer` (and `build_app`'s `examples`), on a free loopback port, launched with
     `launch`'s options besides; returns the app (to close) and its URL."""
     demo = playground.build_app(explainer, *examples)
-    playground.queue(demo, 2, max_size=256)
+    playground.queue(demo, max_size=256)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

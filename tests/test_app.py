@@ -88,7 +88,7 @@ def test_the_queue_polls_every_20_ms_not_every_millisecond():
 
     import playground
 
-    demo = playground.queue(playground.build_app(Explainer.tiny(seed=0)), 2)
+    demo = playground.queue(playground.build_app(Explainer.tiny(seed=0)))
     assert demo._queue.sleep_when_free == playground.QUEUE_POLL_S >= 0.01
     assert demo._queue.progress_update_sleep_when_free == playground.PROGRESS_POLL_S >= 0.01
     assert "self.sleep_when_free" in inspect.getsource(gradio.queueing.Queue.start_processing)
